@@ -1,0 +1,131 @@
+"""Knowledge documents and the loaders of local JSON, CSV and Markdown files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class KnowledgeDocument(BaseModel):
+    """One policy, FAQ entry or SOP as it comes from a source system."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    doc_id: str = Field(min_length=1, max_length=200, pattern=r"^[^\s:]+$", description="Stable id in the source.")
+    title: str = Field(min_length=1, max_length=500)
+    text: str = Field(min_length=1)
+    category: str = Field("", max_length=100)
+    updated_at: int = Field(0, ge=0, description="Unix seconds; ISO dates and datetimes are accepted.")
+
+    @field_validator("updated_at", mode="before")
+    @classmethod
+    def _to_epoch(cls, value: Any) -> Any:
+        if value in (None, ""):
+            return 0
+        if isinstance(value, str) and not value.strip().isdigit():
+            value = datetime.fromisoformat(value.strip())
+        if isinstance(value, datetime):
+            return int((value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp())
+        if isinstance(value, date):
+            return int(datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp())
+        return value
+
+
+class DocumentLoadError(ValueError):
+    """A knowledge file cannot be read; the message names the file and the fault."""
+
+
+def load_documents(path: Path) -> list[KnowledgeDocument]:
+    """Load knowledge documents from a JSON, CSV or Markdown file, or a folder of them.
+
+    JSON: a list of objects, or an object with a ``documents`` list. CSV: a header row
+    with ``doc_id,title,text`` (``category``, ``updated_at`` optional). Markdown: one
+    document per file; the id is the file name, the title its first heading.
+
+    Raises:
+        DocumentLoadError: unreadable file, unknown format, invalid record or repeated id.
+
+    """
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _LOADERS)
+        if not files:
+            raise DocumentLoadError(f"{path}: no .json, .csv or .md files in this folder")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DocumentLoadError(f"{path}: no such file or folder")
+    documents: list[KnowledgeDocument] = []
+    for file in files:
+        loader = _LOADERS.get(file.suffix.lower())
+        if loader is None:
+            raise DocumentLoadError(f"{file}: unsupported format (use .json, .csv or .md)")
+        documents.extend(loader(file))
+    seen: set[str] = set()
+    for doc in documents:
+        if doc.doc_id in seen:
+            raise DocumentLoadError(f"{path}: doc_id {doc.doc_id!r} appears more than once")
+        seen.add(doc.doc_id)
+    return documents
+
+
+def _validated(file: Path, records: list[Any]) -> list[KnowledgeDocument]:
+    documents = []
+    for n, record in enumerate(records, start=1):
+        try:
+            documents.append(KnowledgeDocument.model_validate(record))
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "record"
+            raise DocumentLoadError(f"{file}: record {n}: {where}: {first['msg']}") from err
+    return documents
+
+
+def _load_json(file: Path) -> list[KnowledgeDocument]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DocumentLoadError(f"{file}: not readable JSON: {err}") from err
+    records = data.get("documents") if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise DocumentLoadError(f"{file}: expected a list of documents or an object with a 'documents' list")
+    return _validated(file, records)
+
+
+def _load_csv(file: Path) -> list[KnowledgeDocument]:
+    try:
+        with file.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"doc_id", "title", "text"} - set(reader.fieldnames or [])
+            if missing:
+                raise DocumentLoadError(f"{file}: CSV header lacks {', '.join(sorted(missing))}")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DocumentLoadError(f"{file}: not readable CSV: {err}") from err
+    return _validated(file, rows)
+
+
+_HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
+
+
+def _load_markdown(file: Path) -> list[KnowledgeDocument]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DocumentLoadError(f"{file}: not readable text: {err}") from err
+    heading = _HEADING.search(text)
+    record = {
+        "doc_id": re.sub(r"[\s:]+", "-", file.stem),
+        "title": heading.group(1) if heading else file.stem,
+        "text": text,
+        "updated_at": int(file.stat().st_mtime),
+    }
+    return _validated(file, [record])
+
+
+_LOADERS = {".json": _load_json, ".csv": _load_csv, ".md": _load_markdown, ".markdown": _load_markdown}

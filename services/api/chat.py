@@ -1,0 +1,82 @@
+"""``POST /v1/chat``: one JSON reply, or Server-Sent Events with ``"stream": true``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from services.api.models import ChatReply, ChatRequest, ErrorBody
+from services.config import TenantConfig
+from services.errors import ServiceError
+
+if TYPE_CHECKING:
+    from services.orchestrator import ChatPipeline, PreparedAnswer
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1", tags=["chat"])
+
+
+def _tenant(request: Request) -> TenantConfig:
+    tenant: TenantConfig = request.app.state.auth(request)
+    return tenant
+
+
+def _pipeline(request: Request) -> ChatPipeline:
+    pipeline: ChatPipeline = request.app.state.pipeline
+    return pipeline
+
+
+def sse_event(event: str, payload: object) -> str:
+    """One Server-Sent Event; the JSON payload has no newlines, so one data line suffices."""
+    return f"event: {event}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _events(pipeline: ChatPipeline, prepared: PreparedAnswer) -> AsyncIterator[str]:
+    try:
+        async for item in pipeline.stream(prepared):
+            if isinstance(item, ChatReply):
+                yield sse_event("final", item.model_dump(mode="json"))
+            else:
+                yield sse_event("delta", {"text": item})
+    except ServiceError as err:
+        # Headers are sent already: report the failure in-band and end the stream.
+        logger.warning("stream failed: %s", err.message)
+        yield sse_event("error", {"error": {"code": err.code, "message": err.message}})
+
+
+@router.post(
+    "/chat",
+    response_model=ChatReply,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON reply, or SSE when stream is true."},
+        400: {"model": ErrorBody},
+        401: {"model": ErrorBody},
+        422: {"model": ErrorBody},
+        503: {"model": ErrorBody},
+    },
+)
+async def chat(
+    body: ChatRequest,
+    tenant: Annotated[TenantConfig, Depends(_tenant)],
+    pipeline: Annotated[ChatPipeline, Depends(_pipeline)],
+) -> ChatReply | StreamingResponse:
+    """Answer a shopper's message from the tenant's knowledge base.
+
+    With ``"stream": true`` the reply is ``text/event-stream``: ``delta`` events carry
+    ``{"text": ...}`` pieces, one ``final`` event carries the full reply JSON, and an
+    ``error`` event replaces it if generation fails after streaming began.
+    """
+    if not body.stream:
+        return await pipeline.answer(tenant, body)
+    prepared = await pipeline.prepare(tenant, body)
+    return StreamingResponse(
+        _events(pipeline, prepared),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

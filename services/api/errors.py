@@ -1,0 +1,57 @@
+"""The one place where errors become HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from services.errors import ServiceError
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    """A JSON error body: ``{"error": {"code": ..., "message": ...}}``."""
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
+
+
+def describe_validation_error(exc: RequestValidationError) -> tuple[int, str, str]:
+    """Status, code and a one-line message naming the first invalid field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return (
+            400,
+            "malformed_json",
+            f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}",
+        )
+    location = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        message = "field required"
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return 422, "invalid_request", f"{location}: {message}{more}"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map domain errors, validation errors and anything unexpected to JSON responses."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.warning("%s: %s", exc.code, exc.message)
+        return error_response(exc.status_code, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(*describe_validation_error(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error")
+        return error_response(500, "internal_error", f"internal error ({type(exc).__name__})")

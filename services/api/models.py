@@ -1,0 +1,56 @@
+"""Request and reply bodies of the public REST API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ChatRequest(BaseModel):
+    """A shopper's message. The tenant comes from the API key, never from the body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="Conversation id; omit it to start a new conversation (the reply carries the new id).",
+    )
+    user_id: str = Field(min_length=1, max_length=128, description="The storefront's id of the shopper.")
+    message: str = Field(description="The shopper's message.")
+    stream: bool = Field(False, description="Answer as Server-Sent Events instead of one JSON body.")
+
+    @field_validator("message")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("message must not be empty")
+        return value.strip()
+
+
+class Source(BaseModel):
+    """A knowledge document the answer is based on."""
+
+    doc_id: str
+    title: str
+    score: float = Field(description="Dense similarity of the document's best chunk to the question (0..1).")
+
+
+class ChatReply(BaseModel):
+    """The answer to one message."""
+
+    response: str
+    confidence: float = Field(ge=0, le=1, description="0 when the knowledge base held nothing relevant.")
+    sources: list[Source]
+    actions: list[dict[str, Any]] = Field(default_factory=list, description="Actions taken (tickets, handover).")
+    session_id: str
+    adapter: str | None = Field(None, description="LoRA adapter that voiced the answer; null for the base model.")
+
+
+class ErrorBody(BaseModel):
+    """Body of every 4xx/5xx reply."""
+
+    error: dict[str, str] = Field(description="{'code': machine-readable code, 'message': what went wrong}")

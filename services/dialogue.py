@@ -1,0 +1,127 @@
+"""The dialogue logic of the orchestrator, free of Ray and HTTP so it unit-tests fast.
+
+Decides whether the knowledge base can answer (relevance gate), builds the chat
+messages (persona + knowledge + recent turns + question) and shapes the sources.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from services.schemas import ChatMessage, RetrievedChunk
+
+GROUNDING_RULES = (
+    "Answer the customer using only the knowledge entries below. "
+    "If they do not cover the question, say you are not sure and offer to connect a human agent; "
+    "never invent policies, prices, dates or order details. "
+    "Reply in the language the customer writes in, briefly and politely."
+)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One exchange of a conversation."""
+
+    user: str
+    assistant: str
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """The knowledge an answer may use, and how sure we are that it applies."""
+
+    chunks: list[RetrievedChunk]
+    confidence: float
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing relevant was retrieved: the fallback reply applies."""
+        return not self.chunks
+
+
+def ground(hits: list[RetrievedChunk], threshold: float, top_k: int) -> Grounding:
+    """Keep the hits relevant enough to answer from.
+
+    The fused RRF score only orders hits; it says nothing about relevance, because
+    every query has a first hit. The dense cosine similarity is the calibrated
+    signal, so it decides: a hit counts when its similarity reaches ``threshold``.
+
+    Args:
+        hits: Search hits, best first.
+        threshold: Least dense similarity of a usable hit.
+        top_k: Most hits to keep.
+
+    Returns:
+        The usable hits (best first) and the confidence, the best similarity (0 if none).
+
+    """
+    relevant = [h for h in hits if h.dense_score is not None and h.dense_score >= threshold][:top_k]
+    confidence = max((h.dense_score or 0.0 for h in relevant), default=0.0)
+    return Grounding(chunks=relevant, confidence=round(min(max(confidence, 0.0), 1.0), 4))
+
+
+def build_messages(persona: str, grounding: Grounding, history: list[Turn], question: str) -> list[ChatMessage]:
+    """Build the chat-template messages for one answer.
+
+    Args:
+        persona: The tenant's system prompt.
+        grounding: Knowledge entries to answer from.
+        history: Earlier turns, oldest first (already cut to the configured length).
+        question: The shopper's new message.
+
+    Returns:
+        System message (persona, rules, numbered knowledge), the turns, then the question.
+
+    """
+    knowledge = "\n\n".join(
+        f"[{n}] {hit.chunk.title}\n{hit.chunk.text}" for n, hit in enumerate(grounding.chunks, start=1)
+    )
+    system = f"{persona.strip()}\n\n{GROUNDING_RULES}\n\nKnowledge entries:\n{knowledge}"
+    messages = [ChatMessage(role="system", content=system)]
+    for turn in history:
+        messages.append(ChatMessage(role="user", content=turn.user))
+        messages.append(ChatMessage(role="assistant", content=turn.assistant))
+    messages.append(ChatMessage(role="user", content=question))
+    return messages
+
+
+def sources_of(grounding: Grounding) -> list[dict[str, str | float]]:
+    """One source per document (its best chunk), best first."""
+    best: dict[str, dict[str, str | float]] = {}
+    for hit in grounding.chunks:
+        score = round(hit.dense_score or 0.0, 4)
+        doc = hit.chunk.doc_id
+        if doc not in best or score > float(best[doc]["score"]):
+            best[doc] = {"doc_id": doc, "title": hit.chunk.title, "score": score}
+    return sorted(best.values(), key=lambda s: float(s["score"]), reverse=True)
+
+
+@dataclass
+class SessionStore:
+    """Conversation history in process memory, bounded by count (least recently used dropped).
+
+    Keys include the tenant, so one brand can never read another's session even if
+    session ids collide.
+    """
+
+    max_sessions: int
+    max_turns: int
+    _sessions: OrderedDict[tuple[str, str], list[Turn]] = field(default_factory=OrderedDict)
+
+    def history(self, tenant: str, session_id: str) -> list[Turn]:
+        """The last ``max_turns`` turns of a session, oldest first."""
+        turns = self._sessions.get((tenant, session_id), [])
+        if turns:
+            self._sessions.move_to_end((tenant, session_id))
+        return turns[-self.max_turns :] if self.max_turns else []
+
+    def append(self, tenant: str, session_id: str, turn: Turn) -> None:
+        """Record a finished turn."""
+        key = (tenant, session_id)
+        turns = self._sessions.setdefault(key, [])
+        turns.append(turn)
+        del turns[: -max(self.max_turns, 1)]
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)

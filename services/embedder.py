@@ -1,0 +1,136 @@
+"""Embedder deployment: FlagEmbedding models behind ``@serve.batch``.
+
+``BGEM3FlagModel`` (family ``bge-m3``) gives dense and learned-sparse vectors;
+``FlagModel`` (family ``dense``) gives dense vectors only. Queries and passages are
+encoded differently (instructions), so they are batched in separate queues. The
+knowledge-sync job uses :class:`FlagEmbeddingBackend` directly, so chunks and queries
+are always embedded by the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Literal, Protocol
+
+from ray import serve
+from ray.serve.deployment import Application
+
+from services.config import EmbedderConfig
+from services.errors import DependencyUnavailableError
+from services.schemas import Embedding
+
+logger = logging.getLogger(__name__)
+
+TextKind = Literal["query", "passage"]
+
+
+class EmbeddingBackend(Protocol):
+    """What the platform needs from an embedding model."""
+
+    @property
+    def dimension(self) -> int:
+        """Length of the dense vectors."""
+        ...
+
+    @property
+    def has_sparse(self) -> bool:
+        """Whether embeddings carry learned sparse weights."""
+        ...
+
+    def encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
+        """Embed texts; ``kind`` selects the query or the passage instruction."""
+        ...
+
+
+class FlagEmbeddingBackend:
+    """The real backend: FlagEmbedding's ``FlagModel`` or ``BGEM3FlagModel``."""
+
+    def __init__(self, config: EmbedderConfig) -> None:
+        from FlagEmbedding import BGEM3FlagModel, FlagModel
+
+        common: dict[str, Any] = {
+            "normalize_embeddings": True,
+            "use_fp16": config.use_fp16,
+            "devices": config.device,
+            "query_instruction_for_retrieval": config.query_instruction,
+            "passage_instruction_for_retrieval": config.passage_instruction,
+            "query_max_length": config.max_length,
+            "passage_max_length": config.max_length,
+            "batch_size": config.max_batch_size,
+        }
+        self._family = config.family
+        if config.family == "bge-m3":
+            self._model = BGEM3FlagModel(config.model, **common)
+        else:
+            self._model = FlagModel(config.model, pooling_method=config.pooling_method, **common)
+        self._dimension = len(self.encode(["dimension probe"], "passage")[0].dense)
+
+    @property
+    def dimension(self) -> int:
+        """Length of the dense vectors."""
+        return self._dimension
+
+    @property
+    def has_sparse(self) -> bool:
+        """BGE-M3 gives learned sparse weights; dense models do not."""
+        return self._family == "bge-m3"
+
+    def encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
+        """Embed texts with the query or passage instruction."""
+        encode = self._model.encode_queries if kind == "query" else self._model.encode_corpus
+        if self._family == "bge-m3":
+            out = encode(texts, return_dense=True, return_sparse=True, return_colbert_vecs=False)
+            dense, sparse = out["dense_vecs"], out["lexical_weights"]
+            return [
+                Embedding(dense=d.tolist(), sparse={int(k): float(v) for k, v in s.items()})
+                for d, s in zip(dense, sparse, strict=True)
+            ]
+        vectors = encode(texts)
+        return [Embedding(dense=v.tolist()) for v in vectors.reshape(len(texts), -1)]
+
+
+class Embedder:
+    """Ray Serve deployment around an :class:`EmbeddingBackend`."""
+
+    def __init__(self, config: EmbedderConfig, *, backend: EmbeddingBackend | None = None) -> None:
+        self._backend = backend or FlagEmbeddingBackend(config)
+        # serve.batch options are set per instance so they come from config, not code.
+        self._embed_query_batch.set_max_batch_size(config.max_batch_size)
+        self._embed_query_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._embed_passage_batch.set_max_batch_size(config.max_batch_size)
+        self._embed_passage_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        """Dimension and sparse support, for the retriever's schema."""
+        return {"dimension": self._backend.dimension, "has_sparse": self._backend.has_sparse}
+
+    async def embed(self, texts: list[str], kind: TextKind = "query") -> list[Embedding]:
+        """Embed texts; concurrent callers are batched together."""
+        batch = self._embed_query_batch if kind == "query" else self._embed_passage_batch
+        return list(await asyncio.gather(*(batch(text) for text in texts)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _embed_query_batch(self, texts: list[str]) -> list[Embedding]:
+        return await self._encode(texts, "query")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _embed_passage_batch(self, texts: list[str]) -> list[Embedding]:
+        return await self._encode(texts, "passage")
+
+    async def _encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
+        try:
+            # The model call holds the GIL-free torch kernels; keep the event loop free.
+            return await asyncio.to_thread(self._backend.encode, texts, kind)
+        except Exception as err:
+            raise DependencyUnavailableError(f"embedding failed: {type(err).__name__}: {err}") from err
+
+    async def check_health(self) -> None:
+        """Fail when the model cannot embed a short text."""
+        await self._encode(["health"], "query")
+
+
+def build_embedder(config: EmbedderConfig) -> Application:
+    """Bind the Embedder deployment with its Serve options from config."""
+    deployment = serve.deployment(Embedder, name="Embedder").options(**config.deployment.to_serve_options())
+    return deployment.bind(config)

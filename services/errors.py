@@ -1,0 +1,63 @@
+"""Domain errors shared by every deployment.
+
+Each error carries the HTTP status and a stable machine-readable code. They cross
+Ray actor boundaries (a replica raises, the ingress catches), so they must pickle:
+every subclass keeps the single ``message`` argument of the base class. Only the
+ingress turns them into HTTP responses (see ``services.api.errors``).
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of all errors the platform reports to a client."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[ServiceError], tuple[str]]:
+        return (type(self), (self.message,))
+
+
+class InvalidRequestError(ServiceError):
+    """The request is well-formed JSON but asks for something we cannot do."""
+
+    status_code = 400
+    code = "invalid_request"
+
+
+class AuthenticationError(ServiceError):
+    """Missing or unknown API key."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
+class NotFoundError(ServiceError):
+    """A named resource (adapter, tenant, document) does not exist."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class DependencyUnavailableError(ServiceError):
+    """A dependency (Milvus, the LLM engine, the embedder) is down or timed out."""
+
+    status_code = 503
+    code = "dependency_unavailable"
+
+
+class KnowledgeBaseUnavailableError(DependencyUnavailableError):
+    """The vector store cannot be reached or answered with an error."""
+
+    code = "knowledge_base_unavailable"
+
+
+class GenerationError(DependencyUnavailableError):
+    """The LLM engine failed while generating."""
+
+    code = "generation_failed"

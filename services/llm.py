@@ -1,0 +1,274 @@
+"""LLM deployment: vLLM ``AsyncLLM`` with multi-LoRA, streaming.
+
+The engine sits behind :class:`TextGenerationEngine`; :class:`VllmEngine` is the real
+one. Requests name their LoRA adapter through Serve's multiplexed model id, so Serve
+routes them to replicas that already hold it; the per-replica loader validates the
+adapter folder, loads it into vLLM once and unloads it when Serve evicts it (Serve
+itself does not tell vLLM). Generated tokens are coalesced into chunks on the way out,
+because per-chunk overhead dominates on fast engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ray import serve
+from ray.serve.deployment import Application
+
+from services.config import LLMConfig, SamplingConfig
+from services.errors import GenerationError, InvalidRequestError, NotFoundError, ServiceError
+from services.schemas import ChatMessage, GenerationChunk, GenerationRequest
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+
+logger = logging.getLogger(__name__)
+
+
+class TextGenerationEngine(Protocol):
+    """What the platform needs from an LLM engine."""
+
+    max_model_len: int
+
+    def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        """Apply the model's chat template and tokenize."""
+        ...
+
+    def stream(
+        self, prompt_ids: list[int], sampling: SamplingConfig, lora: LoRARequest | None
+    ) -> AsyncIterator[GenerationChunk]:
+        """Generate, yielding text deltas; the last chunk has ``finish_reason``."""
+        ...
+
+    async def add_lora(self, lora: LoRARequest) -> None:
+        """Load an adapter into the engine."""
+        ...
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        """Unload an adapter from the engine."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise when the engine is dead."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the engine processes."""
+        ...
+
+
+class VllmEngine:
+    """The real engine: vLLM ``AsyncLLM``."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args: dict[str, Any] = {
+            "model": config.model,
+            "dtype": config.dtype,
+            "max_model_len": config.max_model_len,
+            "enable_lora": config.enable_lora,
+            "gpu_memory_utilization": config.gpu_memory_utilization,
+            "tensor_parallel_size": config.tensor_parallel_size,
+            "enforce_eager": config.enforce_eager,
+        }
+        if config.enable_lora:
+            args |= {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
+        if config.kv_cache_memory_bytes is not None:
+            args["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
+        args |= config.engine_kwargs
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self._tokenizer = self._engine.get_tokenizer()
+        self.max_model_len = config.max_model_len
+
+    def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        """Apply the tokenizer's chat template (ChatML for Qwen) and tokenize."""
+        ids = self._tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], tokenize=True, add_generation_prompt=True
+        )
+        # transformers 5 returns a BatchEncoding-like mapping; older ones a list.
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    async def stream(
+        self, prompt_ids: list[int], sampling: SamplingConfig, lora: LoRARequest | None
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream text deltas from vLLM."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            repetition_penalty=sampling.repetition_penalty,
+            seed=sampling.seed,
+            stop=sampling.stop or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        request_id = uuid.uuid4().hex
+        completion_tokens = 0
+        async for output in self._engine.generate(
+            {"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora
+        ):
+            piece = output.outputs[0]
+            completion_tokens += len(piece.token_ids)
+            yield GenerationChunk(
+                text=piece.text,
+                finish_reason=piece.finish_reason if output.finished else None,
+                prompt_tokens=len(prompt_ids) if output.finished else None,
+                completion_tokens=completion_tokens if output.finished else None,
+            )
+
+    async def add_lora(self, lora: LoRARequest) -> None:
+        """Load an adapter; vLLM raises when the weights do not fit the engine."""
+        await self._engine.add_lora(lora)
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        """Unload an adapter."""
+        await self._engine.remove_lora(lora_int_id)
+
+    async def check_health(self) -> None:
+        """Raise when the engine core is dead."""
+        await self._engine.check_health()
+
+    def shutdown(self) -> None:
+        """Stop EngineCore; without it shared-memory segments can outlive the replica."""
+        self._engine.shutdown()
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter resident in this replica's engine.
+
+    Serve's multiplexing evicts by calling ``__del__``; removal from vLLM waits until
+    streams still using the adapter have finished.
+    """
+
+    lora: LoRARequest
+    engine: TextGenerationEngine
+    loop: asyncio.AbstractEventLoop
+    active_streams: int = 0
+    evicted: bool = False
+    _removed: bool = field(default=False, repr=False)
+
+    def acquire(self) -> None:
+        """Mark a stream as using the adapter."""
+        self.active_streams += 1
+
+    def release(self) -> None:
+        """Mark a stream as done; unload if it was the last one after eviction."""
+        self.active_streams -= 1
+        self._remove_if_idle()
+
+    def __del__(self) -> None:
+        # Called by Serve from an executor thread on eviction, and again by GC: idempotent.
+        self.evicted = True
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._remove_if_idle)
+
+    def _remove_if_idle(self) -> None:
+        if self.evicted and self.active_streams == 0 and not self._removed:
+            self._removed = True
+            self.loop.create_task(self.engine.remove_lora(self.lora.lora_int_id))
+            logger.info("unloaded adapter %s", self.lora.lora_name)
+
+
+class LLMServer:
+    """Ray Serve deployment around a :class:`TextGenerationEngine`."""
+
+    async def __init__(self, config: LLMConfig, *, engine: TextGenerationEngine | None = None) -> None:
+        self._config = config
+        self._lora_ids = itertools.count(1)
+        if engine is None:
+            # vLLM reads VLLM_* variables when the engine starts; config sets them per deployment.
+            os.environ.update(config.engine_env)
+            try:
+                engine = await asyncio.wait_for(asyncio.to_thread(VllmEngine, config), config.start_timeout_s)
+            except TimeoutError as err:
+                raise GenerationError(f"vLLM engine did not start within {config.start_timeout_s} s") from err
+        self._engine = engine
+        # The LRU bound comes from config, so the multiplexed loader is wrapped per instance.
+        self._get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras)(self._load_adapter)
+
+    async def _load_adapter(self, name: str) -> LoadedAdapter:
+        from vllm.lora.request import LoRARequest
+
+        if not self._config.adapters_dir:
+            raise NotFoundError(f"adapter {name!r} requested but no adapters_dir is configured")
+        root = Path(self._config.adapters_dir).resolve()
+        path = (root / name).resolve()
+        if path.parent != root or not (path / "adapter_config.json").is_file():
+            raise NotFoundError(f"adapter {name!r} not found in the adapter store")
+        lora = LoRARequest(lora_name=name, lora_int_id=next(self._lora_ids), lora_path=str(path))
+        try:
+            await self._engine.add_lora(lora)
+        except Exception as err:
+            raise InvalidRequestError(f"adapter {name!r} cannot be loaded: {err}") from err
+        logger.info("loaded adapter %s as id %d", name, lora.lora_int_id)
+        return LoadedAdapter(lora=lora, engine=self._engine, loop=asyncio.get_running_loop())
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the answer to chat messages, using the request's multiplexed adapter if any.
+
+        Yields:
+            Chunks of at least ``stream_chunk_tokens`` deltas or ``stream_chunk_interval_s``
+            apart; the last one carries the finish reason and token counts.
+
+        """
+        adapter_name = serve.get_multiplexed_model_id()
+        adapter = await self._get_adapter(adapter_name) if adapter_name else None
+        prompt_ids = self._engine.render_prompt(request.messages)
+        room = self._engine.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_ids)} tokens; the model's context is {self._engine.max_model_len}"
+            )
+        sampling = request.sampling.model_copy(update={"max_tokens": min(request.sampling.max_tokens, room)})
+        if adapter is not None:
+            adapter.acquire()
+        try:
+            pending: list[str] = []
+            last_sent = time.monotonic()
+            async for chunk in self._engine.stream(prompt_ids, sampling, adapter.lora if adapter else None):
+                pending.append(chunk.text)
+                now = time.monotonic()
+                if chunk.finish_reason is not None:
+                    yield chunk.model_copy(update={"text": "".join(pending)})
+                    return
+                if len(pending) >= self._config.stream_chunk_tokens or now - last_sent >= (
+                    self._config.stream_chunk_interval_s
+                ):
+                    yield GenerationChunk(text="".join(pending))
+                    pending, last_sent = [], now
+        except ServiceError:
+            raise
+        except Exception as err:
+            raise GenerationError(f"generation failed: {type(err).__name__}: {err}") from err
+        finally:
+            if adapter is not None:
+                adapter.release()
+
+    async def check_health(self) -> None:
+        """Fail when the engine is dead."""
+        await self._engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def build_llm(config: LLMConfig) -> Application:
+    """Bind the LLM deployment with its Serve options from config."""
+    deployment = serve.deployment(LLMServer, name="LLM").options(**config.deployment.to_serve_options())
+    return deployment.bind(config)

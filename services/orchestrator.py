@@ -1,0 +1,227 @@
+"""Orchestrator deployment: the FastAPI ingress and the dialogue pipeline.
+
+Pipeline per message: load the session, retrieve the tenant's knowledge, decide
+whether it is relevant enough to answer from (otherwise reply with the fallback
+sentence, confidence 0), build the prompt, generate with the tenant's adapter,
+save the turn. Retrieval and generation sit behind two small protocols so the
+pipeline unit-tests without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from ray import serve
+from ray.serve.deployment import Application
+from ray.serve.handle import DeploymentHandle
+
+from services.api import create_api
+from services.api.auth import ApiKeyAuth
+from services.api.models import ChatReply, ChatRequest, Source
+from services.config import OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
+from services.dialogue import Grounding, SessionStore, Turn, build_messages, ground, sources_of
+from services.errors import DependencyUnavailableError, GenerationError, InvalidRequestError, ServiceError
+from services.schemas import ChatMessage, GenerationChunk, GenerationRequest, RetrievedChunk
+
+T = TypeVar("T")
+
+
+class KnowledgeSearch(Protocol):
+    """Finds a tenant's knowledge chunks for a query."""
+
+    async def search(self, tenant: str, query: str, top_k: int) -> list[RetrievedChunk]:
+        """Best chunks first."""
+        ...
+
+
+class AnswerGenerator(Protocol):
+    """Streams an answer to chat messages."""
+
+    def stream(
+        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None
+    ) -> AsyncIterator[GenerationChunk]:
+        """Chunks of text; the last carries the finish reason."""
+        ...
+
+
+async def call_dependency(name: str, call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+    """Await a deployment call; timeouts and crashes become a 503 naming the dependency."""
+    try:
+        return await asyncio.wait_for(call(), timeout_s)
+    except ServiceError:
+        raise
+    except TimeoutError as err:
+        raise DependencyUnavailableError(f"{name} did not answer within {timeout_s:g} s") from err
+    except Exception as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, ServiceError):  # Ray wraps replica errors; keep ours intact
+            raise cause from err
+        raise DependencyUnavailableError(f"{name} failed: {type(err).__name__}: {err}") from err
+
+
+class RetrieverClient:
+    """:class:`KnowledgeSearch` over the Retriever deployment."""
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float) -> None:
+        self._handle = handle
+        self._timeout_s = timeout_s
+
+    async def search(self, tenant: str, query: str, top_k: int) -> list[RetrievedChunk]:
+        """Search through the Retriever deployment."""
+        return await call_dependency(
+            "knowledge retriever", lambda: self._handle.search.remote(tenant, query, top_k), self._timeout_s
+        )
+
+
+class LLMClient:
+    """:class:`AnswerGenerator` over the LLM deployment (adapter chosen by multiplexed id)."""
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float) -> None:
+        self._handle = handle
+        self._timeout_s = timeout_s
+
+    async def stream(
+        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream from the LLM deployment; each chunk must arrive within the timeout."""
+        handle = self._handle.options(stream=True, multiplexed_model_id=adapter or "")
+        chunks = handle.generate.remote(GenerationRequest(messages=messages, sampling=sampling))
+        iterator = chunks.__aiter__()
+        while True:
+            try:
+                chunk = await call_dependency("LLM", iterator.__anext__, self._timeout_s)
+            except StopAsyncIteration:
+                return
+            yield chunk
+
+
+@dataclass
+class PreparedAnswer:
+    """What is known before the first token: grounding, and the opened generation if any."""
+
+    tenant: TenantConfig
+    session_id: str
+    question: str
+    grounding: Grounding
+    chunks: AsyncIterator[GenerationChunk] | None
+    first_chunk: GenerationChunk | None
+
+
+class ChatPipeline:
+    """The dialogue pipeline of one orchestrator replica."""
+
+    def __init__(self, config: OrchestratorConfig, retriever: KnowledgeSearch, generator: AnswerGenerator) -> None:
+        self._config = config
+        self._retriever = retriever
+        self._generator = generator
+        self._sessions = SessionStore(max_sessions=config.max_sessions, max_turns=config.history_turns)
+
+    async def prepare(self, tenant: TenantConfig, request: ChatRequest) -> PreparedAnswer:
+        """Retrieve, ground and start generating; every failure here is still a clean HTTP error.
+
+        The first generated chunk is awaited here so that an engine error, an unknown
+        adapter or an over-long prompt is reported as a status code, not mid-stream.
+        """
+        if len(request.message) > self._config.max_message_chars:
+            raise InvalidRequestError(
+                f"message has {len(request.message)} characters; the limit is {self._config.max_message_chars}"
+            )
+        session_id = request.session_id or uuid.uuid4().hex
+        hits = await self._retriever.search(tenant.tenant, request.message, self._config.retrieval_top_k)
+        grounding = ground(hits, self._config.relevance_threshold, self._config.retrieval_top_k)
+        prepared = PreparedAnswer(tenant, session_id, request.message, grounding, None, None)
+        if grounding.is_empty:
+            return prepared
+        history = self._sessions.history(tenant.tenant, session_id)
+        messages = build_messages(tenant.persona, grounding, history, request.message)
+        prepared.chunks = aiter(self._generator.stream(messages, self._config.sampling, tenant.adapter))
+        try:
+            prepared.first_chunk = await anext(prepared.chunks)
+        except StopAsyncIteration as err:
+            raise GenerationError("the LLM returned no output") from err
+        return prepared
+
+    async def stream(self, prepared: PreparedAnswer) -> AsyncIterator[str | ChatReply]:
+        """Yield text pieces, then the final :class:`ChatReply`; the turn is saved at the end."""
+        if prepared.grounding.is_empty or prepared.chunks is None or prepared.first_chunk is None:
+            text = prepared.tenant.fallback_message or self._config.fallback_message
+            yield text
+            yield self._finish(prepared, text, confidence=0.0)
+            return
+        parts: list[str] = []
+        chunk: GenerationChunk | None = prepared.first_chunk
+        while chunk is not None:
+            if chunk.text:
+                parts.append(chunk.text)
+                yield chunk.text
+            chunk = await anext(prepared.chunks, None)
+        yield self._finish(prepared, "".join(parts).strip(), confidence=prepared.grounding.confidence)
+
+    async def answer(self, tenant: TenantConfig, request: ChatRequest) -> ChatReply:
+        """The whole reply at once."""
+        prepared = await self.prepare(tenant, request)
+        reply: ChatReply | None = None
+        async for item in self.stream(prepared):
+            if isinstance(item, ChatReply):
+                reply = item
+        assert reply is not None  # stream() always ends with the reply
+        return reply
+
+    def _finish(self, prepared: PreparedAnswer, text: str, confidence: float) -> ChatReply:
+        self._sessions.append(prepared.tenant.tenant, prepared.session_id, Turn(user=prepared.question, assistant=text))
+        return ChatReply(
+            response=text,
+            confidence=confidence,
+            sources=[Source.model_validate(s) for s in sources_of(prepared.grounding)],
+            session_id=prepared.session_id,
+            adapter=prepared.tenant.adapter if confidence > 0 else None,
+        )
+
+
+@serve.ingress()
+class Orchestrator:
+    """Ray Serve ingress deployment: REST API over the dialogue pipeline."""
+
+    def __init__(
+        self,
+        config: OrchestratorConfig,
+        embedder: DeploymentHandle,
+        retriever: DeploymentHandle,
+        llm: DeploymentHandle,
+    ) -> None:
+        self._config = config
+        self._auth = ApiKeyAuth.from_config(config.tenants, ServiceSettings().api_keys)
+        self._pipeline = ChatPipeline(
+            config,
+            RetrieverClient(retriever, config.dependency_timeout_s),
+            LLMClient(llm, config.dependency_timeout_s),
+        )
+        self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
+
+    def __serve_build_asgi_app__(self) -> Any:
+        # Serve calls this after __init__: the app is built from this replica's state.
+        return create_api(self._config, self._pipeline, self._auth, self._check_dependencies)
+
+    async def _check_dependencies(self) -> dict[str, str]:
+        async def one(handle: DeploymentHandle) -> str:
+            try:
+                await call_dependency("health", lambda: handle.check_health.remote(), 10)
+                return "ok"
+            except ServiceError as err:
+                return f"error: {err.message}"
+
+        names = list(self._dependencies)
+        results = await asyncio.gather(*(one(self._dependencies[n]) for n in names))
+        return dict(zip(names, results, strict=True))
+
+
+def build_orchestrator(
+    config: OrchestratorConfig, *, embedder: Application, retriever: Application, llm: Application
+) -> Application:
+    """Bind the ingress to the three deployments it calls."""
+    deployment = serve.deployment(Orchestrator, name="Orchestrator").options(**config.deployment.to_serve_options())
+    return deployment.bind(config, embedder, retriever, llm)

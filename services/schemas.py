@@ -1,0 +1,66 @@
+"""Data contracts passed between deployments and over the public API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.config import SamplingConfig
+
+
+class Embedding(BaseModel):
+    """One text's embedding: a normalized dense vector and, for BGE-M3, sparse weights."""
+
+    dense: list[float]
+    sparse: dict[int, float] | None = None
+
+
+class KnowledgeChunk(BaseModel):
+    """One chunk of a knowledge document as stored in Milvus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    tenant: str
+    source: str
+    doc_id: str
+    chunk_no: int
+    title: str
+    text: str
+    category: str = ""
+    updated_at: int = Field(0, description="Unix seconds of the source record's last change.")
+    content_hash: str
+
+
+class RetrievedChunk(BaseModel):
+    """A search hit with the scores of every signal that found it."""
+
+    chunk: KnowledgeChunk
+    score: float = Field(description="Fused RRF score (rank-based, for ordering).")
+    dense_score: float | None = Field(None, description="Cosine similarity of the dense vectors, if found by it.")
+    sparse_score: float | None = Field(None, description="Learned sparse (BGE-M3) inner product, if found by it.")
+    bm25_score: float | None = Field(None, description="BM25 score of the text, if found by it.")
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat-template conversation."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationRequest(BaseModel):
+    """What the LLM deployment generates from."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+class GenerationChunk(BaseModel):
+    """A streamed piece of generated text; the last one carries ``finish_reason``."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
