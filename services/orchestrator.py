@@ -52,7 +52,7 @@ async def call_dependency(name: str, call: Callable[[], Awaitable[T]], timeout_s
     """Await a deployment call; timeouts and crashes become a 503 naming the dependency."""
     try:
         return await asyncio.wait_for(call(), timeout_s)
-    except ServiceError:
+    except (ServiceError, StopAsyncIteration):  # StopAsyncIteration: a stream ended normally
         raise
     except TimeoutError as err:
         raise DependencyUnavailableError(f"{name} did not answer within {timeout_s:g} s") from err

@@ -252,9 +252,15 @@ class MilvusKnowledgeStore:
         self._call("describe", lambda: self._client.describe_collection(self._collection))
 
     def close(self) -> None:
-        """Release the client (and the Lite file lock)."""
+        """Release the client and, for Milvus Lite, the in-process server holding the file lock."""
         try:
             self._client.close()
+            if self._config.is_lite:
+                # pymilvus keeps the Lite server running until process exit otherwise, so
+                # another process (the app after a sync, or vice versa) could not open the file.
+                from milvus_lite.server_manager import server_manager_instance
+
+                server_manager_instance.release_server(self._config.milvus_uri)
         except Exception as err:  # closing a dead connection must not mask the caller's error
             logger.warning("closing Milvus client failed: %s", err)
 

