@@ -197,8 +197,13 @@ class LLMServer:
             except TimeoutError as err:
                 raise GenerationError(f"vLLM engine did not start within {config.start_timeout_s} s") from err
         self._engine = engine
+
         # The LRU bound comes from config, so the multiplexed loader is wrapped per instance.
-        self._get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras)(self._load_adapter)
+        # Serve caches its state on the wrapped callable, which must be a plain function.
+        async def load_adapter(name: str) -> LoadedAdapter:
+            return await self._load_adapter(name)
+
+        self._get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras)(load_adapter)
 
     async def _load_adapter(self, name: str) -> LoadedAdapter:
         from vllm.lora.request import LoRARequest

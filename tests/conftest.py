@@ -65,11 +65,12 @@ def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def adapters_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An adapter store with one LoRA adapter for the tiny model, named ``brand-a``."""
+    """An adapter store with two LoRA adapters for the tiny model, ``brand-a`` and ``brand-b``."""
     from tests.tiny_models import build_tiny_lora
 
     store = tmp_path_factory.mktemp("adapters")
     build_tiny_lora(tiny_llm_dir, store / "brand-a", seed=1)
+    build_tiny_lora(tiny_llm_dir, store / "brand-b", seed=2)
     return store
 
 
