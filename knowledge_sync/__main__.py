@@ -1,4 +1,4 @@
-"""Command line: load a local JSON/CSV/Markdown knowledge file (or folder) into Milvus.
+r"""Command line: load a local JSON/CSV/Markdown knowledge file (or folder) into Milvus.
 
 Example::
 

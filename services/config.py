@@ -95,7 +95,11 @@ class RetrieverConfig(StrictModel):
     )
     dense_index_type: Literal["AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT"] = Field("AUTOINDEX", description="Index.")
     candidates_per_signal: int = Field(20, ge=1, le=1000, description="Hits fetched per signal before fusion.")
-    rrf_k: int = Field(60, ge=1, description="RRF constant: score = sum 1 / (k + rank).")
+    rrf_k: int = Field(60, ge=1, description="RRF constant: score = sum weight / (k + rank).")
+    signal_weights: dict[Literal["dense", "sparse", "bm25"], float] = Field(
+        default_factory=dict,
+        description="Weight of each signal in RRF (default 1); raise bm25 when the embedder is weak in a language.",
+    )
     timeout_s: float = Field(10, gt=0, description="Timeout of one Milvus call.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 

@@ -96,10 +96,9 @@ class Embedder:
     def __init__(self, config: EmbedderConfig, *, backend: EmbeddingBackend | None = None) -> None:
         self._backend = backend or FlagEmbeddingBackend(config)
         # serve.batch options are set per instance so they come from config, not code.
-        self._embed_query_batch.set_max_batch_size(config.max_batch_size)
-        self._embed_query_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        self._embed_passage_batch.set_max_batch_size(config.max_batch_size)
-        self._embed_passage_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        for batched in (self._embed_query_batch, self._embed_passage_batch):
+            batched.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
+            batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     def info(self) -> dict[str, Any]:
         """Dimension and sparse support, for the retriever's schema."""
@@ -132,5 +131,4 @@ class Embedder:
 
 def build_embedder(config: EmbedderConfig) -> Application:
     """Bind the Embedder deployment with its Serve options from config."""
-    deployment = serve.deployment(Embedder, name="Embedder").options(**config.deployment.to_serve_options())
-    return deployment.bind(config)
+    return serve.deployment(name="Embedder", **config.deployment.to_serve_options())(Embedder).bind(config)

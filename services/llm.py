@@ -93,11 +93,12 @@ class VllmEngine:
 
     def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
         """Apply the tokenizer's chat template (ChatML for Qwen) and tokenize."""
-        ids = self._tokenizer.apply_chat_template(
+        rendered: Any = self._tokenizer.apply_chat_template(
             [m.model_dump() for m in messages], tokenize=True, add_generation_prompt=True
         )
-        # transformers 5 returns a BatchEncoding-like mapping; older ones a list.
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        # transformers 5 returns a BatchEncoding (a mapping); older versions a list of ids.
+        ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+        return [int(token) for token in ids]
 
     async def stream(
         self, prompt_ids: list[int], sampling: SamplingConfig, lora: LoRARequest | None
@@ -186,7 +187,9 @@ class LoadedAdapter:
 class LLMServer:
     """Ray Serve deployment around a :class:`TextGenerationEngine`."""
 
-    async def __init__(self, config: LLMConfig, *, engine: TextGenerationEngine | None = None) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
+        self, config: LLMConfig, *, engine: TextGenerationEngine | None = None
+    ) -> None:
         self._config = config
         self._lora_ids = itertools.count(1)
         if engine is None:
@@ -275,5 +278,4 @@ class LLMServer:
 
 def build_llm(config: LLMConfig) -> Application:
     """Bind the LLM deployment with its Serve options from config."""
-    deployment = serve.deployment(LLMServer, name="LLM").options(**config.deployment.to_serve_options())
-    return deployment.bind(config)
+    return serve.deployment(name="LLM", **config.deployment.to_serve_options())(LLMServer).bind(config)

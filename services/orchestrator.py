@@ -13,11 +13,11 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from ray import serve
 from ray.serve.deployment import Application
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from services.api import create_api
 from services.api.auth import ApiKeyAuth
@@ -89,7 +89,9 @@ class LLMClient:
     ) -> AsyncIterator[GenerationChunk]:
         """Stream from the LLM deployment; each chunk must arrive within the timeout."""
         handle = self._handle.options(stream=True, multiplexed_model_id=adapter or "")
-        chunks = handle.generate.remote(GenerationRequest(messages=messages, sampling=sampling))
+        chunks = cast(
+            DeploymentResponseGenerator, handle.generate.remote(GenerationRequest(messages=messages, sampling=sampling))
+        )
         iterator = chunks.__aiter__()
         while True:
             try:
@@ -223,5 +225,5 @@ def build_orchestrator(
     config: OrchestratorConfig, *, embedder: Application, retriever: Application, llm: Application
 ) -> Application:
     """Bind the ingress to the three deployments it calls."""
-    deployment = serve.deployment(Orchestrator, name="Orchestrator").options(**config.deployment.to_serve_options())
+    deployment = serve.deployment(name="Orchestrator", **config.deployment.to_serve_options())(Orchestrator)
     return deployment.bind(config, embedder, retriever, llm)

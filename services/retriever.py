@@ -62,12 +62,15 @@ def tenant_filter(tenant: str) -> str:
     return f"tenant == {quote(tenant)}"
 
 
-def rrf_fuse(ranked_lists: Iterable[list[str]], k: int) -> dict[str, float]:
-    """Reciprocal rank fusion: each list adds ``1 / (k + rank)`` (rank from 1) to an id's score."""
+def rrf_fuse(ranked_lists: Iterable[tuple[list[str], float]], k: int) -> dict[str, float]:
+    """Weighted reciprocal rank fusion.
+
+    Each (ranking, weight) pair adds ``weight / (k + rank)`` (rank from 1) to an id's score.
+    """
     scores: dict[str, float] = {}
-    for ranked in ranked_lists:
+    for ranked, weight in ranked_lists:
         for rank, item in enumerate(ranked, start=1):
-            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+            scores[item] = scores.get(item, 0.0) + weight / (k + rank)
     return scores
 
 
@@ -218,7 +221,11 @@ class MilvusKnowledgeStore:
                 # Milvus Lite returns BM25 scores negated; BM25 scores are never negative.
                 score = abs(hit["distance"]) if signal == "bm25" else hit["distance"]
                 per_signal[signal][entity["id"]] = float(score)
-        fused = rrf_fuse((list(scores) for scores in per_signal.values()), self._config.rrf_k)
+        weights = self._config.signal_weights
+        fused = rrf_fuse(
+            ((list(scores), weights.get(signal, 1.0)) for signal, scores in per_signal.items()),  # type: ignore[call-overload]
+            self._config.rrf_k,
+        )
         best = sorted(fused, key=fused.__getitem__, reverse=True)[:top_k]
         return [
             RetrievedChunk(
@@ -274,7 +281,7 @@ class MilvusKnowledgeStore:
 class Retriever:
     """Ray Serve deployment: embeds the query, searches the tenant's chunks."""
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self,
         config: RetrieverConfig,
         embedder: DeploymentHandle,
@@ -313,5 +320,5 @@ def build_retriever(config: RetrieverConfig, embedder: Application) -> Applicati
     if config.is_lite and config.deployment.num_replicas != 1:
         # Milvus Lite allows one process per database folder (DataDirLockedError).
         raise ValueError("a Milvus Lite file supports exactly one retriever replica; use a Milvus server to scale")
-    deployment = serve.deployment(Retriever, name="Retriever").options(**config.deployment.to_serve_options())
+    deployment = serve.deployment(name="Retriever", **config.deployment.to_serve_options())(Retriever)
     return deployment.bind(config, embedder)

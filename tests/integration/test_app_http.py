@@ -1,0 +1,142 @@
+"""End to end over HTTP through the composed four-deployment app (tiny LLM, real everything)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from ray import serve
+
+from services.app import build_app
+from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
+
+pytestmark = pytest.mark.integration
+
+AUTH = {"Authorization": "Bearer test-key"}
+
+
+@pytest.fixture(scope="module")
+def client(
+    ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, tiny_llm_dir: Path
+) -> Iterator[httpx.Client]:
+    milvus_path = tmp_path_factory.mktemp("app-milvus") / "kb.db"
+    load_sample_kb(milvus_path, minilm_dir)
+    args = {
+        "embedder": embedder_args(minilm_dir),
+        "retriever": retriever_args(milvus_path),
+        "llm": llm_args(tiny_llm_dir),
+        "orchestrator": orchestrator_args(),
+    }
+    serve.run(build_app(args), name="cs-app", route_prefix="/")
+    with httpx.Client(base_url=ray_cluster["http_url"], timeout=120) as http:
+        yield http
+    serve.delete("cs-app")
+
+
+def chat(client: httpx.Client, **body: Any) -> httpx.Response:
+    return client.post("/v1/chat", json={"user_id": "shopper-1", **body}, headers=AUTH)
+
+
+def parse_sse(text: str) -> list[tuple[str, Any]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_health_reports_every_deployment(client: httpx.Client) -> None:
+    reply = client.get("/healthz")
+    assert reply.status_code == 200
+    assert reply.json()["deployments"] == {
+        "orchestrator": "ok",
+        "embedder": "ok",
+        "retriever": "ok",
+        "llm": "ok",
+    }
+
+
+def test_sample_kb_question_is_answered_with_the_right_source(client: httpx.Client) -> None:
+    reply = chat(client, message="How many days do I have to return an item without a reason?")
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["response"]
+    assert "returns-7day-en" in [s["doc_id"] for s in body["sources"]]
+    assert 0.3 <= body["confidence"] <= 1
+    assert body["session_id"]
+    assert all(0 <= s["score"] <= 1 and s["title"] for s in body["sources"])
+
+
+def test_unrelated_question_gets_the_fallback(client: httpx.Client) -> None:
+    body = chat(client, message="Who won the football world cup in 2018?").json()
+    assert body["response"] == "Sorry, I can't find that in our policies."
+    assert body["confidence"] == 0
+    assert body["sources"] == []
+
+
+def test_streaming_yields_deltas_then_the_final_reply(client: httpx.Client) -> None:
+    reply = chat(client, message="How long does a card refund take?", stream=True, session_id="stream-1")
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(reply.text)
+    names = [name for name, _ in events]
+    assert names.count("final") == 1 and names[-1] == "final"
+    deltas = [data["text"] for name, data in events if name == "delta"]
+    assert len(deltas) >= 2
+    final = events[-1][1]
+    assert final["response"] == "".join(deltas).strip()
+    assert final["session_id"] == "stream-1"
+    assert "refund-time-en" in [s["doc_id"] for s in final["sources"]]
+
+
+def test_streamed_fallback_is_one_delta_and_final(client: httpx.Client) -> None:
+    events = parse_sse(chat(client, message="Write a poem about whales", stream=True).text)
+    assert [name for name, _ in events] == ["delta", "final"]
+    assert events[1][1]["confidence"] == 0
+
+
+def test_session_id_is_kept_across_turns(client: httpx.Client) -> None:
+    first = chat(client, message="Can I use two coupons on one order?", session_id="conv-42").json()
+    second = chat(client, message="And can coupons buy gift cards?", session_id="conv-42").json()
+    assert first["session_id"] == second["session_id"] == "conv-42"
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [({}, "missing API key"), ({"Authorization": "Bearer wrong"}, "unknown API key"), ({"X-API-Key": "x"}, "unknown")],
+)
+def test_requests_without_a_valid_key_are_refused(client: httpx.Client, headers: dict[str, str], message: str) -> None:
+    reply = client.post("/v1/chat", json={"user_id": "u", "message": "hi"}, headers=headers)
+    assert reply.status_code == 401
+    assert message in reply.json()["error"]["message"]
+
+
+def test_x_api_key_header_is_accepted(client: httpx.Client) -> None:
+    reply = client.post("/v1/chat", json={"user_id": "u", "message": "hi"}, headers={"X-API-Key": "test-key"})
+    assert reply.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "expected"),
+    [
+        ('{"user_id": "u", "message": ', 400, "not valid JSON"),
+        ('{"user_id": "u"}', 422, "message: field required"),
+        ('{"message": "hi"}', 422, "user_id: field required"),
+        ('{"user_id": "u", "message": "   "}', 422, "message: message must not be empty"),
+        ('{"user_id": "u", "message": "hi", "mesage": "typo"}', 422, "mesage: unknown field"),
+        ('{"user_id": "u", "message": 42}', 422, "message: Input should be a valid string"),
+        ('{"user_id": "u", "message": "hi", "session_id": "a b"}', 422, "session_id"),
+        ('{"user_id": "u", "message": "' + "x" * 2001 + '"}', 400, "message has 2001 characters; the limit is 2000"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx_and_the_app_keeps_serving(
+    client: httpx.Client, content: str, status: int, expected: str
+) -> None:
+    reply = client.post("/v1/chat", content=content, headers={**AUTH, "Content-Type": "application/json"})
+    assert reply.status_code == status, reply.text
+    assert expected in reply.json()["error"]["message"]
+    assert chat(client, message="What are your customer service hours?").status_code == 200
