@@ -80,7 +80,7 @@ class EmbedderConfig(StrictModel):
     device: str | None = Field(None, description="'cpu', 'cuda:0', ...; None lets FlagEmbedding choose.")
     max_batch_size: int = Field(32, ge=1, description="Largest batch @serve.batch forms.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
 
 class RetrieverConfig(StrictModel):
@@ -101,7 +101,7 @@ class RetrieverConfig(StrictModel):
         description="Weight of each signal in RRF (default 1); raise bm25 when the embedder is weak in a language.",
     )
     timeout_s: float = Field(10, gt=0, description="Timeout of one Milvus call.")
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
     @property
     def is_lite(self) -> bool:
@@ -145,7 +145,7 @@ class LLMConfig(StrictModel):
         8, ge=1, description="Tokens coalesced into one streamed chunk; per-chunk cost dominates fast engines."
     )
     stream_chunk_interval_s: float = Field(0.1, ge=0, description="A chunk is sent at least this often.")
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
     @model_validator(mode="after")
     def _lora_settings(self) -> LLMConfig:
@@ -158,7 +158,6 @@ class TenantConfig(StrictModel):
     """One brand served by the platform."""
 
     tenant: str = Field(pattern=TENANT_PATTERN, description="Tenant id: lowercase letters, digits, - and _.")
-    display_name: str = Field(min_length=1, description="Brand name used in the persona.")
     persona: str = Field(min_length=1, description="System prompt: who the assistant is and how it speaks.")
     adapter: str | None = Field(None, description="LoRA adapter name under llm.adapters_dir; None = base model.")
     fallback_message: str | None = Field(None, description="Overrides the orchestrator's fallback sentence.")
@@ -181,7 +180,7 @@ class OrchestratorConfig(StrictModel):
     max_sessions: int = Field(10000, ge=1, description="Sessions kept in memory (least recently used dropped).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of answers.")
     dependency_timeout_s: float = Field(120, gt=0, description="Bound on one retrieval or generation.")
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
     @field_validator("tenants")
     @classmethod

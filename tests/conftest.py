@@ -140,7 +140,6 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
         "tenants": [
             {
                 "tenant": "lumen",
-                "display_name": "Lumen Home",
                 "persona": "You are the assistant of Lumen Home.",
                 "api_keys": ["test-key"],
             }
