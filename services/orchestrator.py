@@ -52,14 +52,16 @@ async def call_dependency(name: str, call: Callable[[], Awaitable[T]], timeout_s
     """Await a deployment call; timeouts and crashes become a 503 naming the dependency."""
     try:
         return await asyncio.wait_for(call(), timeout_s)
-    except (ServiceError, StopAsyncIteration):  # StopAsyncIteration: a stream ended normally
+    except StopAsyncIteration:  # a stream ended normally
         raise
     except TimeoutError as err:
         raise DependencyUnavailableError(f"{name} did not answer within {timeout_s:g} s") from err
     except Exception as err:
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, ServiceError):  # Ray wraps replica errors; keep ours intact
-            raise cause from err
+        # Ray re-raises a replica's error as a RayTaskError whose `cause` is the original;
+        # ours go on as they are (status and message intact), anything else is an outage.
+        cause = getattr(err, "cause", err)
+        if isinstance(cause, ServiceError):
+            raise cause from None
         raise DependencyUnavailableError(f"{name} failed: {type(err).__name__}: {err}") from err
 
 
@@ -166,12 +168,10 @@ class ChatPipeline:
     async def answer(self, tenant: TenantConfig, request: ChatRequest) -> ChatReply:
         """The whole reply at once."""
         prepared = await self.prepare(tenant, request)
-        reply: ChatReply | None = None
         async for item in self.stream(prepared):
             if isinstance(item, ChatReply):
-                reply = item
-        assert reply is not None  # stream() always ends with the reply
-        return reply
+                return item
+        raise GenerationError("the answer stream ended without a reply")
 
     def _finish(self, prepared: PreparedAnswer, text: str, confidence: float) -> ChatReply:
         self._sessions.append(prepared.tenant.tenant, prepared.session_id, Turn(user=prepared.question, assistant=text))

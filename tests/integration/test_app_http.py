@@ -120,6 +120,17 @@ def test_x_api_key_header_is_accepted(client: httpx.Client) -> None:
     assert reply.status_code == 200
 
 
+def test_engine_errors_keep_their_status_and_message(client: httpx.Client) -> None:
+    # A relevant question long enough to overflow the tiny model's 1024-token context:
+    # the LLM replica raises InvalidRequestError, which must cross Ray as a clean 400.
+    reply = chat(client, message="How long does a card refund take? " * 55)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "the model's context is 1024" in error["message"]
+    assert "Traceback" not in reply.text
+
+
 @pytest.mark.parametrize(
     ("content", "status", "expected"),
     [
