@@ -1,0 +1,55 @@
+"""The HTTP layer on its own: health aggregation and error mapping (fake pipeline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.api import create_api
+from services.api.auth import ApiKeyAuth
+from services.config import OrchestratorConfig
+from services.errors import KnowledgeBaseUnavailableError
+from tests.conftest import orchestrator_args
+
+
+class FailingPipeline:
+    """Stands in for the dialogue pipeline: every answer hits a Milvus outage."""
+
+    async def answer(self, *_: Any) -> Any:
+        raise KnowledgeBaseUnavailableError("Milvus search failed: connection refused")
+
+
+def make_client(health: dict[str, str]) -> TestClient:
+    config = OrchestratorConfig.model_validate(orchestrator_args())
+
+    async def check() -> dict[str, str]:
+        return health
+
+    auth = ApiKeyAuth.from_config(config.tenants, {})
+    return TestClient(create_api(config, FailingPipeline(), auth, check))  # type: ignore[arg-type]
+
+
+def test_health_is_503_naming_the_failing_deployment() -> None:
+    reply = make_client({"embedder": "ok", "retriever": "error: Milvus describe failed", "llm": "ok"}).get("/healthz")
+    assert reply.status_code == 503
+    assert reply.json()["status"] == "unavailable"
+    assert reply.json()["deployments"]["retriever"] == "error: Milvus describe failed"
+
+
+def test_outage_is_a_503_with_its_code_not_an_empty_answer() -> None:
+    reply = make_client({}).post("/v1/chat", json={"user_id": "u", "message": "hi"}, headers={"X-API-Key": "test-key"})
+    assert reply.status_code == 503
+    assert reply.json() == {
+        "error": {"code": "knowledge_base_unavailable", "message": "Milvus search failed: connection refused"}
+    }
+
+
+def test_env_keys_must_name_configured_tenants() -> None:
+    config = OrchestratorConfig.model_validate(orchestrator_args())
+    with pytest.raises(ValueError, match="names tenant 'ghost'"):
+        ApiKeyAuth.from_config(config.tenants, {"k": "ghost"})
+    auth = ApiKeyAuth.from_config(config.tenants, {"prod-key": "lumen"})
+    assert auth.tenant_for("prod-key") is not None and auth.tenant_for("test-key") is not None
+    assert auth.tenant_for("nope") is None
