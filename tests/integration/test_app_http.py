@@ -12,7 +12,7 @@ import pytest
 from ray import serve
 
 from services.app import build_app
-from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
+from tests.conftest import SAMPLE_KB, embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
 
 pytestmark = pytest.mark.integration
 
@@ -121,9 +121,13 @@ def test_x_api_key_header_is_accepted(client: httpx.Client) -> None:
 
 
 def test_engine_errors_keep_their_status_and_message(client: httpx.Client) -> None:
-    # A relevant question long enough to overflow the tiny model's 1024-token context:
+    # A relevant message long enough to overflow the tiny model's 1024-token context:
     # the LLM replica raises InvalidRequestError, which must cross Ray as a clean 400.
-    reply = chat(client, message="How long does a card refund take? " * 55)
+    policies = {d["doc_id"]: d["text"] for d in json.loads(SAMPLE_KB.read_text())["documents"]}
+    quoted = " ".join(policies[d] for d in ("refund-time-en", "returns-7day-en", "return-shipping-fee-en"))
+    message = f"Your site says: {quoted} So how long does a card refund take?"
+    assert len(message) <= 2000
+    reply = chat(client, message=message)
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["code"] == "invalid_request"

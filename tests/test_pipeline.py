@@ -1,0 +1,76 @@
+"""The dialogue pipeline with stand-in retriever and generator (unit level)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from services.api.models import ChatReply, ChatRequest
+from services.config import OrchestratorConfig, SamplingConfig
+from services.orchestrator import ChatPipeline
+from services.schemas import ChatMessage, GenerationChunk, KnowledgeChunk, RetrievedChunk
+from tests.conftest import orchestrator_args
+
+
+class Retriever:
+    def __init__(self, dense: float) -> None:
+        self.dense = dense
+
+    async def search(self, tenant: str, query: str, top_k: int) -> list[RetrievedChunk]:
+        chunk = KnowledgeChunk(
+            id=f"{tenant}:s:returns:0", tenant=tenant, source="s", doc_id="returns", chunk_no=0,
+            title="Returns", text="Returns within 7 days.", content_hash="h",
+        )  # fmt: skip
+        return [RetrievedChunk(chunk=chunk, score=0.03, dense_score=self.dense)]
+
+
+class Generator:
+    def __init__(self) -> None:
+        self.calls: list[list[ChatMessage]] = []
+
+    async def stream(
+        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None
+    ) -> AsyncIterator[GenerationChunk]:
+        self.calls.append(messages)
+        for piece in ["Within ", "7 days."]:
+            yield GenerationChunk(text=piece)
+        yield GenerationChunk(text="", finish_reason="stop")
+
+
+def pipeline(dense: float, **overrides: object) -> tuple[ChatPipeline, Generator]:
+    config = OrchestratorConfig.model_validate(orchestrator_args(**overrides))
+    generator = Generator()
+    return ChatPipeline(config, Retriever(dense), generator), generator
+
+
+async def test_irrelevant_knowledge_gives_the_fallback_without_calling_the_llm() -> None:
+    chat, generator = pipeline(dense=0.1)
+    tenant = chat._config.tenants[0]
+    reply = await chat.answer(tenant, ChatRequest(user_id="u", message="Capital of France?"))
+    assert reply.response == "Sorry, I can't find that in our policies."
+    assert (reply.confidence, reply.sources, reply.adapter) == (0.0, [], None)
+    assert generator.calls == []
+
+
+async def test_tenant_fallback_overrides_the_default() -> None:
+    overrides = orchestrator_args()
+    overrides["tenants"][0]["fallback_message"] = "Ask a human, please."
+    chat, _ = pipeline(dense=0.0, tenants=overrides["tenants"])
+    reply = await chat.answer(chat._config.tenants[0], ChatRequest(user_id="u", message="?!"))
+    assert reply.response == "Ask a human, please."
+
+
+async def test_relevant_knowledge_is_answered_and_history_feeds_the_next_prompt() -> None:
+    chat, generator = pipeline(dense=0.8)
+    tenant = chat._config.tenants[0]
+    first = await chat.answer(tenant, ChatRequest(user_id="u", message="Returns?", session_id="s1"))
+    assert (first.response, first.confidence) == ("Within 7 days.", 0.8)
+    assert [s.doc_id for s in first.sources] == ["returns"]
+    items = [
+        i
+        async for i in chat.stream(
+            await chat.prepare(tenant, ChatRequest(user_id="u", message="And refunds?", session_id="s1"))
+        )
+    ]
+    assert items[:2] == ["Within ", "7 days."] and isinstance(items[-1], ChatReply)
+    second_prompt = generator.calls[1]
+    assert [m.content for m in second_prompt[1:]] == ["Returns?", "Within 7 days.", "And refunds?"]
