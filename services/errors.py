@@ -61,3 +61,16 @@ class GenerationError(DependencyUnavailableError):
     """The LLM engine failed while generating."""
 
     code = "generation_failed"
+
+
+class InvalidAdapterError(InvalidRequestError):
+    """A LoRA adapter failed validation; the message names the fault."""
+
+    code = "invalid_adapter"
+
+
+class ConflictError(ServiceError):
+    """The request contradicts the current state (e.g. deleting an adapter version in use)."""
+
+    status_code = 409
+    code = "conflict"

@@ -1,0 +1,1 @@
+"""LoRA adapter lifecycle: validation of PEFT folders and the persisted registry."""
