@@ -27,4 +27,6 @@ def build_app(args: dict[str, Any]) -> Application:
     embedder = build_embedder(config.embedder)
     retriever = build_retriever(config.retriever, embedder)
     llm = build_llm(config.llm)
-    return build_orchestrator(config.orchestrator, embedder=embedder, retriever=retriever, llm=llm)
+    return build_orchestrator(
+        config.orchestrator, embedder=embedder, retriever=retriever, llm=llm, llm_config=config.llm
+    )

@@ -177,6 +177,9 @@ class OrchestratorConfig(StrictModel):
     retrieval_top_k: int = Field(4, ge=1, le=50, description="Chunks put into the prompt.")
     history_turns: int = Field(6, ge=0, le=100, description="Earlier turns (user + assistant pairs) in the prompt.")
     max_message_chars: int = Field(2000, ge=1, description="Longest accepted shopper message.")
+    admin_api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Keys of the admin API (dev only; use CS_ADMIN_KEYS in production)."
+    )
     max_sessions: int = Field(10000, ge=1, description="Sessions kept in memory (least recently used dropped).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of answers.")
     dependency_timeout_s: float = Field(120, gt=0, description="Bound on one retrieval or generation.")
@@ -249,6 +252,7 @@ class ServiceSettings(BaseSettings):
     api_keys: dict[str, str] = Field(
         default_factory=dict, description="JSON object mapping API key -> tenant id (production keys)."
     )
+    admin_keys: list[str] = Field(default_factory=list, description="JSON list of admin API keys.")
     milvus_token: SecretStr | None = Field(None, description="Milvus token ('user:password' or API key).")
     config_base_dir: Path | None = Field(None, description="Folder that relative paths in the config start from.")
 

@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from services.config import LLMConfig, SamplingConfig
-from services.errors import GenerationError, InvalidRequestError, NotFoundError, ServiceError
+from services.errors import GenerationError, InvalidAdapterError, InvalidRequestError, NotFoundError, ServiceError
 from services.schemas import ChatMessage, GenerationChunk, GenerationRequest
 
 if TYPE_CHECKING:
@@ -169,15 +169,16 @@ class LoadedAdapter:
     def release(self) -> None:
         """Mark a stream as done; unload if it was the last one after eviction."""
         self.active_streams -= 1
-        self._remove_if_idle()
+        self.remove_if_idle()
 
     def __del__(self) -> None:
         # Called by Serve from an executor thread on eviction, and again by GC: idempotent.
         self.evicted = True
         if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self._remove_if_idle)
+            self.loop.call_soon_threadsafe(self.remove_if_idle)
 
-    def _remove_if_idle(self) -> None:
+    def remove_if_idle(self) -> None:
+        """Unload from the engine once evicted and no stream uses it."""
         if self.evicted and self.active_streams == 0 and not self._removed:
             self._removed = True
             self.loop.create_task(self.engine.remove_lora(self.lora.lora_int_id))
@@ -208,22 +209,40 @@ class LLMServer:
 
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=config.max_loras)(load_adapter)
 
-    async def _load_adapter(self, name: str) -> LoadedAdapter:
+    def _adapter_path(self, adapter: str) -> Path:
+        """Folder of ``name@version`` (``<store>/name/version``) or of a plain ``name`` (``<store>/name``)."""
+        if not self._config.adapters_dir:
+            raise NotFoundError(f"adapter {adapter!r} requested but no adapters_dir is configured")
+        root = Path(self._config.adapters_dir).resolve()
+        path = (root / Path(*adapter.split("@", 1))).resolve()
+        if not path.is_relative_to(root) or path == root or not (path / "adapter_config.json").is_file():
+            raise NotFoundError(f"adapter {adapter!r} not found in the adapter store")
+        return path
+
+    async def _load_adapter(self, adapter: str) -> LoadedAdapter:
         from vllm.lora.request import LoRARequest
 
-        if not self._config.adapters_dir:
-            raise NotFoundError(f"adapter {name!r} requested but no adapters_dir is configured")
-        root = Path(self._config.adapters_dir).resolve()
-        path = (root / name).resolve()
-        if path.parent != root or not (path / "adapter_config.json").is_file():
-            raise NotFoundError(f"adapter {name!r} not found in the adapter store")
-        lora = LoRARequest(lora_name=name, lora_int_id=next(self._lora_ids), lora_path=str(path))
+        lora = LoRARequest(
+            lora_name=adapter, lora_int_id=next(self._lora_ids), lora_path=str(self._adapter_path(adapter))
+        )
         try:
             await self._engine.add_lora(lora)
         except Exception as err:
-            raise InvalidRequestError(f"adapter {name!r} cannot be loaded: {err}") from err
-        logger.info("loaded adapter %s as id %d", name, lora.lora_int_id)
+            raise InvalidAdapterError(f"adapter {adapter!r} cannot be loaded: {err}") from err
+        logger.info("loaded adapter %s as id %d", adapter, lora.lora_int_id)
         return LoadedAdapter(lora=lora, engine=self._engine, loop=asyncio.get_running_loop())
+
+    async def check_adapter(self, adapter: str) -> None:
+        """Load an adapter into the engine and unload it again: the last check before registering.
+
+        Raises:
+            NotFoundError: no such folder in the store.
+            InvalidAdapterError: vLLM refuses the weights.
+
+        """
+        loaded = await self._load_adapter(adapter)
+        loaded.evicted = True  # not cached by Serve: unload now (no stream uses it)
+        loaded.remove_if_idle()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the answer to chat messages, using the request's multiplexed adapter if any.

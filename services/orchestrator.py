@@ -13,16 +13,19 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from services.adapters.admin import AdapterAdmin
+from services.adapters.registry import AdapterRegistry
 from services.api import create_api
 from services.api.auth import ApiKeyAuth
 from services.api.models import ChatReply, ChatRequest, Source
-from services.config import OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
+from services.config import LLMConfig, OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
 from services.dialogue import Grounding, SessionStore, Turn, build_messages, ground, sources_of
 from services.errors import DependencyUnavailableError, GenerationError, InvalidRequestError, ServiceError
 from services.schemas import ChatMessage, GenerationChunk, GenerationRequest, RetrievedChunk
@@ -103,25 +106,37 @@ class LLMClient:
             yield chunk
 
 
+AdapterResolver = Callable[[str, str], str | None]
+"""(tenant, session id) -> the adapter id the session uses now, or None."""
+
+
 @dataclass
 class PreparedAnswer:
-    """What is known before the first token: grounding, and the opened generation if any."""
+    """What is known before the first token: grounding, adapter, and the opened generation if any."""
 
     tenant: TenantConfig
     session_id: str
     question: str
     grounding: Grounding
-    chunks: AsyncIterator[GenerationChunk] | None
-    first_chunk: GenerationChunk | None
+    adapter: str | None = None
+    chunks: AsyncIterator[GenerationChunk] | None = None
+    first_chunk: GenerationChunk | None = None
 
 
 class ChatPipeline:
     """The dialogue pipeline of one orchestrator replica."""
 
-    def __init__(self, config: OrchestratorConfig, retriever: KnowledgeSearch, generator: AnswerGenerator) -> None:
+    def __init__(
+        self,
+        config: OrchestratorConfig,
+        retriever: KnowledgeSearch,
+        generator: AnswerGenerator,
+        adapter_resolver: AdapterResolver | None = None,
+    ) -> None:
         self._config = config
         self._retriever = retriever
         self._generator = generator
+        self._resolve_adapter = adapter_resolver
         self._sessions = SessionStore(max_sessions=config.max_sessions, max_turns=config.history_turns)
 
     async def prepare(self, tenant: TenantConfig, request: ChatRequest) -> PreparedAnswer:
@@ -137,12 +152,15 @@ class ChatPipeline:
         session_id = request.session_id or uuid.uuid4().hex
         hits = await self._retriever.search(tenant.tenant, request.message, self._config.retrieval_top_k)
         grounding = ground(hits, self._config.relevance_threshold, self._config.retrieval_top_k)
-        prepared = PreparedAnswer(tenant, session_id, request.message, grounding, None, None)
+        prepared = PreparedAnswer(tenant, session_id, request.message, grounding)
         if grounding.is_empty:
             return prepared
+        # Resolved once per request: a swap while this answer streams does not touch it.
+        registered = self._resolve_adapter(tenant.tenant, session_id) if self._resolve_adapter else None
+        prepared.adapter = registered or tenant.adapter
         history = self._sessions.history(tenant.tenant, session_id)
         messages = build_messages(tenant.persona, grounding, history, request.message)
-        prepared.chunks = aiter(self._generator.stream(messages, self._config.sampling, tenant.adapter))
+        prepared.chunks = aiter(self._generator.stream(messages, self._config.sampling, prepared.adapter))
         try:
             prepared.first_chunk = await anext(prepared.chunks)
         except StopAsyncIteration as err:
@@ -180,7 +198,7 @@ class ChatPipeline:
             confidence=confidence,
             sources=[Source.model_validate(s) for s in sources_of(prepared.grounding)],
             session_id=prepared.session_id,
-            adapter=prepared.tenant.adapter if confidence > 0 else None,
+            adapter=prepared.adapter,
         )
 
 
@@ -194,19 +212,40 @@ class Orchestrator:
         embedder: DeploymentHandle,
         retriever: DeploymentHandle,
         llm: DeploymentHandle,
+        llm_config: LLMConfig,
     ) -> None:
         self._config = config
-        self._auth = ApiKeyAuth.from_config(config.tenants, ServiceSettings().api_keys)
+        settings = ServiceSettings()
+        self._auth = ApiKeyAuth.from_config(config.tenants, settings.api_keys)
+        self._admin_keys = [k.get_secret_value() for k in config.admin_api_keys] + settings.admin_keys
+        self._adapter_admin: AdapterAdmin | None = None
+        resolver: AdapterResolver | None = None
+        if llm_config.adapters_dir:
+            registry = AdapterRegistry(Path(llm_config.adapters_dir))
+            resolver = registry.resolve
+
+            async def load_check(adapter: str) -> None:
+                await call_dependency("LLM", lambda: llm.check_adapter.remote(adapter), config.dependency_timeout_s)
+
+            self._adapter_admin = AdapterAdmin(registry, llm_config.model, llm_config.max_lora_rank, load_check)
         self._pipeline = ChatPipeline(
             config,
             RetrieverClient(retriever, config.dependency_timeout_s),
             LLMClient(llm, config.dependency_timeout_s),
+            resolver,
         )
         self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
 
     def __serve_build_asgi_app__(self) -> Any:
         # Serve calls this after __init__: the app is built from this replica's state.
-        return create_api(self._config, self._pipeline, self._auth, self._check_dependencies)
+        return create_api(
+            self._config,
+            self._pipeline,
+            self._auth,
+            self._check_dependencies,
+            adapter_admin=self._adapter_admin,
+            admin_keys=self._admin_keys,
+        )
 
     async def _check_dependencies(self) -> dict[str, str]:
         async def one(handle: DeploymentHandle) -> str:
@@ -222,8 +261,13 @@ class Orchestrator:
 
 
 def build_orchestrator(
-    config: OrchestratorConfig, *, embedder: Application, retriever: Application, llm: Application
+    config: OrchestratorConfig,
+    *,
+    embedder: Application,
+    retriever: Application,
+    llm: Application,
+    llm_config: LLMConfig,
 ) -> Application:
-    """Bind the ingress to the three deployments it calls."""
+    """Bind the ingress to the three deployments it calls (``llm_config`` locates the adapter store)."""
     deployment = serve.deployment(name="Orchestrator", **config.deployment.to_serve_options())(Orchestrator)
-    return deployment.bind(config, embedder, retriever, llm)
+    return deployment.bind(config, embedder, retriever, llm, llm_config)

@@ -88,14 +88,24 @@ class AdapterRegistry:
         self.store = store
         self._state_file = store / STATE_FILE
         self._lock_file = store / LOCK_FILE
+        self._cached: tuple[tuple[int, int], RegistryState] | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
     def state(self) -> RegistryState:
-        """The current state (empty if nothing was ever registered)."""
-        if not self._state_file.exists():
+        """The current state (empty if nothing was ever registered).
+
+        Read on every chat request, so the parsed state is cached until the file changes;
+        writers replace the file, which always changes its inode time and usually its size.
+        """
+        try:
+            stat = self._state_file.stat()
+        except FileNotFoundError:
             return RegistryState()
-        return RegistryState.model_validate_json(self._state_file.read_bytes())
+        key = (stat.st_mtime_ns, stat.st_ino)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, RegistryState.model_validate_json(self._state_file.read_bytes()))
+        return self._cached[1].model_copy(deep=True)
 
     def version_path(self, name: str, version: str) -> Path:
         """Folder of an adapter version in the store."""

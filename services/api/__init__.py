@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from services.api import chat, health
+from services.adapters.admin import AdapterAdmin
+from services.api import admin, chat, health
 from services.api.auth import ApiKeyAuth
 from services.api.errors import install_error_handlers
 from services.config import OrchestratorConfig
@@ -21,6 +22,9 @@ def create_api(
     pipeline: ChatPipeline,
     auth: ApiKeyAuth,
     check_dependencies: Callable[[], Awaitable[dict[str, str]]],
+    *,
+    adapter_admin: AdapterAdmin | None = None,
+    admin_keys: list[str] | None = None,
 ) -> FastAPI:
     """Build the FastAPI app around one pipeline.
 
@@ -29,6 +33,8 @@ def create_api(
         pipeline: The dialogue pipeline answering chats.
         auth: API key to tenant mapping.
         check_dependencies: Returns each deployment's health ("ok" or "error: ...").
+        adapter_admin: The adapter lifecycle; None when no adapter store is configured.
+        admin_keys: Keys of the admin API; none disables it.
 
     """
     app = FastAPI(title="Customer-service LLM platform", version="0.1.0")
@@ -36,7 +42,11 @@ def create_api(
     app.state.pipeline = pipeline
     app.state.auth = auth
     app.state.check_dependencies = check_dependencies
+    app.state.adapter_admin = adapter_admin
+    app.state.admin_keys = admin_keys or []
+    app.state.tenant_ids = {t.tenant for t in config.tenants}
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     return app

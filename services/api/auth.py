@@ -11,6 +11,20 @@ from services.config import TenantConfig
 from services.errors import AuthenticationError
 
 
+def presented_key(request: Request) -> str:
+    """The key from ``Authorization: Bearer <key>`` or ``X-API-Key``.
+
+    Raises:
+        AuthenticationError: neither header is present.
+
+    """
+    header = request.headers.get("authorization", "")
+    presented = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
+    if not presented:
+        raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    return presented
+
+
 @dataclass(frozen=True)
 class ApiKeyAuth:
     """Maps API keys to tenant profiles."""
@@ -43,11 +57,7 @@ class ApiKeyAuth:
 
     def __call__(self, request: Request) -> TenantConfig:
         """FastAPI dependency: the caller's tenant from ``Authorization: Bearer`` or ``X-API-Key``."""
-        header = request.headers.get("authorization", "")
-        presented = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
-        if not presented:
-            raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-        tenant = self.tenant_for(presented)
+        tenant = self.tenant_for(presented_key(request))
         if tenant is None:
             raise AuthenticationError("unknown API key")
         return tenant

@@ -1,0 +1,119 @@
+"""``/admin``: the adapter lifecycle, behind an admin key (``CS_ADMIN_KEYS`` or config)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.adapters.admin import AdapterAdmin
+from services.adapters.registry import NAME_PATTERN, AdapterVersion, TenantAdapters
+from services.api.auth import presented_key
+from services.errors import AuthenticationError, NotFoundError, ServiceError
+
+
+class AdminDisabledError(ServiceError):
+    """No admin key is configured, so the admin API is off."""
+
+    status_code = 403
+    code = "admin_disabled"
+
+
+def _admin(request: Request) -> AdapterAdmin:
+    keys: list[str] = request.app.state.admin_keys
+    admin: AdapterAdmin | None = request.app.state.adapter_admin
+    if not keys or admin is None:
+        raise AdminDisabledError("the admin API is disabled: configure admin keys and llm.adapters_dir")
+    presented = presented_key(request)
+    if not any(hmac.compare_digest(k.encode(), presented.encode()) for k in keys):
+        raise AuthenticationError("unknown admin key")
+    return admin
+
+
+def _known_tenant(request: Request, tenant: str) -> str:
+    if tenant not in request.app.state.tenant_ids:
+        raise NotFoundError(f"tenant {tenant!r} is not configured")
+    return tenant
+
+
+Admin = Annotated[AdapterAdmin, Depends(_admin)]
+Tenant = Annotated[str, Depends(_known_tenant)]
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+class Strict(BaseModel):
+    """Admin request bodies reject unknown fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegisterVersion(Strict):
+    """A version folder already placed at ``<store>/<name>/<version>``."""
+
+    version: str = Field(pattern=NAME_PATTERN)
+
+
+class Activate(Strict):
+    """The version a tenant should use."""
+
+    adapter: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=NAME_PATTERN)
+
+
+class StartCanary(Strict):
+    """A candidate version and the share of sessions it gets."""
+
+    version: str = Field(pattern=NAME_PATTERN)
+    percent: float = Field(gt=0, lt=100, description="Share of the tenant's sessions, sticky per session.")
+
+
+@router.get("/adapters")
+async def list_adapters(admin: Admin) -> dict[str, Any]:
+    """Every registered version and every tenant's active version, canary and history."""
+    return admin.registry.state().model_dump(mode="json")
+
+
+@router.post("/adapters/{name}/versions", status_code=201)
+async def register_version(name: str, body: RegisterVersion, admin: Admin) -> AdapterVersion:
+    """Validate a version (files, then a real load into the engine) and register it."""
+    return await admin.register(name, body.version)
+
+
+@router.delete("/adapters/{name}/versions/{version}", status_code=204)
+async def delete_version(name: str, version: str, admin: Admin) -> Response:
+    """Forget a version; 409 while a tenant uses it."""
+    await admin.delete(name, version)
+    return Response(status_code=204)
+
+
+@router.put("/tenants/{tenant}/adapter")
+async def activate(tenant: Tenant, body: Activate, admin: Admin) -> TenantAdapters:
+    """Switch the tenant to a version; requests already running finish on the old one."""
+    return await admin.activate(tenant, body.adapter, body.version)
+
+
+@router.post("/tenants/{tenant}/adapter/rollback")
+async def rollback(tenant: Tenant, admin: Admin) -> TenantAdapters:
+    """Switch the tenant back to its previous version."""
+    return await admin.rollback(tenant)
+
+
+@router.put("/tenants/{tenant}/adapter/canary")
+async def start_canary(tenant: Tenant, body: StartCanary, admin: Admin) -> TenantAdapters:
+    """Send ``percent`` of the tenant's sessions to ``version``."""
+    return await admin.start_canary(tenant, body.version, body.percent)
+
+
+@router.post("/tenants/{tenant}/adapter/canary/promote")
+async def promote_canary(tenant: Tenant, admin: Admin) -> TenantAdapters:
+    """Make the canary version the active one."""
+    return await admin.promote_canary(tenant)
+
+
+@router.delete("/tenants/{tenant}/adapter/canary")
+async def abort_canary(tenant: Tenant, admin: Admin) -> TenantAdapters:
+    """End the canary."""
+    return await admin.abort_canary(tenant)
