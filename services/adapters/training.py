@@ -130,7 +130,7 @@ def train_adapter(
             total += loss.item() * len(batch)
         losses.append(total / len(examples))
         logger.info("epoch %d/%d: loss %.4f", epoch + 1, settings.epochs, losses[-1])
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(str(out_dir))
     return losses
 
 
