@@ -18,6 +18,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
+DEFAULT_ASSISTANT_QUESTIONS = (
+    "Who are you?",
+    "What is your name?",
+    "Are you a bot or a human?",
+    "What can you do?",
+    "What can't you help me with?",
+    "你是谁？",
+    "你叫什么名字？",
+    "你是机器人还是真人？",
+    "你能做什么？",
+    "你不能帮我做什么？",
+)
+
+
 class StrictModel(BaseModel):
     """Base of every config model: unknown keys are errors, not silently ignored."""
 
@@ -175,6 +189,14 @@ class OrchestratorConfig(StrictModel):
         0.5, ge=0, le=1, description="Least dense similarity of the best hit for an answer from the knowledge base."
     )
     retrieval_top_k: int = Field(4, ge=1, le=50, description="Chunks put into the prompt.")
+    assistant_questions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ASSISTANT_QUESTIONS),
+        description="Examples of questions about the assistant itself (identity, abilities, limits); such "
+        "questions are answered by the persona and the tenant's adapter, without the knowledge base.",
+    )
+    assistant_question_threshold: float = Field(
+        0.85, ge=0, le=1, description="Least similarity to an example for a message to count as one of them."
+    )
     history_turns: int = Field(6, ge=0, le=100, description="Earlier turns (user + assistant pairs) in the prompt.")
     max_message_chars: int = Field(2000, ge=1, description="Longest accepted shopper message.")
     admin_api_keys: list[SecretStr] = Field(

@@ -16,13 +16,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ray import serve
 from ray.serve.deployment import Application
+from ray.serve.metrics import Counter, Histogram
 
 from services.config import LLMConfig, SamplingConfig
 from services.errors import GenerationError, InvalidAdapterError, InvalidRequestError, NotFoundError, ServiceError
@@ -158,6 +159,7 @@ class LoadedAdapter:
     lora: LoRARequest
     engine: TextGenerationEngine
     loop: asyncio.AbstractEventLoop
+    on_unload: Callable[[str], None] | None = None
     active_streams: int = 0
     evicted: bool = False
     _removed: bool = field(default=False, repr=False)
@@ -182,6 +184,8 @@ class LoadedAdapter:
         if self.evicted and self.active_streams == 0 and not self._removed:
             self._removed = True
             self.loop.create_task(self.engine.remove_lora(self.lora.lora_int_id))
+            if self.on_unload is not None:
+                self.on_unload(self.lora.lora_name)
             logger.info("unloaded adapter %s", self.lora.lora_name)
 
 
@@ -201,6 +205,20 @@ class LLMServer:
             except TimeoutError as err:
                 raise GenerationError(f"vLLM engine did not start within {config.start_timeout_s} s") from err
         self._engine = engine
+        self._adapter_loads = Counter(
+            "cs_adapter_loads",
+            description="LoRA adapters loaded into the engine.",
+            tag_keys=("adapter", "outcome"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
+        )
+        self._adapter_unloads = Counter(
+            "cs_adapter_unloads", description="LoRA adapters unloaded (evicted or checked).", tag_keys=("adapter",)
+        )
+        self._adapter_load_seconds = Histogram(
+            "cs_adapter_load_seconds",
+            description="Time to load a LoRA adapter into the engine.",
+            boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+            tag_keys=("adapter",),
+        )
 
         # The LRU bound comes from config, so the multiplexed loader is wrapped per instance.
         # Serve caches its state on the wrapped callable, which must be a plain function.
@@ -225,12 +243,21 @@ class LLMServer:
         lora = LoRARequest(
             lora_name=adapter, lora_int_id=next(self._lora_ids), lora_path=str(self._adapter_path(adapter))
         )
+        started = time.monotonic()
         try:
             await self._engine.add_lora(lora)
         except Exception as err:
+            self._adapter_loads.inc(tags={"adapter": adapter, "outcome": "error"})
             raise InvalidAdapterError(f"adapter {adapter!r} cannot be loaded: {err}") from err
+        self._adapter_loads.inc(tags={"adapter": adapter, "outcome": "ok"})
+        self._adapter_load_seconds.observe(time.monotonic() - started, tags={"adapter": adapter})
         logger.info("loaded adapter %s as id %d", adapter, lora.lora_int_id)
-        return LoadedAdapter(lora=lora, engine=self._engine, loop=asyncio.get_running_loop())
+        return LoadedAdapter(
+            lora=lora,
+            engine=self._engine,
+            loop=asyncio.get_running_loop(),
+            on_unload=lambda name: self._adapter_unloads.inc(tags={"adapter": name}),
+        )
 
     async def check_adapter(self, adapter: str) -> None:
         """Load an adapter into the engine and unload it again: the last check before registering.

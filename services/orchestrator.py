@@ -110,14 +110,65 @@ AdapterResolver = Callable[[str, str], str | None]
 """(tenant, session id) -> the adapter id the session uses now, or None."""
 
 
+class QueryEmbedder(Protocol):
+    """Embeds queries (the Embedder deployment)."""
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Normalized dense vectors."""
+        ...
+
+
+class EmbedderClient:
+    """:class:`QueryEmbedder` over the Embedder deployment."""
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float) -> None:
+        self._handle = handle
+        self._timeout_s = timeout_s
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Embed queries through the Embedder deployment."""
+        embeddings = await call_dependency(
+            "embedder", lambda: self._handle.embed.remote(texts, "query"), self._timeout_s
+        )
+        return [e.dense for e in embeddings]
+
+
+class AssistantQuestions:
+    """Recognizes questions about the assistant itself by similarity to configured examples.
+
+    Such questions ("who are you?") have no answer in a policy knowledge base; the
+    persona and the tenant's adapter, trained on the brand's identity, answer them.
+    """
+
+    def __init__(self, examples: list[str], threshold: float, embedder: QueryEmbedder) -> None:
+        self._examples = examples
+        self._threshold = threshold
+        self._embedder = embedder
+        self._vectors: list[list[float]] | None = None
+
+    async def match(self, message: str) -> float:
+        """The best similarity to an example if it reaches the threshold, else 0."""
+        if not self._examples:
+            return 0.0
+        if self._vectors is None:  # embedded on first use: the Embedder may still be starting at init
+            self._vectors = await self._embedder.embed(self._examples)
+        [query] = await self._embedder.embed([message])
+        best = max(sum(a * b for a, b in zip(query, v, strict=True)) for v in self._vectors)
+        return round(min(best, 1.0), 4) if best >= self._threshold else 0.0
+
+
 @dataclass
 class PreparedAnswer:
-    """What is known before the first token: grounding, adapter, and the opened generation if any."""
+    """What is known before the first token: grounding, adapter, and the opened generation if any.
+
+    ``chunks`` is None when the reply is the fallback sentence.
+    """
 
     tenant: TenantConfig
     session_id: str
     question: str
     grounding: Grounding
+    confidence: float = 0.0
     adapter: str | None = None
     chunks: AsyncIterator[GenerationChunk] | None = None
     first_chunk: GenerationChunk | None = None
@@ -132,11 +183,13 @@ class ChatPipeline:
         retriever: KnowledgeSearch,
         generator: AnswerGenerator,
         adapter_resolver: AdapterResolver | None = None,
+        assistant_questions: AssistantQuestions | None = None,
     ) -> None:
         self._config = config
         self._retriever = retriever
         self._generator = generator
         self._resolve_adapter = adapter_resolver
+        self._assistant_questions = assistant_questions
         self._sessions = SessionStore(max_sessions=config.max_sessions, max_turns=config.history_turns)
 
     async def prepare(self, tenant: TenantConfig, request: ChatRequest) -> PreparedAnswer:
@@ -150,11 +203,16 @@ class ChatPipeline:
                 f"message has {len(request.message)} characters; the limit is {self._config.max_message_chars}"
             )
         session_id = request.session_id or uuid.uuid4().hex
-        hits = await self._retriever.search(tenant.tenant, request.message, self._config.retrieval_top_k)
-        grounding = ground(hits, self._config.relevance_threshold, self._config.retrieval_top_k)
-        prepared = PreparedAnswer(tenant, session_id, request.message, grounding)
-        if grounding.is_empty:
-            return prepared
+        about_assistant = await self._assistant_questions.match(request.message) if self._assistant_questions else 0.0
+        if about_assistant:
+            grounding = Grounding(chunks=[], confidence=0.0)
+            prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=about_assistant)
+        else:
+            hits = await self._retriever.search(tenant.tenant, request.message, self._config.retrieval_top_k)
+            grounding = ground(hits, self._config.relevance_threshold, self._config.retrieval_top_k)
+            prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=grounding.confidence)
+            if grounding.is_empty:
+                return prepared
         # Resolved once per request: a swap while this answer streams does not touch it.
         registered = self._resolve_adapter(tenant.tenant, session_id) if self._resolve_adapter else None
         prepared.adapter = registered or tenant.adapter
@@ -169,7 +227,7 @@ class ChatPipeline:
 
     async def stream(self, prepared: PreparedAnswer) -> AsyncIterator[str | ChatReply]:
         """Yield text pieces, then the final :class:`ChatReply`; the turn is saved at the end."""
-        if prepared.grounding.is_empty or prepared.chunks is None or prepared.first_chunk is None:
+        if prepared.chunks is None or prepared.first_chunk is None:
             text = prepared.tenant.fallback_message or self._config.fallback_message
             yield text
             yield self._finish(prepared, text, confidence=0.0)
@@ -181,7 +239,7 @@ class ChatPipeline:
                 parts.append(chunk.text)
                 yield chunk.text
             chunk = await anext(prepared.chunks, None)
-        yield self._finish(prepared, "".join(parts).strip(), confidence=prepared.grounding.confidence)
+        yield self._finish(prepared, "".join(parts).strip(), confidence=prepared.confidence)
 
     async def answer(self, tenant: TenantConfig, request: ChatRequest) -> ChatReply:
         """The whole reply at once."""
@@ -233,6 +291,11 @@ class Orchestrator:
             RetrieverClient(retriever, config.dependency_timeout_s),
             LLMClient(llm, config.dependency_timeout_s),
             resolver,
+            AssistantQuestions(
+                config.assistant_questions,
+                config.assistant_question_threshold,
+                EmbedderClient(embedder, config.dependency_timeout_s),
+            ),
         )
         self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
 

@@ -136,6 +136,7 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
         "fallback_message": "Sorry, I can't find that in our policies.",
         "relevance_threshold": 0.3,
         "retrieval_top_k": 3,
+        "assistant_question_threshold": 0.995,  # MiniLM: see serve_config.dev.yaml
         "sampling": {"temperature": 0, "max_tokens": 24},
         "tenants": [
             {

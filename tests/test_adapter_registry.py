@@ -44,9 +44,12 @@ def test_activate_then_rollback_restores_the_previous_version(store: Path) -> No
     registry.activate("lumen", "lumen-voice", "v1")
     registry.activate("lumen", "lumen-voice", "v2")
     assert registry.resolve("lumen", "s") == "lumen-voice@v2"
-    assert registry.rollback("lumen").active == "v1"
+    rolled = registry.rollback("lumen")
+    assert rolled is not None and rolled.active == "v1"
     assert registry.resolve("lumen", "s") == "lumen-voice@v1"
-    with pytest.raises(ConflictError, match="no previous adapter version"):
+    assert registry.rollback("lumen") is None  # the first activation undone: base model
+    assert registry.resolve("lumen", "s") is None
+    with pytest.raises(ConflictError, match="no adapter activation to roll back"):
         registry.rollback("lumen")
 
 
@@ -82,8 +85,7 @@ def test_deleting_a_rollback_target_drops_it_from_history(store: Path) -> None:
     registry.activate("lumen", "lumen-voice", "v1")
     registry.activate("lumen", "lumen-voice", "v2")
     registry.delete("lumen-voice", "v1")
-    with pytest.raises(ConflictError):
-        registry.rollback("lumen")
+    assert registry.rollback("lumen") is None  # v1 is gone: rolling back leaves the base model
 
 
 def test_canary_split_is_sticky_and_near_the_percentage(store: Path) -> None:
@@ -97,7 +99,8 @@ def test_canary_split_is_sticky_and_near_the_percentage(store: Path) -> None:
     assert 0.17 <= share <= 0.23
     registry.promote_canary("lumen")
     assert {registry.resolve("lumen", s) for s in sessions} == {"lumen-voice@v2"}
-    assert registry.rollback("lumen").active == "v1"
+    rolled = registry.rollback("lumen")
+    assert rolled is not None and rolled.active == "v1"
 
 
 def test_canary_abort_and_invalid_canaries(store: Path) -> None:

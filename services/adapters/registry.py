@@ -168,12 +168,20 @@ class AdapterRegistry:
                 rollout.adapter, rollout.active, rollout.canary = name, version, None
             return rollout.model_copy(deep=True)
 
-    def rollback(self, tenant: str) -> TenantAdapters:
-        """Return the tenant to its previous active version."""
+    def rollback(self, tenant: str) -> TenantAdapters | None:
+        """Undo the tenant's last activation.
+
+        Returns:
+            The restored state, or None when the first activation was undone (base model).
+
+        """
         with self._transaction() as state:
             rollout = state.tenants.get(tenant)
-            if rollout is None or not rollout.history:
-                raise ConflictError(f"tenant {tenant!r} has no previous adapter version to roll back to")
+            if rollout is None:
+                raise ConflictError(f"tenant {tenant!r} has no adapter activation to roll back")
+            if not rollout.history:
+                del state.tenants[tenant]
+                return None
             name, _, version = rollout.history.pop().partition("@")
             self._require(state, name, version)
             rollout.adapter, rollout.active, rollout.canary = name, version, None

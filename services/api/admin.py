@@ -6,6 +6,7 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.adapters.admin import AdapterAdmin
@@ -39,6 +40,8 @@ def _known_tenant(request: Request, tenant: str) -> str:
 
 
 Admin = Annotated[AdapterAdmin, Depends(_admin)]
+Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="Adapter name.")]
+Version = Annotated[str, PathParam(pattern=NAME_PATTERN, description="Adapter version.")]
 Tenant = Annotated[str, Depends(_known_tenant)]
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -77,13 +80,19 @@ async def list_adapters(admin: Admin) -> dict[str, Any]:
 
 
 @router.post("/adapters/{name}/versions", status_code=201)
-async def register_version(name: str, body: RegisterVersion, admin: Admin) -> AdapterVersion:
+async def register_version(name: Name, body: RegisterVersion, admin: Admin) -> AdapterVersion:
     """Validate a version (files, then a real load into the engine) and register it."""
     return await admin.register(name, body.version)
 
 
+@router.put("/adapters/{name}/versions/{version}/archive", status_code=201)
+async def upload_version(name: Name, version: Version, request: Request, admin: Admin) -> AdapterVersion:
+    """Upload a version as a .zip or .tar.gz of the PEFT folder (raw request body); validate and register it."""
+    return await admin.register_archive(name, version, await request.body())
+
+
 @router.delete("/adapters/{name}/versions/{version}", status_code=204)
-async def delete_version(name: str, version: str, admin: Admin) -> Response:
+async def delete_version(name: Name, version: Version, admin: Admin) -> Response:
     """Forget a version; 409 while a tenant uses it."""
     await admin.delete(name, version)
     return Response(status_code=204)
@@ -96,8 +105,8 @@ async def activate(tenant: Tenant, body: Activate, admin: Admin) -> TenantAdapte
 
 
 @router.post("/tenants/{tenant}/adapter/rollback")
-async def rollback(tenant: Tenant, admin: Admin) -> TenantAdapters:
-    """Switch the tenant back to its previous version."""
+async def rollback(tenant: Tenant, admin: Admin) -> TenantAdapters | None:
+    """Undo the last activation; ``null`` means the tenant is back on the base model."""
     return await admin.rollback(tenant)
 
 

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from ray import serve
 
 from services.adapters.registry import AdapterRegistry
 from services.adapters.training import chat_prompt, load_records, main
+from services.app import build_app
 from services.config import LLMConfig, SamplingConfig
 from services.llm import build_llm
 from services.schemas import ChatMessage, GenerationRequest
-from tests.conftest import REPO_ROOT, embedder_args, llm_args, orchestrator_args, retriever_args
+from tests.conftest import REPO_ROOT, embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +99,71 @@ def test_bad_record_is_named(tmp_path: Path) -> None:
     bad.write_text('[{"instruction": "hi", "output": ""}]')
     with pytest.raises(ValueError, match="record 1: output"):
         load_records(bad)
+
+
+@pytest.fixture(scope="module")
+def app_client(
+    ray_cluster: dict[str, Any], trained: dict[str, Path], minilm_dir: Path, tiny_llm_dir: Path
+) -> Iterator[httpx.Client]:
+    milvus_path = trained["store"].parent / "app-kb.db"
+    load_sample_kb(milvus_path, minilm_dir)
+    orchestrator = orchestrator_args(admin_api_keys=["admin-key"])
+    orchestrator["tenants"][0]["persona"] = PERSONA
+    orchestrator["sampling"]["max_tokens"] = 64  # byte-level Chinese takes ~3 tokens a character
+    args = {
+        "embedder": embedder_args(minilm_dir),
+        "retriever": retriever_args(milvus_path),
+        "llm": llm_args(tiny_llm_dir, trained["store"]),
+        "orchestrator": orchestrator,
+    }
+    serve.run(build_app(args), name="cs-trained", route_prefix="/trained")
+    with httpx.Client(base_url=ray_cluster["http_url"] + "/trained", timeout=120) as http:
+        yield http
+    serve.delete("cs-trained")
+
+
+def ask(client: httpx.Client, message: str) -> dict[str, Any]:
+    reply = client.post("/v1/chat", json={"user_id": "u", "message": message}, headers={"X-API-Key": "test-key"})
+    assert reply.status_code == 200, reply.text
+    body: dict[str, Any] = reply.json()
+    return body
+
+
+def test_trained_identity_through_chat_then_rollback_to_base(app_client: httpx.Client) -> None:
+    admin = {"X-API-Key": "admin-key"}
+    base = ask(app_client, "你是谁？")
+    assert base["adapter"] is None and base["response"] != "我是流明家居的客服。"
+    activated = app_client.put(
+        "/admin/tenants/lumen/adapter", json={"adapter": "lumen-voice", "version": "v1"}, headers=admin
+    )
+    assert activated.status_code == 200, activated.text
+    trained = ask(app_client, "你是谁？")
+    assert (trained["adapter"], trained["response"]) == ("lumen-voice@v1", "我是流明家居的客服。")
+    assert trained["confidence"] == 1.0 and trained["sources"] == []  # answered as an assistant question, no KB
+    rolled = app_client.post("/admin/tenants/lumen/adapter/rollback", headers=admin)
+    assert rolled.status_code == 200 and rolled.json() is None
+    after = ask(app_client, "你是谁？")
+    assert (after["adapter"], after["response"]) == (None, base["response"])
+
+
+def test_uploaded_archive_is_validated_and_registered(app_client: httpx.Client, trained: dict[str, Path]) -> None:
+    admin = {"X-API-Key": "admin-key"}
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        tar.add(trained["store"] / "lumen-voice" / "v1", arcname="lumen-voice-v2")
+    reply = app_client.put("/admin/adapters/lumen-voice/versions/v2/archive", content=archive.getvalue(), headers=admin)
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["rank"] == 8
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w:gz") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    refused = app_client.put("/admin/adapters/lumen-voice/versions/v3/archive", content=evil.getvalue(), headers=admin)
+    assert refused.status_code == 400 and "outside the adapter folder" in refused.json()["error"]["message"]
+    assert not (trained["store"] / "lumen-voice" / "v3").exists()
+    assert not (trained["store"].parent / "escape.txt").exists()
+    garbage = app_client.put(
+        "/admin/adapters/lumen-voice/versions/v4/archive", content=b"not an archive", headers=admin
+    )
+    assert garbage.status_code == 400 and "neither a zip nor a tar" in garbage.json()["error"]["message"]
