@@ -16,6 +16,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Serve replicas inherit this; a fresh cluster takes them from the driver's environment.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Custom metrics reach the Prometheus endpoint within a second instead of ten.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_KB = REPO_ROOT / "knowledge_sync" / "samples" / "lumen_home.json"
@@ -81,7 +83,9 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     from ray import serve
 
     port = free_port()
+    metrics_port = free_port()
     ray.init(
+        _metrics_export_port=metrics_port,
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=100 * 1024 * 1024,
@@ -89,7 +93,7 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield {"http_url": f"http://127.0.0.1:{port}"}
+    yield {"http_url": f"http://127.0.0.1:{port}", "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}
     serve.shutdown()
     ray.shutdown()
 

@@ -107,5 +107,26 @@ async def test_prompt_longer_than_context_is_rejected(llm: Any) -> None:
         await collect(llm, request("refund " * 2000))
 
 
+async def test_adapter_metrics_reach_prometheus(llm: Any, ray_cluster: dict[str, Any]) -> None:
+    import time
+
+    import httpx
+
+    await collect(llm, request("metrics"), adapter="brand-a")
+    wanted = ("ray_cs_adapter_loads", "ray_cs_adapter_load_seconds_bucket")
+    deadline = time.monotonic() + 60
+    text = ""
+    while time.monotonic() < deadline:  # metrics are exported on a 1 s report interval
+        text = httpx.get(ray_cluster["metrics_url"], timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        await asyncio.sleep(0.5)
+    loads = [
+        line for line in text.splitlines() if line.startswith("ray_cs_adapter_loads") and 'adapter="brand-a"' in line
+    ]
+    assert loads and 'outcome="ok"' in loads[0], text[-2000:]
+    assert "ray_cs_adapter_load_seconds_bucket" in text
+
+
 async def test_health(llm: Any) -> None:
     assert await llm.check_health.remote() is None
