@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from services.adapters.registry import AdapterRegistry, AdapterVersion, TenantAdapters, adapter_id, now
+from services.adapters.registry import AdapterRegistry, AdapterVersion, TenantAdapters, adapter_id
 from services.adapters.validation import validate_adapter_folder
 from services.errors import ConflictError, InvalidAdapterError, ServiceError
 
@@ -84,15 +84,7 @@ class AdapterAdmin:
             validate_adapter_folder, path, engine_model=self.engine_model, max_rank=self.max_rank
         )
         await self.load_check(adapter_id(name, version))
-        record = AdapterVersion(
-            name=name,
-            version=version,
-            rank=spec.rank,
-            target_modules=spec.target_modules,
-            base_model=spec.base_model,
-            registered_at=now(),
-        )
-        return await asyncio.to_thread(self.registry.register, record)
+        return await asyncio.to_thread(self.registry.register, AdapterVersion.validated(name, version, spec))
 
     async def register_archive(self, name: str, version: str, data: bytes) -> AdapterVersion:
         """Unpack an uploaded adapter into ``<store>/name/version``, then validate and register it.

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from services.adapters.validation import AdapterSpec
 from services.errors import ConflictError, InvalidRequestError, NotFoundError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -49,6 +50,18 @@ class AdapterVersion(BaseModel):
     target_modules: list[str]
     base_model: str
     registered_at: datetime
+
+    @classmethod
+    def validated(cls, name: str, version: str, spec: AdapterSpec) -> AdapterVersion:
+        """A record for a version that passed :func:`validate_adapter_folder`, stamped now."""
+        return cls(
+            name=name,
+            version=version,
+            rank=spec.rank,
+            target_modules=spec.target_modules,
+            base_model=spec.base_model,
+            registered_at=now(),
+        )
 
 
 class Canary(BaseModel):

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.adapters.registry import NAME_PATTERN, AdapterRegistry, AdapterVersion, now
+from services.adapters.registry import NAME_PATTERN, AdapterRegistry, AdapterVersion
 from services.adapters.validation import QWEN2_LORA_MODULES, validate_adapter_folder
 from services.dialogue import Grounding, build_messages
 from services.errors import ServiceError
@@ -188,16 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     losses = train_adapter(config.llm.model, tenant.persona, records, out_dir, settings)
     try:
         spec = validate_adapter_folder(out_dir, engine_model=config.llm.model, max_rank=config.llm.max_lora_rank)
-        registry.register(
-            AdapterVersion(
-                name=args.name,
-                version=args.version,
-                rank=spec.rank,
-                target_modules=spec.target_modules,
-                base_model=spec.base_model,
-                registered_at=now(),
-            )
-        )
+        registry.register(AdapterVersion.validated(args.name, args.version, spec))
     except ServiceError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 3
