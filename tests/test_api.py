@@ -53,3 +53,40 @@ def test_env_keys_must_name_configured_tenants() -> None:
     auth = ApiKeyAuth.from_config(config.tenants, {"prod-key": "lumen"})
     assert auth.tenant_for("prod-key") is not None and auth.tenant_for("test-key") is not None
     assert auth.tenant_for("nope") is None
+
+
+def test_admin_checks_the_key_before_revealing_tenants(tmp_path: Any) -> None:
+    from services.adapters.admin import AdapterAdmin
+    from services.adapters.registry import AdapterRegistry
+
+    async def no_engine(adapter: str) -> None:
+        return None
+
+    config = OrchestratorConfig.model_validate(orchestrator_args())
+
+    async def check() -> dict[str, str]:
+        return {}
+
+    admin = AdapterAdmin(AdapterRegistry(tmp_path), "m", 8, no_engine)
+    client = TestClient(
+        create_api(
+            config,
+            FailingPipeline(),  # type: ignore[arg-type]
+            ApiKeyAuth.from_config(config.tenants, {}),
+            check,
+            adapter_admin=admin,
+            admin_keys=["admin"],
+        )
+    )
+    body = {"adapter": "a", "version": "v1"}
+    assert client.put("/admin/tenants/ghost/adapter", json=body).status_code == 401
+    assert client.put("/admin/tenants/ghost/adapter", json=body, headers={"X-API-Key": "admin"}).status_code == 404
+    missing = client.put("/admin/tenants/lumen/adapter", json=body, headers={"X-API-Key": "admin"})
+    assert missing.status_code == 404 and "a@v1 is not registered" in missing.json()["error"]["message"]
+    bad_name = client.post("/admin/adapters/bad name!/versions", json={"version": "v1"}, headers={"X-API-Key": "admin"})
+    assert bad_name.status_code == 422 and bad_name.json()["error"]["message"].startswith("path.name:")
+
+
+def test_admin_api_is_off_without_keys() -> None:
+    reply = make_client({}).get("/admin/adapters", headers={"X-API-Key": "anything"})
+    assert reply.status_code == 403 and reply.json()["error"]["code"] == "admin_disabled"

@@ -34,6 +34,7 @@ def _admin(request: Request) -> AdapterAdmin:
 
 
 def _known_tenant(request: Request, tenant: str) -> str:
+    # Routes list the admin dependency first, so unauthenticated callers learn nothing here.
     if tenant not in request.app.state.tenant_ids:
         raise NotFoundError(f"tenant {tenant!r} is not configured")
     return tenant
@@ -99,30 +100,30 @@ async def delete_version(name: Name, version: Version, admin: Admin) -> Response
 
 
 @router.put("/tenants/{tenant}/adapter")
-async def activate(tenant: Tenant, body: Activate, admin: Admin) -> TenantAdapters:
+async def activate(admin: Admin, tenant: Tenant, body: Activate) -> TenantAdapters:
     """Switch the tenant to a version; requests already running finish on the old one."""
     return await admin.activate(tenant, body.adapter, body.version)
 
 
 @router.post("/tenants/{tenant}/adapter/rollback")
-async def rollback(tenant: Tenant, admin: Admin) -> TenantAdapters | None:
+async def rollback(admin: Admin, tenant: Tenant) -> TenantAdapters | None:
     """Undo the last activation; ``null`` means the tenant is back on the base model."""
     return await admin.rollback(tenant)
 
 
 @router.put("/tenants/{tenant}/adapter/canary")
-async def start_canary(tenant: Tenant, body: StartCanary, admin: Admin) -> TenantAdapters:
+async def start_canary(admin: Admin, tenant: Tenant, body: StartCanary) -> TenantAdapters:
     """Send ``percent`` of the tenant's sessions to ``version``."""
     return await admin.start_canary(tenant, body.version, body.percent)
 
 
 @router.post("/tenants/{tenant}/adapter/canary/promote")
-async def promote_canary(tenant: Tenant, admin: Admin) -> TenantAdapters:
+async def promote_canary(admin: Admin, tenant: Tenant) -> TenantAdapters:
     """Make the canary version the active one."""
     return await admin.promote_canary(tenant)
 
 
 @router.delete("/tenants/{tenant}/adapter/canary")
-async def abort_canary(tenant: Tenant, admin: Admin) -> TenantAdapters:
+async def abort_canary(admin: Admin, tenant: Tenant) -> TenantAdapters:
     """End the canary."""
     return await admin.abort_canary(tenant)
