@@ -189,6 +189,13 @@ class OrchestratorConfig(StrictModel):
         0.5, ge=0, le=1, description="Least dense similarity of the best hit for an answer from the knowledge base."
     )
     retrieval_top_k: int = Field(4, ge=1, le=50, description="Chunks put into the prompt.")
+    retrieval_candidates: int = Field(
+        20,
+        ge=1,
+        le=200,
+        description="Fused hits fetched before the relevance gate keeps the best retrieval_top_k. RRF can rank "
+        "a strong dense-only hit below weak hits found by two signals, so the gate must see more than top_k.",
+    )
     assistant_questions: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ASSISTANT_QUESTIONS),
         description="Examples of questions about the assistant itself (identity, abilities, limits); such "
@@ -206,6 +213,12 @@ class OrchestratorConfig(StrictModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of answers.")
     dependency_timeout_s: float = Field(120, gt=0, description="Bound on one retrieval or generation.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+
+    @model_validator(mode="after")
+    def _candidates_cover_top_k(self) -> OrchestratorConfig:
+        if self.retrieval_candidates < self.retrieval_top_k:
+            raise ValueError("retrieval_candidates must be at least retrieval_top_k")
+        return self
 
     @field_validator("tenants")
     @classmethod

@@ -208,7 +208,7 @@ class ChatPipeline:
             grounding = Grounding(chunks=[], confidence=0.0)
             prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=about_assistant)
         else:
-            hits = await self._retriever.search(tenant.tenant, request.message, self._config.retrieval_top_k)
+            hits = await self._retriever.search(tenant.tenant, request.message, self._config.retrieval_candidates)
             grounding = ground(hits, self._config.relevance_threshold, self._config.retrieval_top_k)
             prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=grounding.confidence)
             if grounding.is_empty:
@@ -308,6 +308,15 @@ class Orchestrator:
             self._check_dependencies,
             adapter_admin=self._adapter_admin,
             admin_keys=self._admin_keys,
+            knowledge_ingest=self._ingest,
+        )
+
+    async def _ingest(self, tenant: str, source: str, documents: list[Any], max_chunk_chars: int) -> dict[str, int]:
+        retriever = self._dependencies["retriever"]
+        return await call_dependency(
+            "knowledge retriever",
+            lambda: retriever.ingest.remote(tenant, source, documents, max_chunk_chars),
+            self._config.dependency_timeout_s,
         )
 
     async def _check_dependencies(self) -> dict[str, str]:

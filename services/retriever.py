@@ -14,11 +14,12 @@ dense cosine similarity can. (Milvus Lite also ignores ``hybrid_search(filter=..
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ray import serve
 from ray.serve.deployment import Application
@@ -27,6 +28,9 @@ from ray.serve.handle import DeploymentHandle
 from services.config import TENANT_PATTERN, RetrieverConfig, ServiceSettings
 from services.errors import InvalidRequestError, KnowledgeBaseUnavailableError
 from services.schemas import Embedding, KnowledgeChunk, RetrievedChunk
+
+if TYPE_CHECKING:
+    from knowledge_sync.documents import KnowledgeDocument
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +282,23 @@ class MilvusKnowledgeStore:
             raise KnowledgeBaseUnavailableError(f"Milvus {what} failed: {type(err).__name__}: {err}") from err
 
 
+class HandleEmbeddingBackend:
+    """An :class:`~services.embedder.EmbeddingBackend` that calls the Embedder deployment.
+
+    Blocking by design: the sync pipeline runs in a worker thread, never on the event loop.
+    """
+
+    def __init__(self, handle: DeploymentHandle, info: dict[str, Any]) -> None:
+        self._handle = handle
+        self.dimension: int = info["dimension"]
+        self.has_sparse: bool = info["has_sparse"]
+
+    def encode(self, texts: list[str], kind: Literal["query", "passage"]) -> list[Embedding]:
+        """Embed through the deployment, waiting for the result."""
+        result: list[Embedding] = self._handle.embed.remote(texts, kind).result()
+        return result
+
+
 class Retriever:
     """Ray Serve deployment: embeds the query, searches the tenant's chunks."""
 
@@ -304,6 +325,28 @@ class Retriever:
         """Embed ``query`` and return the tenant's best chunks, best first."""
         [embedding] = await self._embedder.embed.remote([query], "query")
         return await asyncio.to_thread(self._store.search, tenant, query, embedding, top_k)
+
+    async def ingest(
+        self, tenant: str, source: str, documents: list[KnowledgeDocument], max_chunk_chars: int = 800
+    ) -> dict[str, int]:
+        """Sync one source of a tenant's documents through this replica's Milvus connection.
+
+        The knowledge-sync pipeline runs here, unchanged, so a running app (which holds
+        the only connection a Milvus Lite file allows) can take new policies without a
+        restart. Passages are embedded by the Embedder deployment.
+
+        Returns:
+            Counts: documents, chunks, embedded, unchanged, deleted.
+
+        """
+        from knowledge_sync.pipeline import sync_documents
+
+        tenant_filter(tenant)  # refuse odd tenant ids before any work
+        embedder = HandleEmbeddingBackend(self._embedder, await self._embedder.info.remote())
+        report = await asyncio.to_thread(
+            sync_documents, self._store, embedder, tenant, source, documents, max_chunk_chars=max_chunk_chars
+        )
+        return dataclasses.asdict(report)
 
     async def check_health(self) -> None:
         """Fail when Milvus does not answer."""

@@ -74,3 +74,30 @@ async def test_relevant_knowledge_is_answered_and_history_feeds_the_next_prompt(
     assert items[:2] == ["Within ", "7 days."] and isinstance(items[-1], ChatReply)
     second_prompt = generator.calls[1]
     assert [m.content for m in second_prompt[1:]] == ["Returns?", "Within 7 days.", "And refunds?"]
+
+
+class RankedRetriever:
+    """Fused order puts weak two-signal hits first and the one relevant dense hit last."""
+
+    def __init__(self) -> None:
+        self.asked_for: int | None = None
+
+    async def search(self, tenant: str, query: str, top_k: int) -> list[RetrievedChunk]:
+        self.asked_for = top_k
+        hits = []
+        for n, dense in enumerate([0.15, 0.17, 0.12, 0.16, 0.64]):
+            chunk = KnowledgeChunk(
+                id=f"{tenant}:s:d{n}:0", tenant=tenant, source="s", doc_id=f"d{n}", chunk_no=0,
+                title=f"T{n}", text="x", content_hash="h",
+            )  # fmt: skip
+            hits.append(RetrievedChunk(chunk=chunk, score=0.05 - n / 100, dense_score=dense))
+        return hits[:top_k]
+
+
+async def test_the_gate_sees_more_candidates_than_it_keeps() -> None:
+    config = OrchestratorConfig.model_validate(orchestrator_args(retrieval_top_k=2, retrieval_candidates=5))
+    retriever = RankedRetriever()
+    chat = ChatPipeline(config, retriever, Generator())
+    reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="dogs?"))
+    assert retriever.asked_for == 5
+    assert [s.doc_id for s in reply.sources] == ["d4"] and reply.confidence == 0.64

@@ -25,6 +25,7 @@ def create_api(
     *,
     adapter_admin: AdapterAdmin | None = None,
     admin_keys: list[str] | None = None,
+    knowledge_ingest: Callable[..., Awaitable[dict[str, int]]] | None = None,
 ) -> FastAPI:
     """Build the FastAPI app around one pipeline.
 
@@ -35,6 +36,7 @@ def create_api(
         check_dependencies: Returns each deployment's health ("ok" or "error: ...").
         adapter_admin: The adapter lifecycle; None when no adapter store is configured.
         admin_keys: Keys of the admin API; none disables it.
+        knowledge_ingest: Syncs a tenant's source of documents in the running app.
 
     """
     app = FastAPI(title="Customer-service LLM platform", version="0.1.0")
@@ -44,6 +46,7 @@ def create_api(
     app.state.check_dependencies = check_dependencies
     app.state.adapter_admin = adapter_admin
     app.state.admin_keys = admin_keys or []
+    app.state.knowledge_ingest = knowledge_ingest
     app.state.tenant_ids = {t.tenant for t in config.tenants}
     install_error_handlers(app)
     app.include_router(chat.router)

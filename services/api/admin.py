@@ -1,4 +1,4 @@
-"""``/admin``: the adapter lifecycle, behind an admin key (``CS_ADMIN_KEYS`` or config)."""
+"""``/admin``: adapter lifecycle and knowledge ingest, behind an admin key (``CS_ADMIN_KEYS`` or config)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
+from knowledge_sync.documents import KnowledgeDocument
 from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import NAME_PATTERN, AdapterVersion, TenantAdapters
 from services.api.auth import presented_key
@@ -22,14 +23,19 @@ class AdminDisabledError(ServiceError):
     code = "admin_disabled"
 
 
-def _admin(request: Request) -> AdapterAdmin:
+def _admin_key(request: Request) -> None:
     keys: list[str] = request.app.state.admin_keys
-    admin: AdapterAdmin | None = request.app.state.adapter_admin
-    if not keys or admin is None:
-        raise AdminDisabledError("the admin API is disabled: configure admin keys and llm.adapters_dir")
+    if not keys:
+        raise AdminDisabledError("the admin API is disabled: no admin key is configured")
     presented = presented_key(request)
     if not any(hmac.compare_digest(k.encode(), presented.encode()) for k in keys):
         raise AuthenticationError("unknown admin key")
+
+
+def _admin(request: Request, _: Annotated[None, Depends(_admin_key)]) -> AdapterAdmin:
+    admin: AdapterAdmin | None = request.app.state.adapter_admin
+    if admin is None:
+        raise AdminDisabledError("adapter administration is disabled: llm.adapters_dir is not set")
     return admin
 
 
@@ -41,6 +47,7 @@ def _known_tenant(request: Request, tenant: str) -> str:
 
 
 Admin = Annotated[AdapterAdmin, Depends(_admin)]
+AdminKey = Annotated[None, Depends(_admin_key)]
 Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="Adapter name.")]
 Version = Annotated[str, PathParam(pattern=NAME_PATTERN, description="Adapter version.")]
 Tenant = Annotated[str, Depends(_known_tenant)]
@@ -127,3 +134,30 @@ async def promote_canary(admin: Admin, tenant: Tenant) -> TenantAdapters:
 async def abort_canary(admin: Admin, tenant: Tenant) -> TenantAdapters:
     """End the canary."""
     return await admin.abort_canary(tenant)
+
+
+class KnowledgeUpload(Strict):
+    """The complete current document set of one source; documents missing from it are deleted."""
+
+    documents: list[KnowledgeDocument] = Field(max_length=100_000)
+    max_chunk_chars: int = Field(800, ge=100, le=8000, description="Largest chunk in characters.")
+
+
+@router.put("/knowledge/{tenant}/sources/{source}")
+async def sync_source(
+    _: AdminKey,
+    tenant: Tenant,
+    source: Annotated[str, PathParam(pattern=NAME_PATTERN)],
+    body: KnowledgeUpload,
+    request: Request,
+) -> dict[str, int]:
+    """Make a tenant's knowledge from ``source`` equal to ``documents``, in the running app.
+
+    Runs in the Retriever deployment, which owns the Milvus connection (a Milvus Lite file
+    admits one process), so the assistant answers from the new policies at once.
+    """  # fmt: skip
+    ingest = request.app.state.knowledge_ingest
+    if ingest is None:
+        raise AdminDisabledError("knowledge ingest is not available in this app")
+    report: dict[str, int] = await ingest(tenant, source, body.documents, body.max_chunk_chars)
+    return report

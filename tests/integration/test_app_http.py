@@ -29,7 +29,7 @@ def client(
         "embedder": embedder_args(minilm_dir),
         "retriever": retriever_args(milvus_path),
         "llm": llm_args(tiny_llm_dir),
-        "orchestrator": orchestrator_args(),
+        "orchestrator": orchestrator_args(admin_api_keys=["admin-key"]),
     }
     serve.run(build_app(args), name="cs-app", route_prefix="/")
     with httpx.Client(base_url=ray_cluster["http_url"], timeout=120) as http:
@@ -155,3 +155,53 @@ def test_bad_input_is_a_clear_4xx_and_the_app_keeps_serving(
     assert reply.status_code == status, reply.text
     assert expected in reply.json()["error"]["message"]
     assert chat(client, message="What are your customer service hours?").status_code == 200
+
+
+DOG_POLICY = {
+    "doc_id": "pets-en",
+    "title": "Pets in our showrooms",
+    "text": "Dogs are welcome in all Lumen Home showrooms on a leash. Water bowls are at the entrance.",
+}
+DOG_QUESTION = "Can I bring my dog to your showroom?"
+
+
+def test_running_app_takes_new_knowledge_without_a_restart(client: httpx.Client) -> None:
+    admin = {"X-API-Key": "admin-key"}
+    assert chat(client, message=DOG_QUESTION).json()["confidence"] == 0
+    url = "/admin/knowledge/lumen/sources/showroom-faq"
+    added = client.put(url, json={"documents": [DOG_POLICY]}, headers=admin)
+    assert added.status_code == 200, added.text
+    assert added.json() == {"documents": 1, "chunks": 1, "embedded": 1, "unchanged": 0, "deleted": 0}
+    answer = chat(client, message=DOG_QUESTION).json()
+    assert [s["doc_id"] for s in answer["sources"]][:1] == ["pets-en"] and answer["confidence"] > 0.3
+    removed = client.put(url, json={"documents": []}, headers=admin)
+    assert removed.json()["deleted"] == 1
+    assert chat(client, message=DOG_QUESTION).json()["confidence"] == 0
+    # The sample knowledge base (another source) is untouched.
+    assert "returns-7day-en" in [
+        s["doc_id"] for s in chat(client, message="How many days do I have to return an item?").json()["sources"]
+    ]
+
+
+def test_knowledge_ingest_needs_the_admin_key_and_valid_documents(client: httpx.Client) -> None:
+    url = "/admin/knowledge/lumen/sources/showroom-faq"
+    assert client.put(url, json={"documents": [DOG_POLICY]}, headers=AUTH).status_code == 401
+    bad = client.put(url, json={"documents": [{"doc_id": "x", "title": "t"}]}, headers={"X-API-Key": "admin-key"})
+    assert bad.status_code == 422 and "documents.0.text: field required" in bad.json()["error"]["message"]
+
+
+def test_sync_cli_through_the_running_app(
+    client: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from knowledge_sync.__main__ import main
+
+    policies = tmp_path / "showroom.json"
+    policies.write_text(json.dumps([DOG_POLICY]))
+    argv = ["--app-url", str(client.base_url), "--admin-key", "admin-key", "--tenant", "lumen",
+            "--source", "cli-faq", "--path", str(policies)]  # fmt: skip
+    assert main(argv) == 0
+    assert "1 documents, 1 chunks (1 embedded, 0 unchanged, 0 deleted)" in capsys.readouterr().out
+    assert main([*argv[:3], "wrong-key", *argv[4:]]) == 1
+    assert "401: unknown admin key" in capsys.readouterr().err
+    policies.write_text("[]")
+    assert main(argv) == 0
