@@ -28,7 +28,7 @@ from services.api.models import ChatReply, ChatRequest, Source
 from services.config import LLMConfig, OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
 from services.dialogue import Grounding, SessionStore, Turn, build_messages, ground, sources_of
 from services.errors import DependencyUnavailableError, GenerationError, InvalidRequestError, ServiceError
-from services.schemas import ChatMessage, GenerationChunk, GenerationRequest, RetrievedChunk
+from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk
 
 T = TypeVar("T")
 
@@ -36,8 +36,10 @@ T = TypeVar("T")
 class KnowledgeSearch(Protocol):
     """Finds a tenant's knowledge chunks for a query."""
 
-    async def search(self, tenant: str, query: str, top_k: int) -> list[RetrievedChunk]:
-        """Best chunks first."""
+    async def search(
+        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
+    ) -> list[RetrievedChunk]:
+        """Best chunks first; ``embedding`` is the query's, when the caller has it already."""
         ...
 
 
@@ -75,10 +77,12 @@ class RetrieverClient:
         self._handle = handle
         self._timeout_s = timeout_s
 
-    async def search(self, tenant: str, query: str, top_k: int) -> list[RetrievedChunk]:
+    async def search(
+        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
+    ) -> list[RetrievedChunk]:
         """Search through the Retriever deployment."""
         return await call_dependency(
-            "knowledge retriever", lambda: self._handle.search.remote(tenant, query, top_k), self._timeout_s
+            "knowledge retriever", lambda: self._handle.search.remote(tenant, query, top_k, embedding), self._timeout_s
         )
 
 
@@ -113,8 +117,8 @@ AdapterResolver = Callable[[str, str], str | None]
 class QueryEmbedder(Protocol):
     """Embeds queries (the Embedder deployment)."""
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        """Normalized dense vectors."""
+    async def embed(self, texts: list[str]) -> list[Embedding]:
+        """Query embeddings (normalized dense, plus sparse for BGE-M3)."""
         ...
 
 
@@ -125,12 +129,9 @@ class EmbedderClient:
         self._handle = handle
         self._timeout_s = timeout_s
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
+    async def embed(self, texts: list[str]) -> list[Embedding]:
         """Embed queries through the Embedder deployment."""
-        embeddings = await call_dependency(
-            "embedder", lambda: self._handle.embed.remote(texts, "query"), self._timeout_s
-        )
-        return [e.dense for e in embeddings]
+        return await call_dependency("embedder", lambda: self._handle.embed.remote(texts, "query"), self._timeout_s)
 
 
 class AssistantQuestions:
@@ -146,15 +147,21 @@ class AssistantQuestions:
         self._embedder = embedder
         self._vectors: list[list[float]] | None = None
 
-    async def match(self, message: str) -> float:
-        """The best similarity to an example if it reaches the threshold, else 0."""
-        if not self._examples:
-            return 0.0
-        if self._vectors is None:  # embedded on first use: the Embedder may still be starting at init
-            self._vectors = await self._embedder.embed(self._examples)
+    async def classify(self, message: str) -> tuple[Embedding, float]:
+        """Embed the message once (the retriever reuses it) and score it against the examples.
+
+        Returns:
+            The query embedding, and the best similarity to an example if it reaches the
+            threshold, else 0.
+
+        """
         [query] = await self._embedder.embed([message])
-        best = max(sum(a * b for a, b in zip(query, v, strict=True)) for v in self._vectors)
-        return round(min(best, 1.0), 4) if best >= self._threshold else 0.0
+        if not self._examples:
+            return query, 0.0
+        if self._vectors is None:  # embedded on first use: the Embedder may still be starting at init
+            self._vectors = [e.dense for e in await self._embedder.embed(self._examples)]
+        best = max(sum(a * b for a, b in zip(query.dense, v, strict=True)) for v in self._vectors)
+        return query, round(min(best, 1.0), 4) if best >= self._threshold else 0.0
 
 
 @dataclass
@@ -203,12 +210,16 @@ class ChatPipeline:
                 f"message has {len(request.message)} characters; the limit is {self._config.max_message_chars}"
             )
         session_id = request.session_id or uuid.uuid4().hex
-        about_assistant = await self._assistant_questions.match(request.message) if self._assistant_questions else 0.0
+        embedding, about_assistant = None, 0.0
+        if self._assistant_questions is not None:
+            embedding, about_assistant = await self._assistant_questions.classify(request.message)
         if about_assistant:
             grounding = Grounding(chunks=[], confidence=0.0)
             prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=about_assistant)
         else:
-            hits = await self._retriever.search(tenant.tenant, request.message, self._config.retrieval_candidates)
+            hits = await self._retriever.search(
+                tenant.tenant, request.message, self._config.retrieval_candidates, embedding
+            )
             grounding = ground(hits, self._config.relevance_threshold, self._config.retrieval_top_k)
             prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=grounding.confidence)
             if grounding.is_empty:

@@ -321,9 +321,16 @@ class Retriever:
             )
         self._store = store
 
-    async def search(self, tenant: str, query: str, top_k: int) -> list[RetrievedChunk]:
-        """Embed ``query`` and return the tenant's best chunks, best first."""
-        [embedding] = await self._embedder.embed.remote([query], "query")
+    async def search(
+        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
+    ) -> list[RetrievedChunk]:
+        """Return the tenant's best chunks for ``query``, best first.
+
+        ``embedding`` is the query's embedding when the caller computed it already;
+        otherwise the Embedder deployment computes it.
+        """
+        if embedding is None:
+            [embedding] = await self._embedder.embed.remote([query], "query")
         return await asyncio.to_thread(self._store.search, tenant, query, embedding, top_k)
 
     async def ingest(

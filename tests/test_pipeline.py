@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from services.api.models import ChatReply, ChatRequest
 from services.config import OrchestratorConfig, SamplingConfig
 from services.orchestrator import ChatPipeline
-from services.schemas import ChatMessage, GenerationChunk, KnowledgeChunk, RetrievedChunk
+from services.schemas import ChatMessage, Embedding, GenerationChunk, KnowledgeChunk, RetrievedChunk
 from tests.conftest import orchestrator_args
 
 
@@ -15,7 +15,9 @@ class Retriever:
     def __init__(self, dense: float) -> None:
         self.dense = dense
 
-    async def search(self, tenant: str, query: str, top_k: int) -> list[RetrievedChunk]:
+    async def search(
+        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
+    ) -> list[RetrievedChunk]:
         chunk = KnowledgeChunk(
             id=f"{tenant}:s:returns:0", tenant=tenant, source="s", doc_id="returns", chunk_no=0,
             title="Returns", text="Returns within 7 days.", content_hash="h",
@@ -82,7 +84,9 @@ class RankedRetriever:
     def __init__(self) -> None:
         self.asked_for: int | None = None
 
-    async def search(self, tenant: str, query: str, top_k: int) -> list[RetrievedChunk]:
+    async def search(
+        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
+    ) -> list[RetrievedChunk]:
         self.asked_for = top_k
         hits = []
         for n, dense in enumerate([0.15, 0.17, 0.12, 0.16, 0.64]):
@@ -101,3 +105,47 @@ async def test_the_gate_sees_more_candidates_than_it_keeps() -> None:
     reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="dogs?"))
     assert retriever.asked_for == 5
     assert [s.doc_id for s in reply.sources] == ["d4"] and reply.confidence == 0.64
+
+
+class CountingEmbedder:
+    """Maps texts about "who" to one direction and everything else to another."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    async def embed(self, texts: list[str]) -> list[Embedding]:
+        self.calls.append(texts)
+        return [Embedding(dense=[1.0, 0.0] if "who" in t.lower() else [0.0, 1.0]) for t in texts]
+
+
+class RecordingRetriever(Retriever):
+    def __init__(self) -> None:
+        super().__init__(dense=0.8)
+        self.embeddings: list[Embedding | None] = []
+
+    async def search(
+        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
+    ) -> list[RetrievedChunk]:
+        self.embeddings.append(embedding)
+        return await super().search(tenant, query, top_k)
+
+
+async def test_message_is_embedded_once_and_assistant_questions_skip_the_knowledge_base() -> None:
+    from services.orchestrator import AssistantQuestions
+
+    config = OrchestratorConfig.model_validate(orchestrator_args())
+    embedder, retriever, generator = CountingEmbedder(), RecordingRetriever(), Generator()
+    questions = AssistantQuestions(["Who are you?"], 0.9, embedder)
+    chat = ChatPipeline(config, retriever, generator, assistant_questions=questions)
+    tenant = config.tenants[0]
+
+    policy = await chat.answer(tenant, ChatRequest(user_id="u", message="Returns?"))
+    assert [s.doc_id for s in policy.sources] == ["returns"]
+    assert embedder.calls == [["Returns?"], ["Who are you?"]]  # message once, examples once
+    assert retriever.embeddings == [Embedding(dense=[0.0, 1.0])]  # reused, not recomputed
+
+    identity = await chat.answer(tenant, ChatRequest(user_id="u", message="Who is this?"))
+    assert (identity.confidence, identity.sources) == (1.0, [])
+    assert len(retriever.embeddings) == 1  # the knowledge base was not asked
+    assert generator.calls[-1][0].content.endswith("Knowledge entries:\n")  # persona only, no chunks
+    assert len(embedder.calls) == 3
