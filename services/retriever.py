@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -57,11 +58,12 @@ def quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+_TENANT_ID = re.compile(TENANT_PATTERN)
+
+
 def tenant_filter(tenant: str) -> str:
     """Filter expression scoping a search to one tenant; refuses ids that are not plain names."""
-    import re
-
-    if not re.fullmatch(TENANT_PATTERN, tenant):
+    if not _TENANT_ID.fullmatch(tenant):
         raise InvalidRequestError(f"invalid tenant id {tenant!r}")
     return f"tenant == {quote(tenant)}"
 

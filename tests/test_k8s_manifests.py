@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,7 +56,7 @@ def test_serve_config_v2_passes_ray_schema(manifest: dict[str, Any]) -> None:
     ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
 
 
-def test_misspelled_key_would_be_caught(manifest: dict[str, Any], tmp_path: Path) -> None:
+def test_misspelled_key_would_be_caught(manifest: dict[str, Any]) -> None:
     import jsonschema
 
     if not CRD.exists():

@@ -106,10 +106,11 @@ class AdapterRegistry:
     # -- reading ---------------------------------------------------------------------------
 
     def state(self) -> RegistryState:
-        """The current state (empty if nothing was ever registered).
+        """The current state (empty if nothing was ever registered); treat it as read-only.
 
         Read on every chat request, so the parsed state is cached until the file changes;
-        writers replace the file, which always changes its inode time and usually its size.
+        writers replace the file, so its inode changes with every write. Writers never
+        touch this cached object: a transaction parses its own copy from disk.
         """
         try:
             stat = self._state_file.stat()
@@ -117,8 +118,13 @@ class AdapterRegistry:
             return RegistryState()
         key = (stat.st_mtime_ns, stat.st_ino)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, RegistryState.model_validate_json(self._state_file.read_bytes()))
-        return self._cached[1].model_copy(deep=True)
+            self._cached = (key, self._read())
+        return self._cached[1]
+
+    def _read(self) -> RegistryState:
+        if not self._state_file.exists():
+            return RegistryState()
+        return RegistryState.model_validate_json(self._state_file.read_bytes())
 
     def version_path(self, name: str, version: str) -> Path:
         """Folder of an adapter version in the store."""
@@ -142,7 +148,7 @@ class AdapterRegistry:
         with open(self._lock_file, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                state = self.state()
+                state = self._read()  # under the lock, never the shared cache
                 yield state
                 state.revision += 1
                 fd, tmp = tempfile.mkstemp(dir=self.store, prefix=".registry-", suffix=".json")
@@ -179,7 +185,7 @@ class AdapterRegistry:
             elif (rollout.adapter, rollout.active) != (name, version):
                 rollout.history.append(adapter_id(rollout.adapter, rollout.active))
                 rollout.adapter, rollout.active, rollout.canary = name, version, None
-            return rollout.model_copy(deep=True)
+            return rollout
 
     def rollback(self, tenant: str) -> TenantAdapters | None:
         """Undo the tenant's last activation.
@@ -198,7 +204,7 @@ class AdapterRegistry:
             name, _, version = rollout.history.pop().partition("@")
             self._require(state, name, version)
             rollout.adapter, rollout.active, rollout.canary = name, version, None
-            return rollout.model_copy(deep=True)
+            return rollout
 
     def start_canary(self, tenant: str, version: str, percent: float) -> TenantAdapters:
         """Send ``percent`` of the tenant's sessions to another version of its adapter."""
@@ -210,7 +216,7 @@ class AdapterRegistry:
             if version == rollout.active:
                 raise InvalidRequestError(f"version {version!r} is already active for {tenant!r}")
             rollout.canary = Canary(version=version, percent=percent)
-            return rollout.model_copy(deep=True)
+            return rollout
 
     def promote_canary(self, tenant: str) -> TenantAdapters:
         """Make the canary version the active one."""
@@ -223,7 +229,7 @@ class AdapterRegistry:
         with self._transaction() as state:
             rollout = state.tenants[tenant]
             rollout.canary = None
-            return rollout.model_copy(deep=True)
+            return rollout
 
     def delete(self, name: str, version: str) -> None:
         """Forget a version; refused while any tenant uses it (active, canary or rollback target)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -160,9 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(info.default), default=info.default)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-
-    import re
-
     for value, what in ((args.name, "--name"), (args.version, "--version")):
         if not re.fullmatch(NAME_PATTERN, value):
             parser.error(f"{what} {value!r}: use letters, digits, '.', '_' and '-' (max 64)")
