@@ -1,14 +1,21 @@
-r"""Command line: load a local JSON/CSV/Markdown knowledge file (or folder) into Milvus.
+r"""Command line of the knowledge sync: pull CRM/ERP/file sources into the knowledge base.
 
-Example::
+Every source in a sources file (see :mod:`knowledge_sync.sources`)::
+
+    cs-knowledge-sync --sources sources.yaml --config serve_config.yaml
+
+One file or folder, without a sources file::
 
     cs-knowledge-sync --config serve_config.dev.yaml --tenant lumen \\
         --source sample-kb --path knowledge_sync/samples/lumen_home.json
 
-It reads the embedder and Milvus settings from the same Serve config the app runs
-with. A Milvus Lite file admits one process: while the app runs, send the documents to
-it instead (``--app-url http://127.0.0.1:8000 --admin-key ...``); the Retriever
-deployment then runs the same pipeline and the assistant answers from them at once.
+``--config`` opens Milvus directly, with the embedder of the Serve config the app runs
+with. A Milvus Lite file admits one process: while the app runs, send the pulls to it
+instead (``--app-url http://127.0.0.1:8000 --admin-key ...``); its Retriever deployment
+runs the same pipeline and the assistant answers from the new policies at once.
+
+Exit status: 0 synced; 1 synced with rejected records; 2 usage or sources-file error;
+3 a source failed (its knowledge is unchanged); 4 Milvus or the app failed.
 """
 
 from __future__ import annotations
@@ -20,43 +27,104 @@ import re
 import sys
 from pathlib import Path
 
-from knowledge_sync.documents import DocumentLoadError, KnowledgeDocument, load_documents
-from services.config import TENANT_PATTERN, ServiceSettings, load_app_config
+from knowledge_sync.runner import (
+    AppTarget,
+    ExitCode,
+    RunOptions,
+    SourceOutcome,
+    StoreTarget,
+    SyncTarget,
+    TargetError,
+    exit_code,
+    export_metrics,
+    run_sources,
+)
+from knowledge_sync.sources import FilesSource, SourcesFile, SourcesFileError, TenantSources, load_sources
+from services.config import SOURCE_PATTERN, TENANT_PATTERN, ServiceSettings, load_app_config
 from services.errors import ServiceError
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one sync; exit 0 on success, 1 on a bad input file, 2 on usage, 3 when Milvus fails."""
-    parser = argparse.ArgumentParser(prog="cs-knowledge-sync", description="Load a knowledge file into Milvus.")
-    parser.add_argument("--config", type=Path, help="Serve config YAML of the app (direct mode).")
-    parser.add_argument("--app-url", help="Sync through a running app at this URL instead of opening Milvus.")
-    parser.add_argument("--admin-key", default=os.environ.get("CS_ADMIN_KEY"), help="Admin key (or CS_ADMIN_KEY).")
-    parser.add_argument("--tenant", required=True, help="Tenant id the documents belong to.")
-    parser.add_argument("--source", default="files", help="Name of this source; its stale chunks are deleted.")
-    parser.add_argument("--path", type=Path, required=True, help="A .json/.csv/.md file or a folder of them.")
-    parser.add_argument("--max-chunk-chars", type=int, default=800, help="Largest chunk in characters.")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if not re.fullmatch(TENANT_PATTERN, args.tenant):
-        parser.error(f"--tenant {args.tenant!r}: use lowercase letters, digits, '-' and '_' (max 64)")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cs-knowledge-sync",
+        description="Pull knowledge sources (REST, SQL, files) into the tenants' knowledge bases.",
+        epilog="Exit status: 0 ok, 1 some records rejected, 2 usage, 3 a source failed, 4 Milvus or the app failed.",
+    )
+    what = parser.add_argument_group("what to sync")
+    what.add_argument("--sources", type=Path, help="Sources file (YAML) declaring each tenant's sources.")
+    what.add_argument("--path", type=Path, help="Instead of --sources: one .json/.csv/.md file or folder.")
+    what.add_argument("--tenant", action="append", help="Only this tenant (repeatable); required with --path.")
+    what.add_argument("--source", action="append", help="Only this source (repeatable); names the --path source.")
+    where = parser.add_argument_group("where to write")
+    where.add_argument("--config", type=Path, help="Serve config YAML of the app: open Milvus directly.")
+    where.add_argument("--app-url", help="Sync through a running app at this URL instead of opening Milvus.")
+    where.add_argument("--admin-key", default=os.environ.get("CS_ADMIN_KEY"), help="Admin key (or CS_ADMIN_KEY).")
+    how = parser.add_argument_group("how")
+    how.add_argument("--full", action="store_true", help="Pull every record, not only changes since the cursor.")
+    how.add_argument("--allow-mass-delete", action="store_true", help="Accept pulls that delete most of a source.")
+    how.add_argument("--rejects", type=Path, default=Path("knowledge-sync-rejects.jsonl"), help="Rejects report.")
+    how.add_argument("--metrics-file", help="Write Prometheus metrics here (node-exporter textfile collector).")
+    how.add_argument("--pushgateway", help="Push Prometheus metrics to this Pushgateway address.")
+    how.add_argument("--no-progress", action="store_true", help="No progress bars (logs only).")
+    return parser
 
+
+def _sources(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SourcesFile:
+    if bool(args.sources) == bool(args.path):
+        parser.error("give exactly one of --sources (a sources file) and --path (one file or folder)")
+    for tenant in args.tenant or []:
+        if not re.fullmatch(TENANT_PATTERN, tenant):
+            parser.error(f"--tenant {tenant!r}: use lowercase letters, digits, '-' and '_' (max 64)")
+    if args.sources:
+        return load_sources(args.sources)
+    if not args.tenant or len(args.tenant) != 1:
+        parser.error("--path needs exactly one --tenant")
+    source = (args.source or ["files"])[0]
+    if not re.fullmatch(SOURCE_PATTERN, source):
+        parser.error(f"--source {source!r}: use letters, digits, '.', '-' and '_' (max 64)")
+    files = FilesSource(type="files", name=source, path=args.path)
+    return SourcesFile(tenants={args.tenant[0]: TenantSources(sources=[files])})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one sync job and return its exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.config) == bool(args.app_url):
         parser.error("give exactly one of --config (direct) and --app-url (through the running app)")
     if args.app_url and not args.admin_key:
         parser.error("--app-url needs --admin-key (or CS_ADMIN_KEY)")
     try:
-        documents = load_documents(args.path)
-    except DocumentLoadError as err:
+        sources = _sources(args, parser)
+    except SourcesFileError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return ExitCode.USAGE
+    options = RunOptions(
+        tenants=args.tenant,
+        sources=args.source if args.sources else None,
+        full=args.full,
+        allow_mass_delete=args.allow_mass_delete,
+        progress=not args.no_progress,
+    )
     if args.app_url:
-        return _sync_through_app(args, documents)
-    config = load_app_config(args.config).resolve_paths(ServiceSettings().config_base_dir or Path.cwd())
+        outcomes = run_sources(sources, AppTarget(args.app_url, args.admin_key), options)
+    else:
+        try:
+            outcomes = _run_direct(args.config, sources, options)
+        except TargetError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return ExitCode.TARGET_FAILED
+    _report(outcomes, args.rejects)
+    export_metrics(outcomes, textfile=args.metrics_file, pushgateway=args.pushgateway)
+    return exit_code(outcomes)
 
-    # Heavy imports only once the input is known to be good.
-    from knowledge_sync.pipeline import sync_documents
+
+def _run_direct(config_path: Path, sources: SourcesFile, options: RunOptions) -> list[SourceOutcome]:
+    config = load_app_config(config_path).resolve_paths(ServiceSettings().config_base_dir or Path.cwd())
+    # Heavy imports only once the arguments are known to be good.
     from services.embedder import FlagEmbeddingBackend
-    from services.retriever import MilvusKnowledgeStore
+    from services.knowledge_store import MilvusKnowledgeStore
 
     embedder = FlagEmbeddingBackend(config.embedder)
     token = ServiceSettings().milvus_token
@@ -67,45 +135,33 @@ def main(argv: list[str] | None = None) -> int:
             has_sparse=embedder.has_sparse,
             token=token.get_secret_value() if token else None,
         )
-        try:
-            report = sync_documents(
-                store, embedder, args.tenant, args.source, documents, max_chunk_chars=args.max_chunk_chars
-            )
-        finally:
-            store.close()
     except ServiceError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        return 3
-    _print_report(args, vars(report))
-    return 0
-
-
-def _print_report(args: argparse.Namespace, report: dict[str, int]) -> None:
-    print(
-        f"tenant {args.tenant}, source {args.source}: {report['documents']} documents, {report['chunks']} chunks "
-        f"({report['embedded']} embedded, {report['unchanged']} unchanged, {report['deleted']} deleted)"
-    )
-
-
-def _sync_through_app(args: argparse.Namespace, documents: list[KnowledgeDocument]) -> int:
-    import httpx
-
-    url = f"{args.app_url.rstrip('/')}/admin/knowledge/{args.tenant}/sources/{args.source}"
-    body = {"documents": [d.model_dump() for d in documents], "max_chunk_chars": args.max_chunk_chars}
+        raise TargetError(err.message) from err
+    target: SyncTarget = StoreTarget(store, embedder)
     try:
-        reply = httpx.put(url, json=body, headers={"X-API-Key": args.admin_key}, timeout=600)
-    except httpx.HTTPError as err:
-        print(f"error: the app at {args.app_url} is unreachable: {err}", file=sys.stderr)
-        return 3
-    if reply.status_code != 200:
-        try:
-            message = reply.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = reply.text[:500]
-        print(f"error: the app answered {reply.status_code}: {message}", file=sys.stderr)
-        return 3 if reply.status_code >= 500 else 1
-    _print_report(args, reply.json())
-    return 0
+        return run_sources(sources, target, options)
+    finally:
+        store.close()
+
+
+def _report(outcomes: list[SourceOutcome], rejects_path: Path) -> None:
+    """Print one summary line per source and write the rejects report."""
+    for o in outcomes:
+        if o.report is None:
+            print(f"{o.tenant}/{o.source}: FAILED, nothing changed: {o.error}", file=sys.stderr)
+            continue
+        r = o.report
+        print(
+            f"{o.tenant}/{o.source} ({o.mode}): {r.added} added, {r.updated} updated, {r.deleted} deleted, "
+            f"{r.unchanged} unchanged, {r.rejected} rejected; {r.chunks_embedded} chunks embedded; "
+            f"generation {r.generation}; {r.seconds:.1f} s"
+        )
+    rejects = [reject for o in outcomes for reject in o.rejects]
+    if rejects:
+        with rejects_path.open("w", encoding="utf-8") as report:
+            for reject in rejects:
+                report.write(reject.model_dump_json() + "\n")
+        print(f"{len(rejects)} records rejected; reasons in {rejects_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -41,31 +41,53 @@ class DocumentLoadError(ValueError):
     """A knowledge file cannot be read; the message names the file and the fault."""
 
 
-def load_documents(path: Path) -> list[KnowledgeDocument]:
-    """Load knowledge documents from a JSON, CSV or Markdown file, or a folder of them.
+def record_files(path: Path) -> list[Path]:
+    """The knowledge files at ``path``: the file itself, or the supported files of a folder.
+
+    Raises:
+        DocumentLoadError: no such path, unsupported format or an empty folder.
+
+    """
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _READERS and p.is_file())
+        if not files:
+            raise DocumentLoadError(f"{path}: no .json, .csv or .md files in this folder")
+        return files
+    if not path.is_file():
+        raise DocumentLoadError(f"{path}: no such file or folder")
+    if path.suffix.lower() not in _READERS:
+        raise DocumentLoadError(f"{path}: unsupported format (use .json, .csv or .md)")
+    return [path]
+
+
+def read_records(file: Path) -> list[dict[str, Any]]:
+    """The raw records of one JSON, CSV or Markdown file, not yet validated.
 
     JSON: a list of objects, or an object with a ``documents`` list. CSV: a header row
     with ``doc_id,title,text`` (``category``, ``updated_at`` optional). Markdown: one
     document per file; the id is the file name, the title its first heading.
 
     Raises:
+        DocumentLoadError: the file as a whole cannot be read.
+
+    """
+    return _READERS[file.suffix.lower()](file)
+
+
+def load_documents(path: Path) -> list[KnowledgeDocument]:
+    """Load and validate every document at ``path``, failing on the first bad record.
+
+    Raises:
         DocumentLoadError: unreadable file, unknown format, invalid record or repeated id.
 
     """
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _LOADERS)
-        if not files:
-            raise DocumentLoadError(f"{path}: no .json, .csv or .md files in this folder")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DocumentLoadError(f"{path}: no such file or folder")
     documents: list[KnowledgeDocument] = []
-    for file in files:
-        loader = _LOADERS.get(file.suffix.lower())
-        if loader is None:
-            raise DocumentLoadError(f"{file}: unsupported format (use .json, .csv or .md)")
-        documents.extend(loader(file))
+    for file in record_files(path):
+        for n, record in enumerate(read_records(file), start=1):
+            try:
+                documents.append(KnowledgeDocument.model_validate(record))
+            except ValidationError as err:
+                raise DocumentLoadError(f"{file}: record {n}: {validation_message(err)}") from err
     seen: set[str] = set()
     for doc in documents:
         if doc.doc_id in seen:
@@ -74,19 +96,14 @@ def load_documents(path: Path) -> list[KnowledgeDocument]:
     return documents
 
 
-def _validated(file: Path, records: list[Any]) -> list[KnowledgeDocument]:
-    documents = []
-    for n, record in enumerate(records, start=1):
-        try:
-            documents.append(KnowledgeDocument.model_validate(record))
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "record"
-            raise DocumentLoadError(f"{file}: record {n}: {where}: {first['msg']}") from err
-    return documents
+def validation_message(err: ValidationError) -> str:
+    """The first fault of a validation error as ``field: message``."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "record"
+    return f"{where}: {first['msg']}"
 
 
-def _load_json(file: Path) -> list[KnowledgeDocument]:
+def _read_json(file: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -94,38 +111,38 @@ def _load_json(file: Path) -> list[KnowledgeDocument]:
     records = data.get("documents") if isinstance(data, dict) else data
     if not isinstance(records, list):
         raise DocumentLoadError(f"{file}: expected a list of documents or an object with a 'documents' list")
-    return _validated(file, records)
+    return records
 
 
-def _load_csv(file: Path) -> list[KnowledgeDocument]:
+def _read_csv(file: Path) -> list[dict[str, Any]]:
     try:
         with file.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
             missing = {"doc_id", "title", "text"} - set(reader.fieldnames or [])
             if missing:
                 raise DocumentLoadError(f"{file}: CSV header lacks {', '.join(sorted(missing))}")
-            rows = list(reader)
+            return list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DocumentLoadError(f"{file}: not readable CSV: {err}") from err
-    return _validated(file, rows)
 
 
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 
 
-def _load_markdown(file: Path) -> list[KnowledgeDocument]:
+def _read_markdown(file: Path) -> list[dict[str, Any]]:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise DocumentLoadError(f"{file}: not readable text: {err}") from err
     heading = _HEADING.search(text)
-    record = {
-        "doc_id": re.sub(r"[\s:]+", "-", file.stem),
-        "title": heading.group(1) if heading else file.stem,
-        "text": text,
-        "updated_at": int(file.stat().st_mtime),
-    }
-    return _validated(file, [record])
+    return [
+        {
+            "doc_id": re.sub(r"[\s:]+", "-", file.stem),
+            "title": heading.group(1) if heading else file.stem,
+            "text": text,
+            "updated_at": int(file.stat().st_mtime),
+        }
+    ]
 
 
-_LOADERS = {".json": _load_json, ".csv": _load_csv, ".md": _load_markdown, ".markdown": _load_markdown}
+_READERS = {".json": _read_json, ".csv": _read_csv, ".md": _read_markdown, ".markdown": _read_markdown}

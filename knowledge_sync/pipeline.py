@@ -1,60 +1,175 @@
-"""Sync one source of documents into one tenant's knowledge base.
+"""Sync one source's documents into one tenant's knowledge base, as one atomic run.
 
-Unchanged chunks (same id and content hash) are not re-embedded; chunks whose source
-record disappeared are deleted. Embedding uses the Embedder deployment's own backend,
-so stored passages and live queries are always encoded by the same code.
+Documents are chunked with the embedder's tokenizer and embedded with the Embedder
+deployment's own backend, so stored passages and live queries are always encoded by the
+same code. Chunk ids carry their content hash, so an unchanged chunk keeps its row and is
+not embedded again; changed chunks get new rows. Everything becomes visible at once when
+the run commits (see :mod:`services.knowledge_store`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from knowledge_sync.chunking import chunk_document
+from pydantic import BaseModel, ConfigDict, Field
+
+from knowledge_sync.chunking import chunk_documents
 from knowledge_sync.documents import KnowledgeDocument
-from services.embedder import EmbeddingBackend
-from services.retriever import MilvusKnowledgeStore
+from services.config import SOURCE_PATTERN, ChunkingConfig
+from services.knowledge_store import MilvusKnowledgeStore, SourceState
+from services.schemas import Embedding
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SyncReport:
-    """What a sync run changed."""
-
-    documents: int
-    chunks: int
-    embedded: int
-    unchanged: int
-    deleted: int
+EMBED_BATCH = 64
+# Special tokens ([CLS], [SEP]) the embedder adds around each text.
+_SPECIAL_TOKENS = 2
+_SOURCE_NAME = re.compile(SOURCE_PATTERN)
 
 
-def sync_documents(
+class PassageEncoder(Protocol):
+    """What the pipeline needs from the embedder (a backend or the deployment's handle)."""
+
+    @property
+    def max_length(self) -> int:
+        """Tokens the model reads per text."""
+        ...
+
+    def encode(self, texts: list[str], kind: Any) -> list[Embedding]:
+        """Embed texts."""
+        ...
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Count tokens with the model's tokenizer."""
+        ...
+
+
+class SourceBatch(BaseModel):
+    """What one pull of a source gave: documents to put, documents to delete, the next cursor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    complete: bool = Field(
+        description="True when documents are the whole source (documents not in it are deleted); "
+        "False for an incremental pull (only the given documents change)."
+    )
+    documents: list[KnowledgeDocument] = Field(default_factory=list, max_length=200_000)
+    deleted_doc_ids: list[str] = Field(default_factory=list, description="Records the source reports as deleted.")
+    kept_doc_ids: list[str] = Field(
+        default_factory=list,
+        description="Records that were rejected this time: their stored versions stay, even in a complete pull.",
+    )
+    cursor: Any = Field(None, description="Updated-since value to start the next incremental pull from.")
+    cursor_is_datetime: bool = False
+
+
+class SyncReport(BaseModel):
+    """What a run changed, counted in source records (documents) and in chunks."""
+
+    tenant: str
+    source: str
+    added: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    chunks_embedded: int = 0
+    chunks_retired: int = 0
+    generation: int = Field(0, description="Knowledge-base generation after the run.")
+    seconds: float = 0
+
+
+def sync_source(
     store: MilvusKnowledgeStore,
-    embedder: EmbeddingBackend,
+    embedder: PassageEncoder,
     tenant: str,
     source: str,
-    documents: list[KnowledgeDocument],
+    batch: SourceBatch,
+    chunking: ChunkingConfig,
     *,
-    max_chunk_chars: int = 800,
-    batch_size: int = 32,
+    on_embedded: Callable[[int, int], None] | None = None,
 ) -> SyncReport:
-    """Make the tenant's chunks from ``source`` equal to ``documents``."""
-    chunks = [c for doc in documents for c in chunk_document(tenant, source, doc, max_chunk_chars)]
-    stored = store.content_hashes(tenant, source)
-    changed = [c for c in chunks if stored.get(c.id) != c.content_hash]
-    for start in range(0, len(changed), batch_size):
-        batch = changed[start : start + batch_size]
-        embeddings = embedder.encode([f"{c.title}\n{c.text}" for c in batch], "passage")
-        store.upsert(batch, embeddings)
-        logger.info("embedded %d/%d changed chunks", start + len(batch), len(changed))
-    wanted = {c.id for c in chunks}
-    stale = sorted(set(stored) - wanted)
-    store.delete_ids(stale)
-    return SyncReport(
-        documents=len(documents),
-        chunks=len(chunks),
-        embedded=len(changed),
-        unchanged=len(chunks) - len(changed),
-        deleted=len(stale),
+    """Apply one source's batch to the tenant's knowledge base and commit it.
+
+    Args:
+        store: The knowledge store.
+        embedder: Encodes passages and counts tokens.
+        tenant: Tenant id.
+        source: Source name (its chunks are diffed only against this source's).
+        batch: Documents, deletions and the cursor of this pull.
+        chunking: Chunk size and overlap; capped to what the embedder reads.
+        on_embedded: Called with (chunks embedded so far, chunks to embed) for progress.
+
+    Returns:
+        The counts of this run.
+
+    Raises:
+        ConflictError: another run committed meanwhile; nothing changed.
+        KnowledgeBaseUnavailableError: Milvus failed; nothing changed.
+
+    """
+    started = time.monotonic()
+    if not _SOURCE_NAME.fullmatch(source):
+        raise ValueError(f"invalid source name {source!r}")
+    generation = store.begin(tenant)
+    state = store.tenant_state(tenant)
+    live: dict[str, set[str]] = defaultdict(set)
+    for row in store.live_chunks(tenant, source):
+        live[row.doc_id].add(row.id)
+    live_ids = {i for ids in live.values() for i in ids}
+
+    max_tokens = min(chunking.max_tokens, embedder.max_length - _SPECIAL_TOKENS)
+    chunking = chunking.model_copy(
+        update={"max_tokens": max_tokens, "overlap_tokens": min(chunking.overlap_tokens, max_tokens // 2 - 1)}
     )
+    chunks = chunk_documents(tenant, source, batch.documents, embedder.count_tokens, chunking)
+    new: dict[str, set[str]] = defaultdict(set)
+    for chunk in chunks:
+        new[chunk.doc_id].add(chunk.id)
+
+    in_scope = set(live) | set(new) if batch.complete else set(new) | set(batch.deleted_doc_ids)
+    in_scope -= set(batch.kept_doc_ids) - set(new)
+    to_stage = [c for c in chunks if c.id not in live_ids]
+    to_retire = sorted(i for doc in in_scope for i in live.get(doc, set()) - new.get(doc, set()))
+    report = SyncReport(tenant=tenant, source=source, chunks_embedded=len(to_stage), chunks_retired=len(to_retire))
+    for doc in in_scope:
+        if doc not in new:
+            report.deleted += doc in live
+        elif doc not in live:
+            report.added += 1
+        elif live[doc] == new[doc]:
+            report.unchanged += 1
+        else:
+            report.updated += 1
+
+    for start in range(0, len(to_stage), EMBED_BATCH):
+        part = to_stage[start : start + EMBED_BATCH]
+        store.stage(part, embedder.encode([f"{c.title}\n{c.text}" for c in part], "passage"), generation)
+        if on_embedded:
+            on_embedded(start + len(part), len(to_stage))
+    store.retire(to_retire, generation)
+
+    now = time.time()
+    previous = state.sources.get(source, SourceState())
+    state.sources[source] = SourceState(
+        cursor=batch.cursor if batch.cursor is not None else previous.cursor,
+        cursor_is_datetime=batch.cursor_is_datetime if batch.cursor is not None else previous.cursor_is_datetime,
+        last_success=now,
+        last_full_sync=now if batch.complete else previous.last_full_sync,
+        documents=len(set(live) - in_scope) + len(new),
+    )
+    changed = bool(to_stage or to_retire)
+    store.commit(tenant, generation, state, data_changed=changed)
+    report.generation = generation if changed else generation - 1
+    report.seconds = round(time.monotonic() - started, 3)
+    logger.info(
+        "tenant %s source %s: +%d ~%d -%d =%d documents, %d chunks embedded, generation %d",
+        tenant, source, report.added, report.updated, report.deleted, report.unchanged,
+        report.chunks_embedded, report.generation,
+    )  # fmt: skip
+    return report

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Tenant ids end up inside Milvus filter expressions; this pattern keeps them inert.
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+#: Names of knowledge sources (a CRM, an ERP, a folder): part of every chunk id.
+SOURCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 DEFAULT_ASSISTANT_QUESTIONS = (
@@ -95,6 +97,23 @@ class EmbedderConfig(StrictModel):
     max_batch_size: int = Field(32, ge=1, description="Largest batch @serve.batch forms.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+
+
+class ChunkingConfig(StrictModel):
+    """How knowledge documents are cut into chunks before embedding."""
+
+    max_tokens: int = Field(
+        384, ge=16, le=2048, description="Largest chunk in embedder tokens, title included; capped at max_length."
+    )
+    overlap_tokens: int = Field(
+        48, ge=0, description="Tokens of the previous chunk's last sentences repeated when a section continues."
+    )
+
+    @model_validator(mode="after")
+    def _overlap_below_max(self) -> ChunkingConfig:
+        if self.overlap_tokens >= self.max_tokens // 2:
+            raise ValueError("overlap_tokens must be less than half of max_tokens")
+        return self
 
 
 class RetrieverConfig(StrictModel):
@@ -212,6 +231,7 @@ class OrchestratorConfig(StrictModel):
     max_sessions: int = Field(10000, ge=1, description="Sessions kept in memory (least recently used dropped).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of answers.")
     dependency_timeout_s: float = Field(120, gt=0, description="Bound on one retrieval or generation.")
+    ingest_timeout_s: float = Field(3600, gt=0, description="Bound on one knowledge ingest through the app.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
     @model_validator(mode="after")

@@ -38,8 +38,17 @@ class EmbeddingBackend(Protocol):
         """Whether embeddings carry learned sparse weights."""
         ...
 
+    @property
+    def max_length(self) -> int:
+        """Tokens the model reads per text; the rest is cut off."""
+        ...
+
     def encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
         """Embed texts; ``kind`` selects the query or the passage instruction."""
+        ...
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text as the model's tokenizer cuts it, without special tokens."""
         ...
 
 
@@ -60,6 +69,7 @@ class FlagEmbeddingBackend:
             "batch_size": config.max_batch_size,
         }
         self._family = config.family
+        self._max_length = config.max_length
         if config.family == "bge-m3":
             self._model = BGEM3FlagModel(config.model, **common)
         else:
@@ -75,6 +85,16 @@ class FlagEmbeddingBackend:
     def has_sparse(self) -> bool:
         """BGE-M3 gives learned sparse weights; dense models do not."""
         return self._family == "bge-m3"
+
+    @property
+    def max_length(self) -> int:
+        """Tokens the model reads per text (config ``max_length``)."""
+        return self._max_length
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text with the model's own tokenizer, without special tokens."""
+        ids = self._model.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+        return [len(i) for i in ids]
 
     def encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
         """Embed texts with the query or passage instruction."""
@@ -101,8 +121,13 @@ class Embedder:
             batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     def info(self) -> dict[str, Any]:
-        """Dimension and sparse support, for the retriever's schema."""
-        return {"dimension": self._backend.dimension, "has_sparse": self._backend.has_sparse}
+        """Dimension, sparse support and token limit, for the retriever's schema and chunking."""
+        backend = self._backend
+        return {"dimension": backend.dimension, "has_sparse": backend.has_sparse, "max_length": backend.max_length}
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """Token counts with the model's tokenizer, for chunking in the knowledge sync."""
+        return await asyncio.to_thread(self._backend.count_tokens, texts)
 
     async def embed(self, texts: list[str], kind: TextKind = "query") -> list[Embedding]:
         """Embed texts; concurrent callers are batched together."""

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from ray import serve
 from ray.serve.deployment import Application
@@ -25,10 +25,13 @@ from services.adapters.registry import AdapterRegistry
 from services.api import create_api
 from services.api.auth import ApiKeyAuth
 from services.api.models import ChatReply, ChatRequest, Source
-from services.config import LLMConfig, OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
+from services.config import ChunkingConfig, LLMConfig, OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
 from services.dialogue import Grounding, SessionStore, Turn, build_messages, ground, sources_of
 from services.errors import DependencyUnavailableError, GenerationError, InvalidRequestError, ServiceError
 from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk
+
+if TYPE_CHECKING:
+    from knowledge_sync.pipeline import SourceBatch
 
 T = TypeVar("T")
 
@@ -71,11 +74,28 @@ async def call_dependency(name: str, call: Callable[[], Awaitable[T]], timeout_s
 
 
 class RetrieverClient:
-    """:class:`KnowledgeSearch` over the Retriever deployment."""
+    """:class:`KnowledgeSearch` and knowledge ingest over the Retriever deployment."""
 
-    def __init__(self, handle: DeploymentHandle, timeout_s: float) -> None:
+    def __init__(self, handle: DeploymentHandle, timeout_s: float, ingest_timeout_s: float) -> None:
         self._handle = handle
         self._timeout_s = timeout_s
+        self._ingest_timeout_s = ingest_timeout_s
+
+    async def ingest(
+        self, tenant: str, source: str, batch: SourceBatch, chunking: ChunkingConfig | None
+    ) -> dict[str, Any]:
+        """Sync one source's batch in the Retriever deployment (atomic; see the knowledge store)."""
+        return await call_dependency(
+            "knowledge retriever",
+            lambda: self._handle.ingest.remote(tenant, source, batch, chunking),
+            self._ingest_timeout_s,
+        )
+
+    async def state(self, tenant: str) -> dict[str, Any]:
+        """The tenant's committed knowledge generation and source cursors."""
+        return await call_dependency(
+            "knowledge retriever", lambda: self._handle.knowledge_state.remote(tenant), self._timeout_s
+        )
 
     async def search(
         self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
@@ -297,9 +317,10 @@ class Orchestrator:
                 await call_dependency("LLM", lambda: llm.check_adapter.remote(adapter), config.dependency_timeout_s)
 
             self._adapter_admin = AdapterAdmin(registry, llm_config.model, llm_config.max_lora_rank, load_check)
+        self._knowledge = RetrieverClient(retriever, config.dependency_timeout_s, config.ingest_timeout_s)
         self._pipeline = ChatPipeline(
             config,
-            RetrieverClient(retriever, config.dependency_timeout_s),
+            self._knowledge,
             LLMClient(llm, config.dependency_timeout_s),
             resolver,
             AssistantQuestions(
@@ -319,15 +340,7 @@ class Orchestrator:
             self._check_dependencies,
             adapter_admin=self._adapter_admin,
             admin_keys=self._admin_keys,
-            knowledge_ingest=self._ingest,
-        )
-
-    async def _ingest(self, tenant: str, source: str, documents: list[Any], max_chunk_chars: int) -> dict[str, int]:
-        retriever = self._dependencies["retriever"]
-        return await call_dependency(
-            "knowledge retriever",
-            lambda: retriever.ingest.remote(tenant, source, documents, max_chunk_chars),
-            self._config.dependency_timeout_s,
+            knowledge=self._knowledge,
         )
 
     async def _check_dependencies(self) -> dict[str, str]:

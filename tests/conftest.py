@@ -157,16 +157,25 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
 def load_sample_kb(milvus_path: Path, model_dir: Path, tenant: str = "lumen") -> None:
     """Sync the sample knowledge base into a Milvus Lite file, then release the file."""
     from knowledge_sync.documents import load_documents
-    from knowledge_sync.pipeline import sync_documents
     from services.config import EmbedderConfig, RetrieverConfig
     from services.embedder import FlagEmbeddingBackend
-    from services.retriever import MilvusKnowledgeStore
+    from services.knowledge_store import MilvusKnowledgeStore
 
     embedder = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(model_dir)))
     store = MilvusKnowledgeStore(
         RetrieverConfig.model_validate(retriever_args(milvus_path)), dimension=embedder.dimension, has_sparse=False
     )
     try:
-        sync_documents(store, embedder, tenant, "sample-kb", load_documents(SAMPLE_KB))
+        sync_complete(store, embedder, tenant, "sample-kb", load_documents(SAMPLE_KB))
     finally:
         store.close()
+
+
+def sync_complete(store: Any, embedder: Any, tenant: str, source: str, documents: list[Any]) -> Any:
+    """Make one source of a tenant equal to ``documents`` (a complete pull); returns the SyncReport."""
+    from knowledge_sync.pipeline import SourceBatch, sync_source
+    from services.config import ChunkingConfig
+
+    return sync_source(
+        store, embedder, tenant, source, SourceBatch(complete=True, documents=documents), ChunkingConfig()
+    )

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from knowledge_sync.chunking import chunk_document, chunk_id, split_text
-from knowledge_sync.documents import DocumentLoadError, KnowledgeDocument, load_documents
+from knowledge_sync.documents import DocumentLoadError, load_documents
 from tests.conftest import SAMPLE_KB
 
 
@@ -16,31 +15,6 @@ def test_sample_kb_is_bilingual_and_large_enough() -> None:
     assert len(docs) >= 30
     assert any(any("\u4e00" <= ch <= "\u9fff" for ch in d.text) for d in docs)
     assert any(d.doc_id.endswith("-en") for d in docs)
-
-
-def test_chunk_ids_are_stable_and_distinct() -> None:
-    doc = KnowledgeDocument(doc_id="returns", title="Returns", text="Para one.\n\nPara two." * 50)
-    first = chunk_document("lumen", "crm", doc, max_chars=200)
-    second = chunk_document("lumen", "crm", doc, max_chars=200)
-    assert [c.id for c in first] == [c.id for c in second]
-    assert len({c.id for c in first}) == len(first) > 1
-    assert first[0].id == chunk_id("lumen", "crm", "returns", 0) == "lumen:crm:returns:0"
-    assert chunk_document("other", "crm", doc, max_chars=200)[0].id != first[0].id
-
-
-def test_content_hash_changes_with_text_only() -> None:
-    a = chunk_document("t", "s", KnowledgeDocument(doc_id="d", title="T", text="same"))[0]
-    b = chunk_document("t", "s", KnowledgeDocument(doc_id="d", title="T", text="same", category="x"))[0]
-    c = chunk_document("t", "s", KnowledgeDocument(doc_id="d", title="T", text="changed"))[0]
-    assert a.content_hash == b.content_hash != c.content_hash
-
-
-def test_split_respects_limit_and_cjk_sentences() -> None:
-    text = "退货需在七天内申请。" * 30 + "\n\n" + "Short paragraph."
-    pieces = split_text(text, max_chars=50)
-    assert all(len(p) <= 50 for p in pieces)
-    assert pieces[0].endswith("。")
-    assert "".join(pieces).replace("\n", "") == text.replace("\n", "")
 
 
 def test_csv_and_markdown_load(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from services.api.errors import install_error_handlers
 from services.config import OrchestratorConfig
 
 if TYPE_CHECKING:
+    from services.api.admin import KnowledgeAdmin
     from services.orchestrator import ChatPipeline
 
 
@@ -25,7 +26,7 @@ def create_api(
     *,
     adapter_admin: AdapterAdmin | None = None,
     admin_keys: list[str] | None = None,
-    knowledge_ingest: Callable[..., Awaitable[dict[str, int]]] | None = None,
+    knowledge: KnowledgeAdmin | None = None,
 ) -> FastAPI:
     """Build the FastAPI app around one pipeline.
 
@@ -36,7 +37,7 @@ def create_api(
         check_dependencies: Returns each deployment's health ("ok" or "error: ...").
         adapter_admin: The adapter lifecycle; None when no adapter store is configured.
         admin_keys: Keys of the admin API; none disables it.
-        knowledge_ingest: Syncs a tenant's source of documents in the running app.
+        knowledge: Syncs a tenant's knowledge source in the running app and reports its state.
 
     """
     app = FastAPI(title="Customer-service LLM platform", version="0.1.0")
@@ -46,7 +47,7 @@ def create_api(
     app.state.check_dependencies = check_dependencies
     app.state.adapter_admin = adapter_admin
     app.state.admin_keys = admin_keys or []
-    app.state.knowledge_ingest = knowledge_ingest
+    app.state.knowledge = knowledge
     app.state.tenant_ids = {t.tenant for t in config.tenants}
     install_error_handlers(app)
     app.include_router(chat.router)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
-from knowledge_sync.documents import KnowledgeDocument
+from knowledge_sync.pipeline import SourceBatch
 from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import NAME_PATTERN, AdapterVersion, TenantAdapters
 from services.api.auth import presented_key
+from services.config import SOURCE_PATTERN, ChunkingConfig
 from services.errors import AuthenticationError, NotFoundError, ServiceError
 
 
@@ -136,28 +137,50 @@ async def abort_canary(admin: Admin, tenant: Tenant) -> TenantAdapters:
     return await admin.abort_canary(tenant)
 
 
-class KnowledgeUpload(Strict):
-    """The complete current document set of one source; documents missing from it are deleted."""
+class KnowledgeAdmin(Protocol):
+    """Knowledge ingest and state of the running app (the Retriever deployment)."""
 
-    documents: list[KnowledgeDocument] = Field(max_length=100_000)
-    max_chunk_chars: int = Field(800, ge=100, le=8000, description="Largest chunk in characters.")
+    async def ingest(
+        self, tenant: str, source: str, batch: SourceBatch, chunking: ChunkingConfig | None
+    ) -> dict[str, Any]:
+        """Apply one source's batch atomically; returns the sync report."""
+        ...
+
+    async def state(self, tenant: str) -> dict[str, Any]:
+        """Committed generation and source cursors."""
+        ...
+
+
+def _knowledge(request: Request, _: AdminKey) -> KnowledgeAdmin:
+    knowledge: KnowledgeAdmin | None = request.app.state.knowledge
+    if knowledge is None:
+        raise AdminDisabledError("knowledge ingest is not available in this app")
+    return knowledge
+
+
+Knowledge = Annotated[KnowledgeAdmin, Depends(_knowledge)]
+Source = Annotated[str, PathParam(pattern=SOURCE_PATTERN, description="Knowledge source name.")]
+
+
+class KnowledgeUpload(SourceBatch):
+    """One pull of a source, as ``cs-knowledge-sync --app-url`` sends it."""
+
+    chunking: ChunkingConfig | None = Field(None, description="Chunk size and overlap; defaults when absent.")
+
+
+@router.get("/knowledge/{tenant}")
+async def knowledge_state(knowledge: Knowledge, tenant: Tenant) -> dict[str, Any]:
+    """The tenant's committed knowledge generation and each source's cursor and last success."""
+    return await knowledge.state(tenant)
 
 
 @router.put("/knowledge/{tenant}/sources/{source}")
-async def sync_source(
-    _: AdminKey,
-    tenant: Tenant,
-    source: Annotated[str, PathParam(pattern=NAME_PATTERN)],
-    body: KnowledgeUpload,
-    request: Request,
-) -> dict[str, int]:
-    """Make a tenant's knowledge from ``source`` equal to ``documents``, in the running app.
+async def sync_source(knowledge: Knowledge, tenant: Tenant, source: Source, body: KnowledgeUpload) -> dict[str, Any]:
+    """Apply one pull of a source to the tenant's knowledge base in the running app.
 
-    Runs in the Retriever deployment, which owns the Milvus connection (a Milvus Lite file
-    admits one process), so the assistant answers from the new policies at once.
+    ``complete: true`` makes the source equal to ``documents`` (others are deleted);
+    ``complete: false`` changes only the given documents and ``deleted_doc_ids``. The
+    run is atomic: the assistant sees all of it once it returns, or none of it if it fails.
     """  # fmt: skip
-    ingest = request.app.state.knowledge_ingest
-    if ingest is None:
-        raise AdminDisabledError("knowledge ingest is not available in this app")
-    report: dict[str, int] = await ingest(tenant, source, body.documents, body.max_chunk_chars)
-    return report
+    batch = SourceBatch.model_validate(body.model_dump(exclude={"chunking"}))
+    return await knowledge.ingest(tenant, source, batch, body.chunking)

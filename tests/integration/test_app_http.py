@@ -169,12 +169,14 @@ def test_running_app_takes_new_knowledge_without_a_restart(client: httpx.Client)
     admin = {"X-API-Key": "admin-key"}
     assert chat(client, message=DOG_QUESTION).json()["confidence"] == 0
     url = "/admin/knowledge/lumen/sources/showroom-faq"
-    added = client.put(url, json={"documents": [DOG_POLICY]}, headers=admin)
+    added = client.put(url, json={"complete": True, "documents": [DOG_POLICY]}, headers=admin)
     assert added.status_code == 200, added.text
-    assert added.json() == {"documents": 1, "chunks": 1, "embedded": 1, "unchanged": 0, "deleted": 0}
+    assert (added.json()["added"], added.json()["chunks_embedded"]) == (1, 1)
+    generation = added.json()["generation"]
+    assert client.get("/admin/knowledge/lumen", headers=admin).json()["generation"] == generation
     answer = chat(client, message=DOG_QUESTION).json()
     assert [s["doc_id"] for s in answer["sources"]][:1] == ["pets-en"] and answer["confidence"] > 0.3
-    removed = client.put(url, json={"documents": []}, headers=admin)
+    removed = client.put(url, json={"complete": False, "deleted_doc_ids": ["pets-en"]}, headers=admin)
     assert removed.json()["deleted"] == 1
     assert chat(client, message=DOG_QUESTION).json()["confidence"] == 0
     # The sample knowledge base (another source) is untouched.
@@ -185,8 +187,9 @@ def test_running_app_takes_new_knowledge_without_a_restart(client: httpx.Client)
 
 def test_knowledge_ingest_needs_the_admin_key_and_valid_documents(client: httpx.Client) -> None:
     url = "/admin/knowledge/lumen/sources/showroom-faq"
-    assert client.put(url, json={"documents": [DOG_POLICY]}, headers=AUTH).status_code == 401
-    bad = client.put(url, json={"documents": [{"doc_id": "x", "title": "t"}]}, headers={"X-API-Key": "admin-key"})
+    assert client.put(url, json={"complete": True, "documents": [DOG_POLICY]}, headers=AUTH).status_code == 401
+    body = {"complete": True, "documents": [{"doc_id": "x", "title": "t"}]}
+    bad = client.put(url, json=body, headers={"X-API-Key": "admin-key"})
     assert bad.status_code == 422 and "documents.0.text: field required" in bad.json()["error"]["message"]
 
 
@@ -199,9 +202,12 @@ def test_sync_cli_through_the_running_app(
     policies.write_text(json.dumps([DOG_POLICY]))
     argv = ["--app-url", str(client.base_url), "--admin-key", "admin-key", "--tenant", "lumen",
             "--source", "cli-faq", "--path", str(policies)]  # fmt: skip
-    assert main(argv) == 0
-    assert "1 documents, 1 chunks (1 embedded, 0 unchanged, 0 deleted)" in capsys.readouterr().out
-    assert main([*argv[:3], "wrong-key", *argv[4:]]) == 1
+    assert main([*argv, "--no-progress"]) == 0
+    assert "lumen/cli-faq (complete): 1 added, 0 updated, 0 deleted" in capsys.readouterr().out
+    assert main([*argv[:3], "wrong-key", *argv[4:]]) == 4
     assert "401: unknown admin key" in capsys.readouterr().err
     policies.write_text("[]")
-    assert main(argv) == 0
+    assert main(argv) == 3  # deleting every document of a source needs a confirmation
+    assert "would delete 1 of 1 documents" in capsys.readouterr().err
+    assert main([*argv, "--allow-mass-delete"]) == 0
+    assert "0 added, 0 updated, 1 deleted" in capsys.readouterr().out

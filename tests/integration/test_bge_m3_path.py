@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from knowledge_sync.documents import KnowledgeDocument
-from knowledge_sync.pipeline import sync_documents
 from services.config import EmbedderConfig, RetrieverConfig
 from services.embedder import FlagEmbeddingBackend
-from services.retriever import MilvusKnowledgeStore
-from tests.conftest import embedder_args, retriever_args
+from services.knowledge_store import MilvusKnowledgeStore
+from tests.conftest import embedder_args, retriever_args, sync_complete
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +40,7 @@ def test_bge_m3_family_gives_sparse_vectors_that_milvus_searches(minilm_dir: Pat
             KnowledgeDocument(doc_id="refund", title="Refunds", text="Refunds go back to the original payment method."),
             KnowledgeDocument(doc_id="hours", title="Hours", text="Agents work from 9:00 to 22:00."),
         ]
-        sync_documents(store, backend, "lumen", "test", docs)
+        sync_complete(store, backend, "lumen", "test", docs)
         hits = store.search("lumen", "refund payment method", emb, 2)
         assert hits[0].chunk.doc_id == "refund"
         assert hits[0].sparse_score is not None

@@ -10,12 +10,12 @@ import pytest
 from ray import serve
 
 from knowledge_sync.documents import KnowledgeDocument
-from knowledge_sync.pipeline import sync_documents
 from services.config import EmbedderConfig, RetrieverConfig
 from services.embedder import FlagEmbeddingBackend, build_embedder
 from services.errors import InvalidRequestError, KnowledgeBaseUnavailableError
-from services.retriever import MilvusKnowledgeStore, build_retriever
-from tests.conftest import embedder_args, retriever_args
+from services.knowledge_store import MilvusKnowledgeStore
+from services.retriever import build_retriever
+from tests.conftest import embedder_args, retriever_args, sync_complete
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +39,12 @@ def milvus_path(tmp_path_factory: pytest.TempPathFactory, backend: FlagEmbedding
     path = tmp_path_factory.mktemp("milvus") / "kb.db"
     store = MilvusKnowledgeStore(RetrieverConfig.model_validate(retriever_args(path)), dimension=384, has_sparse=False)
     try:
-        report = sync_documents(store, backend, "lumen", "test", LUMEN_DOCS)
-        assert report.embedded == 3
-        sync_documents(store, backend, "other", "test", OTHER_DOCS)
-        again = sync_documents(store, backend, "lumen", "test", LUMEN_DOCS[:2])
-        assert (again.embedded, again.unchanged, again.deleted) == (0, 2, 1)
-        sync_documents(store, backend, "lumen", "test", LUMEN_DOCS)
+        report = sync_complete(store, backend, "lumen", "test", LUMEN_DOCS)
+        assert (report.added, report.chunks_embedded) == (3, 3)
+        sync_complete(store, backend, "other", "test", OTHER_DOCS)
+        again = sync_complete(store, backend, "lumen", "test", LUMEN_DOCS[:2])
+        assert (again.chunks_embedded, again.unchanged, again.deleted) == (0, 2, 1)
+        sync_complete(store, backend, "lumen", "test", LUMEN_DOCS)
     finally:
         store.close()
     return path
@@ -89,11 +89,11 @@ def test_milvus_outage_is_an_error_not_an_empty_result(tmp_path: Path, backend: 
     store = MilvusKnowledgeStore(
         RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db")), dimension=384, has_sparse=False
     )
-    sync_documents(store, backend, "lumen", "test", LUMEN_DOCS[:1])
+    sync_complete(store, backend, "lumen", "test", LUMEN_DOCS[:1])
     query = backend.encode(["returns"], "query")[0]
     assert store.search("lumen", "returns", query, 3)
     store.close()  # the Lite server process is gone now
-    with pytest.raises(KnowledgeBaseUnavailableError, match="Milvus search"):
+    with pytest.raises(KnowledgeBaseUnavailableError, match="Milvus .* failed"):
         store.search("lumen", "returns", query, 3)
     with pytest.raises(KnowledgeBaseUnavailableError):
         store.ping()

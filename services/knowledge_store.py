@@ -1,0 +1,466 @@
+"""The knowledge-chunk collection in Milvus, with atomic sync runs.
+
+Shared by the Retriever deployment (reads, and writes for in-app ingest) and the
+knowledge-sync job (writes).
+
+**Atomic runs.** Milvus has no transactions, so visibility is versioned per tenant. Each
+row carries ``gen_from`` (the sync run that wrote it) and ``gen_to`` (the run that retired
+it; :data:`LIVE` while current). A small state collection holds each tenant's committed
+generation ``C`` and its sources' cursors; searches see only rows with
+``gen_from <= C < gen_to``. A run takes ``N = C + 1``, writes new chunk versions with
+``gen_from = N`` (invisible), marks replaced ones with ``gen_to = N`` (still visible), and
+commits by writing ``C = N`` together with the new cursors: one single-row upsert, so the
+assistant sees the whole run or none of it. Afterwards rows retired at or before ``N`` are
+deleted. A run that dies before its commit leaves only invisible rows and marks, which the
+next run removes before it starts (:meth:`MilvusKnowledgeStore.begin`).
+
+One sync per tenant at a time is assumed (a CronJob with ``concurrencyPolicy: Forbid``;
+the app serializes its ingests); a commit that finds the generation moved fails with
+:class:`~services.errors.ConflictError` and changes nothing.
+
+**Hybrid search** runs one search per signal (dense, learned sparse when the embedder
+gives it, BM25 on the text when enabled), each filtered to the tenant's visible rows, and
+fuses the ranked lists with reciprocal rank fusion. Fusion happens here rather than in
+Milvus' ``hybrid_search`` because the orchestrator needs each signal's own score: RRF
+scores are rank-based and cannot tell a relevant first hit from an irrelevant one, while
+the dense cosine similarity can. (Milvus Lite also ignores ``hybrid_search(filter=...)``.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field
+
+from services.config import TENANT_PATTERN, RetrieverConfig
+from services.errors import ConflictError, InvalidRequestError, KnowledgeBaseUnavailableError
+from services.schemas import Embedding, KnowledgeChunk, RetrievedChunk
+
+logger = logging.getLogger(__name__)
+
+DENSE_FIELD = "dense_vector"
+SPARSE_FIELD = "sparse_vector"
+BM25_FIELD = "bm25_vector"
+SCALAR_FIELDS = [
+    "id",
+    "tenant",
+    "source",
+    "doc_id",
+    "chunk_no",
+    "title",
+    "text",
+    "category",
+    "updated_at",
+    "content_hash",
+]
+MAX_TEXT_CHARS = 8192
+LIVE = 2**62
+"""``gen_to`` of a row no run has retired."""
+
+_WRITE_BATCH = 512
+_ITERATOR_BATCH = 4096
+_QUERY_LIMIT = 16384
+_T = TypeVar("_T")
+
+
+def quote(value: str) -> str:
+    """Quote a string literal for a Milvus filter expression."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+_TENANT_ID = re.compile(TENANT_PATTERN)
+
+
+def tenant_filter(tenant: str) -> str:
+    """Filter expression scoping a query to one tenant; refuses ids that are not plain names."""
+    if not _TENANT_ID.fullmatch(tenant):
+        raise InvalidRequestError(f"invalid tenant id {tenant!r}")
+    return f"tenant == {quote(tenant)}"
+
+
+def rrf_fuse(ranked_lists: Iterable[tuple[list[str], float]], k: int) -> dict[str, float]:
+    """Weighted reciprocal rank fusion.
+
+    Each (ranking, weight) pair adds ``weight / (k + rank)`` (rank from 1) to an id's score.
+    """
+    scores: dict[str, float] = {}
+    for ranked, weight in ranked_lists:
+        for rank, item in enumerate(ranked, start=1):
+            scores[item] = scores.get(item, 0.0) + weight / (k + rank)
+    return scores
+
+
+class SourceState(BaseModel):
+    """What the last committed run of one source left for the next one."""
+
+    cursor: Any = Field(None, description="Largest updated-since value seen; JSON (datetimes as ISO strings).")
+    cursor_is_datetime: bool = Field(False, description="Whether the cursor is an ISO datetime to bind as one.")
+    last_success: float = Field(0, description="Unix time of the last committed run.")
+    last_full_sync: float = Field(0, description="Unix time of the last run that saw every record.")
+    documents: int = Field(0, description="Documents of this source in the knowledge base.")
+
+
+class TenantState(BaseModel):
+    """A tenant's committed generation and its sources' state, written in one upsert."""
+
+    generation: int = 0
+    committed_at: float = 0
+    sources: dict[str, SourceState] = Field(default_factory=dict)
+
+
+class LiveChunk(BaseModel):
+    """A visible chunk's identity, for diffing a source against new documents."""
+
+    id: str
+    doc_id: str
+
+
+class MilvusKnowledgeStore:
+    """The knowledge-chunk collection in Milvus (Lite file or server)."""
+
+    def __init__(self, config: RetrieverConfig, *, dimension: int, has_sparse: bool, token: str | None = None) -> None:
+        from pymilvus import MilvusClient
+
+        self._config = config
+        self._collection = config.collection
+        self._state_collection = f"{config.collection}_state"
+        self._has_sparse = has_sparse
+        if config.is_lite:
+            Path(config.milvus_uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._client = MilvusClient(uri=config.milvus_uri, token=token or "", timeout=config.timeout_s)
+            self._ensure_collection(dimension)
+            self._ensure_state_collection()
+        except KnowledgeBaseUnavailableError:
+            raise
+        except Exception as err:
+            raise KnowledgeBaseUnavailableError(f"Milvus at {config.milvus_uri} is unavailable: {err}") from err
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _ensure_collection(self, dimension: int) -> None:
+        from pymilvus import DataType, Function, FunctionType
+
+        client, name = self._client, self._collection
+        if client.has_collection(name):
+            self._check_existing(dimension)
+            client.load_collection(name)
+            return
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
+        schema.add_field("tenant", DataType.VARCHAR, max_length=64)
+        schema.add_field("source", DataType.VARCHAR, max_length=256)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("chunk_no", DataType.INT64)
+        schema.add_field("title", DataType.VARCHAR, max_length=1024)
+        schema.add_field(
+            "text",
+            DataType.VARCHAR,
+            max_length=MAX_TEXT_CHARS * 4,  # bytes: a CJK character is 3 in UTF-8
+            enable_analyzer=self._config.enable_bm25,
+            analyzer_params=self._config.bm25_analyzer if self._config.enable_bm25 else None,
+        )
+        schema.add_field("category", DataType.VARCHAR, max_length=128)
+        schema.add_field("updated_at", DataType.INT64)
+        schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
+        schema.add_field("gen_from", DataType.INT64)
+        schema.add_field("gen_to", DataType.INT64)
+        schema.add_field(DENSE_FIELD, DataType.FLOAT_VECTOR, dim=dimension)
+        index = client.prepare_index_params()
+        index.add_index(DENSE_FIELD, index_type=self._config.dense_index_type, metric_type="COSINE")
+        if self._has_sparse:
+            schema.add_field(SPARSE_FIELD, DataType.SPARSE_FLOAT_VECTOR)
+            index.add_index(SPARSE_FIELD, index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+        if self._config.enable_bm25:
+            schema.add_field(BM25_FIELD, DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(
+                Function(
+                    name="text_bm25",
+                    function_type=FunctionType.BM25,
+                    input_field_names=["text"],
+                    output_field_names=[BM25_FIELD],
+                )
+            )
+            index.add_index(BM25_FIELD, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        client.create_collection(name, schema=schema, index_params=index)
+        logger.info("created collection %s (dim %d, sparse %s)", name, dimension, self._has_sparse)
+
+    def _ensure_state_collection(self) -> None:
+        from pymilvus import DataType
+
+        client, name = self._client, self._state_collection
+        if client.has_collection(name):
+            client.load_collection(name)
+            return
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("tenant", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("state", DataType.JSON)
+        # Milvus requires a vector field in every collection; this one is never searched.
+        schema.add_field("unused_vector", DataType.FLOAT_VECTOR, dim=2)
+        index = client.prepare_index_params()
+        index.add_index("unused_vector", index_type="FLAT", metric_type="L2")
+        client.create_collection(name, schema=schema, index_params=index)
+
+    def _check_existing(self, dimension: int) -> None:
+        fields = {f["name"]: f for f in self._client.describe_collection(self._collection)["fields"]}
+        existing_dim = int(fields.get(DENSE_FIELD, {}).get("params", {}).get("dim", -1))
+        if existing_dim != dimension:
+            raise KnowledgeBaseUnavailableError(
+                f"collection {self._collection} holds {existing_dim}-dim vectors but the embedder gives {dimension}; "
+                "use another collection name or re-sync the knowledge base"
+            )
+        for field, wanted in (
+            (SPARSE_FIELD, self._has_sparse),
+            (BM25_FIELD, self._config.enable_bm25),
+            ("gen_to", True),
+        ):
+            if wanted and field not in fields:
+                raise KnowledgeBaseUnavailableError(
+                    f"collection {self._collection} lacks {field}; it was created by another version or with other "
+                    "settings: drop it (or use another collection name) and sync the knowledge base again"
+                )
+
+    # -- sync runs ------------------------------------------------------------------------
+
+    def tenant_state(self, tenant: str) -> TenantState:
+        """The tenant's committed generation and source cursors (all zero before the first run)."""
+        rows = self._call(
+            "state read",
+            lambda: self._client.get(self._state_collection, ids=[tenant], output_fields=["state"]),
+        )
+        return TenantState.model_validate(rows[0]["state"]) if rows else TenantState()
+
+    def begin(self, tenant: str) -> int:
+        """Clean up after an unfinished run and return the generation of a new one.
+
+        Rows an unfinished run staged are deleted, rows it retired are live again, and rows
+        retired by committed runs (left if a run died right after its commit) are deleted.
+        """
+        committed = self.tenant_state(tenant).generation
+        scope = tenant_filter(tenant)
+        self._delete_where(f"{scope} and gen_from > {committed}")
+        self._delete_where(f"{scope} and gen_to <= {committed}")
+        unretire = self._ids(f"{scope} and gen_to > {committed} and gen_to < {LIVE}")
+        self._set_gen_to(unretire, LIVE)
+        if unretire:
+            logger.info("tenant %s: undid %d retirements of an unfinished run", tenant, len(unretire))
+        return committed + 1
+
+    def live_chunks(self, tenant: str, source: str) -> list[LiveChunk]:
+        """Chunks of one source the assistant sees now."""
+        state = self.tenant_state(tenant)
+        expr = f"{self._visible(tenant, state.generation)} and source == {quote(source)}"
+        return [LiveChunk(id=r["id"], doc_id=r["doc_id"]) for r in self._rows(expr, ["id", "doc_id"])]
+
+    def stage(self, chunks: list[KnowledgeChunk], embeddings: list[Embedding], generation: int) -> None:
+        """Write new chunk versions, invisible until ``generation`` commits."""
+        rows: list[dict[str, Any]] = []
+        for chunk, emb in zip(chunks, embeddings, strict=True):
+            row: dict[str, Any] = chunk.model_dump()
+            row.update(gen_from=generation, gen_to=LIVE)
+            row[DENSE_FIELD] = emb.dense
+            if self._has_sparse:
+                # Milvus rejects empty sparse rows; a text of stop words can give one.
+                row[SPARSE_FIELD] = emb.sparse or {0: 0.0}
+            rows.append(row)
+        for start in range(0, len(rows), _WRITE_BATCH):
+            batch = rows[start : start + _WRITE_BATCH]
+            self._call("insert", partial(self._client.upsert, self._collection, batch))
+
+    def retire(self, ids: list[str], generation: int) -> None:
+        """Mark chunks as replaced by ``generation``; they stay visible until it commits."""
+        self._set_gen_to(ids, generation)
+
+    def commit(
+        self,
+        tenant: str,
+        generation: int,
+        state: TenantState,
+        *,
+        data_changed: bool = True,
+        visibility_timeout_s: float = 60,
+    ) -> None:
+        """Make ``generation`` the one searches see, with the sources' new state, then drop retired rows.
+
+        With ``data_changed`` False the run staged and retired nothing: only the state
+        (cursors, times) is written and the generation stays, so caches keyed by it hold.
+
+        Raises:
+            ConflictError: another run committed since this one began; nothing changed.
+            KnowledgeBaseUnavailableError: Milvus failed.
+
+        """
+        if data_changed:
+            self._call("flush", lambda: self._client.flush(self._collection))
+            self._wait_visible(tenant, generation, visibility_timeout_s)
+        else:
+            generation -= 1
+        current = self.tenant_state(tenant).generation
+        if current != generation - data_changed:
+            raise ConflictError(
+                f"tenant {tenant}: another sync committed generation {current} while this run prepared {generation}; "
+                "run the sync again"
+            )
+        state = state.model_copy(update={"generation": generation, "committed_at": time.time()})
+        row = {"tenant": tenant, "state": state.model_dump(mode="json"), "unused_vector": [0.0, 0.0]}
+        self._call("commit", lambda: self._client.upsert(self._state_collection, [row]))
+        self._call("flush", lambda: self._client.flush(self._state_collection))
+        scope = tenant_filter(tenant)
+        # After the commit these rows are invisible; if this fails, the next begin() drops them.
+        self._delete_where(f"{scope} and gen_to <= {generation}")
+
+    def _wait_visible(self, tenant: str, generation: int, timeout_s: float) -> None:
+        """Wait until reads see every row the run staged, so the commit never exposes a partial run.
+
+        A Milvus server reads with bounded staleness; Milvus Lite sees writes at once.
+        """
+        expr = f"{tenant_filter(tenant)} and gen_from == {generation}"
+        expected = self._count(expr, consistency_level="Strong")
+        deadline = time.monotonic() + timeout_s
+        while self._count(expr) < expected:
+            if time.monotonic() > deadline:
+                raise KnowledgeBaseUnavailableError(f"Milvus did not show the staged rows within {timeout_s:.0f}s")
+            time.sleep(0.2)
+
+    def _visible(self, tenant: str, generation: int) -> str:
+        return f"{tenant_filter(tenant)} and gen_from <= {generation} and gen_to > {generation}"
+
+    def _set_gen_to(self, ids: list[str], generation: int) -> None:
+        for start in range(0, len(ids), _WRITE_BATCH):
+            rows = [{"id": i, "gen_to": generation} for i in ids[start : start + _WRITE_BATCH]]
+            self._call("update", partial(self._client.upsert, self._collection, rows, partial_update=True))
+
+    def _delete_where(self, expr: str) -> None:
+        self._call("delete", lambda: self._client.delete(self._collection, filter=expr))
+
+    def _count(self, expr: str, **kwargs: Any) -> int:
+        rows = self._call(
+            "count", lambda: self._client.query(self._collection, filter=expr, output_fields=["count(*)"], **kwargs)
+        )
+        return int(rows[0]["count(*)"])
+
+    def _ids(self, expr: str) -> list[str]:
+        return [row["id"] for row in self._rows(expr, ["id"])]
+
+    def _rows(self, expr: str, fields: list[str]) -> list[dict[str, Any]]:
+        """All rows matching ``expr``.
+
+        One query returns at most 16384 rows; beyond that the query iterator pages through
+        (on Milvus Lite it logs a harmless error while it sets up its timestamp).
+        """
+        total = self._count(expr)
+        if total <= _QUERY_LIMIT:
+            return self._call(
+                "query", lambda: self._client.query(self._collection, filter=expr, output_fields=fields, limit=total)
+            )
+
+        def read() -> list[dict[str, Any]]:
+            iterator = self._client.query_iterator(
+                self._collection, batch_size=_ITERATOR_BATCH, filter=expr, output_fields=fields
+            )
+            rows: list[dict[str, Any]] = []
+            try:
+                while batch := iterator.next():
+                    rows.extend(batch)
+            finally:
+                iterator.close()
+            return rows
+
+        return self._call("query", read)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def search(self, tenant: str, query: str, embedding: Embedding, top_k: int) -> list[RetrievedChunk]:
+        """Hybrid search within the chunks of the tenant's committed generation.
+
+        Returns:
+            Up to ``top_k`` hits ordered by fused RRF score, each with its per-signal scores.
+
+        Raises:
+            KnowledgeBaseUnavailableError: Milvus failed; never hidden as an empty result.
+
+        """
+        expr = self._visible(tenant, self.tenant_state(tenant).generation)
+        limit = max(self._config.candidates_per_signal, top_k)
+        signals: dict[str, list[dict[str, Any]]] = {
+            "dense": self._search_field(DENSE_FIELD, [embedding.dense], "COSINE", expr, limit),
+        }
+        if self._has_sparse and embedding.sparse:
+            signals["sparse"] = self._search_field(SPARSE_FIELD, [embedding.sparse], "IP", expr, limit)
+        if self._config.enable_bm25 and query.strip():
+            signals["bm25"] = self._search_field(BM25_FIELD, [query], "BM25", expr, limit)
+
+        entities: dict[str, dict[str, Any]] = {}
+        per_signal: dict[str, dict[str, float]] = {}
+        for signal, hits in signals.items():
+            per_signal[signal] = {}
+            for hit in hits:
+                entity = hit["entity"]
+                if entity.get("tenant") != tenant:  # defence in depth: the filter must hold
+                    raise KnowledgeBaseUnavailableError("Milvus returned a chunk outside the tenant filter")
+                entities[entity["id"]] = entity
+                # Milvus Lite returns BM25 scores negated; BM25 scores are never negative.
+                score = abs(hit["distance"]) if signal == "bm25" else hit["distance"]
+                per_signal[signal][entity["id"]] = float(score)
+        weights = self._config.signal_weights
+        fused = rrf_fuse(
+            ((list(scores), weights.get(signal, 1.0)) for signal, scores in per_signal.items()),  # type: ignore[call-overload]
+            self._config.rrf_k,
+        )
+        best = sorted(fused, key=fused.__getitem__, reverse=True)[:top_k]
+        return [
+            RetrievedChunk(
+                chunk=KnowledgeChunk(**{f: entities[cid][f] for f in SCALAR_FIELDS}),
+                score=round(fused[cid], 6),
+                dense_score=per_signal["dense"].get(cid),
+                sparse_score=per_signal.get("sparse", {}).get(cid),
+                bm25_score=per_signal.get("bm25", {}).get(cid),
+            )
+            for cid in best
+        ]
+
+    def _search_field(self, field: str, data: list[Any], metric: str, expr: str, limit: int) -> list[dict[str, Any]]:
+        result = self._call(
+            f"search {field}",
+            lambda: self._client.search(
+                self._collection,
+                data=data,
+                filter=expr,
+                limit=limit,
+                anns_field=field,
+                search_params={"metric_type": metric},
+                output_fields=SCALAR_FIELDS,
+                timeout=self._config.timeout_s,
+            ),
+        )
+        return list(result[0]) if result else []
+
+    def ping(self) -> None:
+        """Raise when Milvus does not answer."""
+        self._call("describe", lambda: self._client.describe_collection(self._collection))
+
+    def close(self) -> None:
+        """Release the client and, for Milvus Lite, the in-process server holding the file lock."""
+        try:
+            self._client.close()
+            if self._config.is_lite:
+                # pymilvus keeps the Lite server running until process exit otherwise, so
+                # another process (the app after a sync, or vice versa) could not open the file.
+                from milvus_lite.server_manager import server_manager_instance
+
+                server_manager_instance.release_server(self._config.milvus_uri)
+        except Exception as err:  # closing a dead connection must not mask the caller's error
+            logger.warning("closing Milvus client failed: %s", err)
+
+    def _call(self, what: str, call: Callable[[], _T]) -> _T:
+        try:
+            return call()
+        except Exception as err:
+            raise KnowledgeBaseUnavailableError(f"Milvus {what} failed: {type(err).__name__}: {err}") from err
