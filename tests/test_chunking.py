@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -51,7 +52,7 @@ def test_a_split_paragraph_carries_overlap_into_the_next_chunk() -> None:
     sentences = [f"第{i}条：退货商品须保持原包装。" for i in range(20)]
     pieces = chunks("".join(sentences), max_tokens=48, overlap=16)  # a sentence is 15 tokens
     assert len(pieces) > 2
-    for first, second in zip(pieces, pieces[1:], strict=False):
+    for first, second in itertools.pairwise(pieces):
         last_sentence = split_sentences(first)[-1]
         assert second.startswith(last_sentence)  # the tail is repeated
     assert all(s in "".join(pieces) for s in sentences)

@@ -93,7 +93,7 @@ def test_milvus_outage_is_an_error_not_an_empty_result(tmp_path: Path, backend: 
     query = backend.encode(["returns"], "query")[0]
     assert store.search("lumen", "returns", query, 3)
     store.close()  # the Lite server process is gone now
-    with pytest.raises(KnowledgeBaseUnavailableError, match="Milvus .* failed"):
+    with pytest.raises(KnowledgeBaseUnavailableError, match=r"Milvus .* failed"):
         store.search("lumen", "returns", query, 3)
     with pytest.raises(KnowledgeBaseUnavailableError):
         store.ping()
