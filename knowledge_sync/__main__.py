@@ -40,7 +40,7 @@ from knowledge_sync.runner import (
     run_sources,
 )
 from knowledge_sync.sources import FilesSource, SourcesFile, SourcesFileError, TenantSources, load_sources
-from services.config import SOURCE_PATTERN, TENANT_PATTERN, ServiceSettings, load_app_config
+from services.config import SOURCE_PATTERN, TENANT_PATTERN, AppConfig, ServiceSettings, load_app_config
 from services.errors import ServiceError
 
 
@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = run_sources(sources, AppTarget(args.app_url, args.admin_key), options)
     else:
         try:
-            outcomes = _run_direct(args.config, sources, options)
+            config = load_app_config(args.config)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return ExitCode.USAGE
+        try:
+            outcomes = _run_direct(config, sources, options)
         except TargetError as err:
             print(f"error: {err}", file=sys.stderr)
             return ExitCode.TARGET_FAILED
@@ -120,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code(outcomes)
 
 
-def _run_direct(config_path: Path, sources: SourcesFile, options: RunOptions) -> list[SourceOutcome]:
-    config = load_app_config(config_path).resolve_paths(ServiceSettings().config_base_dir or Path.cwd())
+def _run_direct(config: AppConfig, sources: SourcesFile, options: RunOptions) -> list[SourceOutcome]:
+    config = config.resolve_paths(ServiceSettings().config_base_dir or Path.cwd())
     # Heavy imports only once the arguments are known to be good.
     from services.embedder import FlagEmbeddingBackend
     from services.knowledge_store import MilvusKnowledgeStore

@@ -1,0 +1,64 @@
+"""A throwaway PostgreSQL server for the SQL-source tests.
+
+``CS_TEST_POSTGRES_URL`` points the tests at an existing server instead. Otherwise the
+tests start their own: ``initdb`` into a fresh folder and ``pg_ctl start`` on a free port
+(as the ``postgres`` user when run as root, which PostgreSQL refuses to run as).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.crm_emulator import free_port
+
+
+def _binaries() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """Yield a SQLAlchemy URL of a PostgreSQL database the caller may freely change."""
+    if url := os.environ.get("CS_TEST_POSTGRES_URL"):
+        yield url
+        return
+    bin_dir = _binaries()
+    if bin_dir is None:
+        raise RuntimeError("PostgreSQL is not installed: install it or set CS_TEST_POSTGRES_URL")
+    root = Path(tempfile.mkdtemp(prefix="cs-pg-"))
+    data, port = root / "data", free_port()
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    try:
+        subprocess.run(
+            [*prefix, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+        )
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run(
+            [*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            subprocess.run(
+                [*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
