@@ -88,6 +88,14 @@ def _sources(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sourc
 
 def main(argv: list[str] | None = None) -> int:
     """Run one sync job and return its exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted: the source in progress is unchanged; finished sources are committed", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

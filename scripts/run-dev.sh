@@ -10,8 +10,7 @@ port="${PORT:-8000}"
 scripts/bootstrap.sh cpu,devmodels
 .venv/bin/cs-fetch-models --dest models
 # Milvus Lite admits one process per file: load the knowledge base before the app opens it.
-.venv/bin/cs-knowledge-sync --config "$config" --tenant lumen --source sample-kb \
-    --path knowledge_sync/samples/lumen_home.json
+.venv/bin/cs-knowledge-sync --config "$config" --sources knowledge_sync/samples/sources.dev.yaml --no-progress
 
 start=$(date +%s)
 .venv/bin/serve run "$config" &

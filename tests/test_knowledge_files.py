@@ -40,3 +40,37 @@ def test_bad_files_are_named_with_the_fault(tmp_path: Path, name: str, content: 
     path.write_text(content)
     with pytest.raises(DocumentLoadError, match=expected):
         load_documents(path)
+
+
+def test_shipped_sources_files_are_valid() -> None:
+    from knowledge_sync.sources import FilesSource, RestSource, SqlSource, load_sources
+
+    samples = SAMPLE_KB.parent
+    dev = load_sources(samples / "sources.dev.yaml")
+    [files] = dev.tenants["lumen"].sources
+    assert isinstance(files, FilesSource) and files.path == SAMPLE_KB  # relative to the sources file
+    example = load_sources(samples / "sources.example.yaml")
+    kinds = [type(s) for s in example.tenants["lumen"].sources]
+    assert kinds == [RestSource, SqlSource, FilesSource]
+
+
+@pytest.mark.parametrize(
+    ("content", "fault"),
+    [
+        ("tenants: {lumen: {sources: [{name: a, type: ftp}]}}", "does not match any of the expected tags"),
+        ("tenants: {Lumen: {sources: [{name: a, type: files, path: x}]}}", "String should match pattern"),
+        ("tenants: {lumen: {sources: [{name: a, type: sql, query: SELECT 1}]}}", "exactly one of url and url_env"),
+        ("tenants: {lumen: {sources: [{name: a, type: files, path: x, colour: red}]}}", "Extra inputs"),
+        (
+            "tenants: {lumen: {sources: [{name: a, type: files, path: x}, {name: a, type: files, path: y}]}}",
+            "source names repeat",
+        ),
+    ],
+)
+def test_bad_sources_files_name_the_fault(tmp_path: Path, content: str, fault: str) -> None:
+    from knowledge_sync.sources import SourcesFileError, load_sources
+
+    path = tmp_path / "sources.yaml"
+    path.write_text(content)
+    with pytest.raises(SourcesFileError, match=fault):
+        load_sources(path)

@@ -211,3 +211,59 @@ def test_sync_cli_through_the_running_app(
     assert "would delete 1 of 1 documents" in capsys.readouterr().err
     assert main([*argv, "--allow-mass-delete"]) == 0
     assert "0 added, 0 updated, 1 deleted" in capsys.readouterr().out
+
+
+def test_crm_erp_and_files_sync_into_the_running_app_and_edits_reach_the_answers(
+    client: httpx.Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    import yaml
+
+    from knowledge_sync.__main__ import main
+    from tests.crm_emulator import CrmState, create_crm_app, serve_in_thread
+
+    crm = CrmState()
+    crm.put("pets", "Pets in our showrooms", DOG_POLICY["text"])
+    monkeypatch.setenv("CRM_TOKEN", crm.token)
+    erp = tmp_path / "erp.db"
+    with sqlite3.connect(erp) as db:
+        db.execute("CREATE TABLE policies (code TEXT, title TEXT, body TEXT, changed_at TEXT)")
+        db.execute(
+            "INSERT INTO policies VALUES ('parking', 'Showroom parking', "
+            "'Every Lumen Home showroom has free parking for customers for three hours.', '2026-05-01 10:00:00')"
+        )
+    (tmp_path / "sops").mkdir()
+    (tmp_path / "sops" / "gift-wrap.md").write_text(
+        "# Gift wrapping\n\nWe gift-wrap any item for free; choose gift wrapping at checkout.\n"
+    )
+    with serve_in_thread(create_crm_app(crm)) as crm_url:
+        fields = {"doc_id": "id", "title": "name", "text": "content.body", "updated_at": "modified"}
+        rest = {"name": "crm", "type": "rest", "url": f"{crm_url}/api/policies", "records_path": "data",
+                "auth": {"type": "bearer", "token_env": "CRM_TOKEN"}, "updated_since_param": "updated_since",
+                "fields": fields}  # fmt: skip
+        sql = {"name": "erp", "type": "sql", "url": f"sqlite:///{erp}", "watermark_column": "changed_at",
+               "query": "SELECT code AS doc_id, title, body AS text, changed_at FROM policies"}  # fmt: skip
+        files = {"name": "sops", "type": "files", "path": "sops"}
+        sources = tmp_path / "sources.yaml"
+        sources.write_text(yaml.safe_dump({"tenants": {"lumen": {"sources": [rest, sql, files]}}}))
+        argv = ["--sources", str(sources), "--app-url", str(client.base_url), "--admin-key", "admin-key",
+                "--no-progress", "--rejects", str(tmp_path / "rejects.jsonl")]  # fmt: skip
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert all(f"lumen/{name} (complete): 1 added" in out for name in ("crm", "erp", "sops")), out
+
+        def top_source(question: str) -> dict[str, Any]:
+            reply = chat(client, message=question).json()
+            assert reply["confidence"] > 0, reply
+            return dict(reply["sources"][0])
+
+        assert top_source(DOG_QUESTION)["doc_id"] == "pets"
+        assert top_source("Is there parking at the showroom?")["doc_id"] == "parking"
+        assert top_source("Can you gift wrap my order?")["doc_id"] == "gift-wrap"
+
+        # Edit a policy in the CRM; the next (incremental) run reaches the running assistant.
+        crm.put("pets", "Pets: only guide dogs", "Only guide dogs may enter Lumen Home showrooms.")
+        assert main(argv) == 0
+        assert "lumen/crm (incremental): 0 added, 1 updated" in capsys.readouterr().out
+        assert top_source(DOG_QUESTION)["title"] == "Pets: only guide dogs"

@@ -35,7 +35,13 @@ async def test_vectors_are_normalized_and_dense_only(embedder: Any) -> None:
     assert len(emb.dense) == 384
     assert norm(emb.dense) == pytest.approx(1.0, abs=1e-3)
     assert emb.sparse is None
-    assert await embedder.info.remote() == {"dimension": 384, "has_sparse": False}
+    assert await embedder.info.remote() == {"dimension": 384, "has_sparse": False, "max_length": 256}
+
+
+async def test_token_counts_come_from_the_model_tokenizer(embedder: Any) -> None:
+    counts = await embedder.count_tokens.remote(["", "refund", "refund to the original payment method", "退货"])
+    # WordPiece: "refund" is "ref ##und"; CJK text is one token per character; no [CLS]/[SEP].
+    assert counts == [0, 2, 7, 2]
 
 
 async def test_query_instruction_applies_to_queries_only(embedder: Any) -> None:
