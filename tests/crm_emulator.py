@@ -3,7 +3,7 @@
 ``GET /api/policies`` lists records newest-last, wrapped as ``{"data": [...], "meta": {...}}``.
 It pages by ``page``/``page_size``, ``offset``/``limit`` or ``cursor`` (whichever the
 request uses), filters by ``updated_since`` (ISO time, inclusive), requires a bearer
-token, and can be told to fail the next N requests with 503 (a burst) or to hang.
+token, and can be told to fail the next N requests with 503 (a burst) or to stall.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class CrmState:
     token: str = "crm-secret"
     records: list[dict[str, Any]] = field(default_factory=list)
     fail_next: int = 0
+    slow_next: int = 0  # the next N requests answer only after slow_s (a timeout on the client)
+    slow_s: float = 0.0
     requests: int = 0
     clock: int = 0
 
@@ -67,6 +69,9 @@ def create_crm_app(state: CrmState) -> FastAPI:
         cursor: str | None = None,
     ) -> dict[str, Any]:
         state.requests += 1
+        if state.slow_next > 0:
+            state.slow_next -= 1
+            time.sleep(state.slow_s)  # emulates a stalled backend, not a test synchronization
         if state.fail_next > 0:
             state.fail_next -= 1
             raise HTTPException(503, "maintenance")

@@ -24,7 +24,7 @@ def crm() -> Iterator[tuple[str, CrmState]]:
 @pytest.fixture()
 def state(crm: tuple[str, CrmState], monkeypatch: pytest.MonkeyPatch) -> CrmState:
     _, state = crm
-    state.records, state.fail_next, state.requests = [], 0, 0
+    state.records, state.fail_next, state.slow_next, state.requests = [], 0, 0, 0
     for i in range(23):
         state.put(f"p{i}", f"Policy {i}", f"Rule number {i}.")
     monkeypatch.setenv("CRM_TOKEN", state.token)
@@ -81,6 +81,12 @@ def test_a_burst_of_503s_is_retried(crm: tuple[str, CrmState], state: CrmState) 
     records = list(RestConnector(source(crm[0], max_attempts=5)).pull(None))
     assert len(records) == 23
     assert state.requests == 3 + 1  # three failures, then one page of 50
+
+
+def test_a_timeout_is_retried(crm: tuple[str, CrmState], state: CrmState) -> None:
+    state.slow_next, state.slow_s = 1, 1.0
+    records = list(RestConnector(source(crm[0], timeout_s=0.2, max_attempts=3)).pull(None))
+    assert len(records) == 23 and state.requests == 2
 
 
 def test_too_many_failures_fail_the_source_with_the_status(crm: tuple[str, CrmState], state: CrmState) -> None:
