@@ -4,8 +4,8 @@ Run (after ``scripts/bootstrap.sh cpu,devmodels,dev`` and ``cs-fetch-models``)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.knowledge_sync --records 10000
 
-It serves an emulated CRM API on localhost (bilingual policy records, 1 to 4 paragraphs
-each), then times three runs of the real job (REST connector, token-bounded chunking,
+It serves an emulated CRM API on localhost (bilingual policy records of 1 to 3 short
+paragraphs, like FAQ entries), then times three runs of the real job (REST connector, token-bounded chunking,
 MiniLM embedding on the CPU, Milvus Lite writes, atomic commit): the first complete
 sync, an incremental sync with 1% of the records changed, and a forced complete re-pull
 where nothing changed (hash comparison only).
@@ -46,9 +46,9 @@ _ZH = [
 
 def _record_text(rng: random.Random) -> str:
     paragraphs = []
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.randint(1, 3)):
         pool = _ZH if rng.random() < 0.5 else _EN
-        sentences = [rng.choice(pool).format(n=rng.randint(1, 99)) for _ in range(rng.randint(2, 8))]
+        sentences = [rng.choice(pool).format(n=rng.randint(1, 99)) for _ in range(rng.randint(1, 4))]
         paragraphs.append(("" if pool is _ZH else " ").join(sentences))
     return "\n\n".join(paragraphs)
 
@@ -94,7 +94,8 @@ def main() -> None:
             records = report.added + report.updated + report.unchanged + report.deleted
             print(
                 f"{label:<34} {records:>6} records {report.chunks_embedded:>6} chunks embedded "
-                f"{seconds:7.1f} s {records / seconds:8.0f} records/s"
+                f"{seconds:7.1f} s ({seconds - report.seconds:5.1f} s pulling) {records / seconds:7.0f} records/s",
+                flush=True,
             )
 
         timed("first complete sync")

@@ -26,7 +26,9 @@ from services.schemas import Embedding
 
 logger = logging.getLogger(__name__)
 
-EMBED_BATCH = 64
+# Texts per embedding call. FlagEmbedding's encode() runs its first (longest) batch twice
+# to probe for out-of-memory, so larger calls amortize that extra forward pass.
+EMBED_BATCH = 256
 # Special tokens ([CLS], [SEP]) the embedder adds around each text.
 _SPECIAL_TOKENS = 2
 _SOURCE_NAME = re.compile(SOURCE_PATTERN)
