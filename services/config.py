@@ -199,6 +199,20 @@ class TenantConfig(StrictModel):
     )
 
 
+class SessionConfig(StrictModel):
+    """Conversation memory: in process (dev) or Redis (production, any replica continues a conversation)."""
+
+    backend: Literal["memory", "redis"] = Field("memory", description="Where conversations are kept.")
+    redis_url: str | None = Field(
+        None, description="redis://host:6379/0 without a password; CS_REDIS_URL (with credentials) wins."
+    )
+    max_turns: int = Field(6, ge=0, le=100, description="Earlier turns (user + assistant pairs) in the prompt.")
+    max_history_tokens: int = Field(1500, ge=0, description="Estimated tokens of history in the prompt, at most.")
+    ttl_s: int = Field(86400, ge=60, description="Redis: a conversation idle this long is forgotten.")
+    max_sessions: int = Field(10000, ge=1, description="In process: sessions kept (least recently used dropped).")
+    redis_timeout_s: float = Field(2.0, gt=0, description="Redis: bound on one command.")
+
+
 class OrchestratorConfig(StrictModel):
     """The ingress and the dialogue pipeline."""
 
@@ -223,12 +237,11 @@ class OrchestratorConfig(StrictModel):
     assistant_question_threshold: float = Field(
         0.85, ge=0, le=1, description="Least similarity to an example for a message to count as one of them."
     )
-    history_turns: int = Field(6, ge=0, le=100, description="Earlier turns (user + assistant pairs) in the prompt.")
+    session: SessionConfig = Field(default_factory=lambda: SessionConfig(), description="Conversation memory.")
     max_message_chars: int = Field(2000, ge=1, description="Longest accepted shopper message.")
     admin_api_keys: list[SecretStr] = Field(
         default_factory=list, description="Keys of the admin API (dev only; use CS_ADMIN_KEYS in production)."
     )
-    max_sessions: int = Field(10000, ge=1, description="Sessions kept in memory (least recently used dropped).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of answers.")
     dependency_timeout_s: float = Field(120, gt=0, description="Bound on one retrieval or generation.")
     ingest_timeout_s: float = Field(3600, gt=0, description="Bound on one knowledge ingest through the app.")
@@ -309,6 +322,7 @@ class ServiceSettings(BaseSettings):
     )
     admin_keys: list[str] = Field(default_factory=list, description="JSON list of admin API keys.")
     milvus_token: SecretStr | None = Field(None, description="Milvus token ('user:password' or API key).")
+    redis_url: SecretStr | None = Field(None, description="Redis URL with credentials (sessions, answer cache).")
     config_base_dir: Path | None = Field(None, description="Folder that relative paths in the config start from.")
 
 

@@ -6,10 +6,10 @@ messages (persona + knowledge + recent turns + question) and shapes the sources.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.schemas import ChatMessage, RetrievedChunk
+from services.sessions import Turn
 
 GROUNDING_RULES = (
     "Answer the customer using only the knowledge entries below. "
@@ -17,14 +17,6 @@ GROUNDING_RULES = (
     "never invent policies, prices, dates or order details. "
     "Reply in the language the customer writes in, briefly and politely."
 )
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One exchange of a conversation."""
-
-    user: str
-    assistant: str
 
 
 @dataclass(frozen=True)
@@ -95,33 +87,3 @@ def sources_of(grounding: Grounding) -> list[dict[str, str | float]]:
         if doc not in best or score > float(best[doc]["score"]):
             best[doc] = {"doc_id": doc, "title": hit.chunk.title, "score": score}
     return sorted(best.values(), key=lambda s: float(s["score"]), reverse=True)
-
-
-@dataclass
-class SessionStore:
-    """Conversation history in process memory, bounded by count (least recently used dropped).
-
-    Keys include the tenant, so one brand can never read another's session even if
-    session ids collide.
-    """
-
-    max_sessions: int
-    max_turns: int
-    _sessions: OrderedDict[tuple[str, str], list[Turn]] = field(default_factory=OrderedDict)
-
-    def history(self, tenant: str, session_id: str) -> list[Turn]:
-        """The last ``max_turns`` turns of a session, oldest first."""
-        turns = self._sessions.get((tenant, session_id), [])
-        if turns:
-            self._sessions.move_to_end((tenant, session_id))
-        return turns[-self.max_turns :] if self.max_turns else []
-
-    def append(self, tenant: str, session_id: str, turn: Turn) -> None:
-        """Record a finished turn."""
-        key = (tenant, session_id)
-        turns = self._sessions.setdefault(key, [])
-        turns.append(turn)
-        del turns[: -max(self.max_turns, 1)]
-        self._sessions.move_to_end(key)
-        while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)

@@ -26,9 +26,10 @@ from services.api import create_api
 from services.api.auth import ApiKeyAuth
 from services.api.models import ChatReply, ChatRequest, Source
 from services.config import ChunkingConfig, LLMConfig, OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
-from services.dialogue import Grounding, SessionStore, Turn, build_messages, ground, sources_of
+from services.dialogue import Grounding, build_messages, ground, sources_of
 from services.errors import DependencyUnavailableError, GenerationError, InvalidRequestError, ServiceError
 from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk
+from services.sessions import InProcessSessionMemory, RedisSessionMemory, SessionMemory, Turn, open_session_memory
 
 if TYPE_CHECKING:
     from knowledge_sync.pipeline import SourceBatch
@@ -211,13 +212,14 @@ class ChatPipeline:
         generator: AnswerGenerator,
         adapter_resolver: AdapterResolver | None = None,
         assistant_questions: AssistantQuestions | None = None,
+        sessions: SessionMemory | None = None,
     ) -> None:
         self._config = config
         self._retriever = retriever
         self._generator = generator
         self._resolve_adapter = adapter_resolver
         self._assistant_questions = assistant_questions
-        self._sessions = SessionStore(max_sessions=config.max_sessions, max_turns=config.history_turns)
+        self._sessions = sessions or InProcessSessionMemory(config.session)
 
     async def prepare(self, tenant: TenantConfig, request: ChatRequest) -> PreparedAnswer:
         """Retrieve, ground and start generating; every failure here is still a clean HTTP error.
@@ -247,7 +249,7 @@ class ChatPipeline:
         # Resolved once per request: a swap while this answer streams does not touch it.
         registered = self._resolve_adapter(tenant.tenant, session_id) if self._resolve_adapter else None
         prepared.adapter = registered or tenant.adapter
-        history = self._sessions.history(tenant.tenant, session_id)
+        history = await self._sessions.history(tenant.tenant, session_id)
         messages = build_messages(tenant.persona, grounding, history, request.message)
         prepared.chunks = aiter(self._generator.stream(messages, self._config.sampling, prepared.adapter))
         try:
@@ -261,7 +263,7 @@ class ChatPipeline:
         if prepared.chunks is None or prepared.first_chunk is None:
             text = prepared.tenant.fallback_message or self._config.fallback_message
             yield text
-            yield self._finish(prepared, text, confidence=0.0)
+            yield await self._finish(prepared, text, confidence=0.0)
             return
         parts: list[str] = []
         chunk: GenerationChunk | None = prepared.first_chunk
@@ -270,7 +272,7 @@ class ChatPipeline:
                 parts.append(chunk.text)
                 yield chunk.text
             chunk = await anext(prepared.chunks, None)
-        yield self._finish(prepared, "".join(parts).strip(), confidence=prepared.confidence)
+        yield await self._finish(prepared, "".join(parts).strip(), confidence=prepared.confidence)
 
     async def answer(self, tenant: TenantConfig, request: ChatRequest) -> ChatReply:
         """The whole reply at once."""
@@ -280,8 +282,10 @@ class ChatPipeline:
                 return item
         raise GenerationError("the answer stream ended without a reply")
 
-    def _finish(self, prepared: PreparedAnswer, text: str, confidence: float) -> ChatReply:
-        self._sessions.append(prepared.tenant.tenant, prepared.session_id, Turn(user=prepared.question, assistant=text))
+    async def _finish(self, prepared: PreparedAnswer, text: str, confidence: float) -> ChatReply:
+        await self._sessions.append(
+            prepared.tenant.tenant, prepared.session_id, Turn(user=prepared.question, assistant=text)
+        )
         return ChatReply(
             response=text,
             confidence=confidence,
@@ -318,6 +322,8 @@ class Orchestrator:
 
             self._adapter_admin = AdapterAdmin(registry, llm_config.model, llm_config.max_lora_rank, load_check)
         self._knowledge = RetrieverClient(retriever, config.dependency_timeout_s, config.ingest_timeout_s)
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        self._sessions = open_session_memory(config.session, redis_url)
         self._pipeline = ChatPipeline(
             config,
             self._knowledge,
@@ -328,6 +334,7 @@ class Orchestrator:
                 config.assistant_question_threshold,
                 EmbedderClient(embedder, config.dependency_timeout_s),
             ),
+            self._sessions,
         )
         self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
 
@@ -352,8 +359,14 @@ class Orchestrator:
                 return f"error: {err.message}"
 
         names = list(self._dependencies)
-        results = await asyncio.gather(*(one(self._dependencies[n]) for n in names))
-        return dict(zip(names, results, strict=True))
+        results = dict(zip(names, await asyncio.gather(*(one(self._dependencies[n]) for n in names)), strict=True))
+        if isinstance(self._sessions, RedisSessionMemory):
+            try:
+                await self._sessions.ping()
+                results["session_memory"] = "ok"
+            except ServiceError as err:
+                results["session_memory"] = f"error: {err.message}"
+        return results
 
 
 def build_orchestrator(

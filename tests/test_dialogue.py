@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from services.dialogue import SessionStore, Turn, build_messages, ground, sources_of
+from services.dialogue import build_messages, ground, sources_of
 from services.schemas import KnowledgeChunk, RetrievedChunk
+from services.sessions import Turn
 
 
 def hit(doc_id: str, dense: float | None, chunk_no: int = 0, fused: float = 0.01) -> RetrievedChunk:
@@ -61,27 +62,3 @@ def test_sources_one_per_document_best_chunk_first() -> None:
         {"doc_id": "a", "title": "Title a", "score": 0.9},
         {"doc_id": "b", "title": "Title b", "score": 0.7},
     ]
-
-
-def test_sessions_keep_last_turns_and_are_tenant_scoped() -> None:
-    store = SessionStore(max_sessions=10, max_turns=2)
-    for n in range(3):
-        store.append("t1", "s", Turn(user=f"u{n}", assistant=f"a{n}"))
-    assert [t.user for t in store.history("t1", "s")] == ["u1", "u2"]
-    assert store.history("t2", "s") == []
-
-
-def test_sessions_evict_least_recently_used() -> None:
-    store = SessionStore(max_sessions=2, max_turns=4)
-    store.append("t", "old", Turn("u", "a"))
-    store.append("t", "mid", Turn("u", "a"))
-    store.history("t", "old")  # touch: "mid" is now the least recently used
-    store.append("t", "new", Turn("u", "a"))
-    assert store.history("t", "mid") == []
-    assert store.history("t", "old") and store.history("t", "new")
-
-
-def test_zero_history_turns_sends_no_history() -> None:
-    store = SessionStore(max_sessions=2, max_turns=0)
-    store.append("t", "s", Turn("u", "a"))
-    assert store.history("t", "s") == []
