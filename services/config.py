@@ -8,6 +8,8 @@ differ per cluster) come from :class:`ServiceSettings`, read from ``CS_*`` varia
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +18,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Tenant ids end up inside Milvus filter expressions; this pattern keeps them inert.
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+#: Stored form of an API key: its SHA-256 digest. Keys are random 256-bit tokens, so an
+#: unsalted digest cannot be reversed, and a leaked config or secret reveals no key.
+KEY_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
+def key_digest(key: str) -> str:
+    """The stored form of a key; a value that already is a digest is returned as it is."""
+    if re.fullmatch(KEY_DIGEST_PATTERN, key):
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
 #: Names of knowledge sources (a CRM, an ERP, a folder): part of every chunk id.
 SOURCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -195,7 +209,9 @@ class TenantConfig(StrictModel):
     adapter: str | None = Field(None, description="LoRA adapter name under llm.adapters_dir; None = base model.")
     fallback_message: str | None = Field(None, description="Overrides the orchestrator's fallback sentence.")
     api_keys: list[SecretStr] = Field(
-        default_factory=list, description="API keys of this tenant (dev only; use CS_API_KEYS in production)."
+        default_factory=list,
+        description="API keys of this tenant: 'sha256:<hex>' digests (see cs-api-key), or plain keys on a dev box; "
+        "production keys usually come from CS_API_KEYS.",
     )
 
 
@@ -240,7 +256,8 @@ class OrchestratorConfig(StrictModel):
     session: SessionConfig = Field(default_factory=lambda: SessionConfig(), description="Conversation memory.")
     max_message_chars: int = Field(2000, ge=1, description="Longest accepted shopper message.")
     admin_api_keys: list[SecretStr] = Field(
-        default_factory=list, description="Keys of the admin API (dev only; use CS_ADMIN_KEYS in production)."
+        default_factory=list,
+        description="Keys of the admin API, as 'sha256:<hex>' digests or plain (dev); CS_ADMIN_KEYS adds more.",
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of answers.")
     dependency_timeout_s: float = Field(120, gt=0, description="Bound on one retrieval or generation.")
@@ -260,7 +277,7 @@ class OrchestratorConfig(StrictModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"tenant ids must be unique; repeated: {', '.join(duplicates)}")
-        keys = [k.get_secret_value() for t in tenants for k in t.api_keys]
+        keys = [key_digest(k.get_secret_value()) for t in tenants for k in t.api_keys]
         if len(keys) != len(set(keys)):
             raise ValueError("an API key is given to more than one tenant")
         return tenants
@@ -318,9 +335,12 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CS_", extra="ignore")
 
     api_keys: dict[str, str] = Field(
-        default_factory=dict, description="JSON object mapping API key -> tenant id (production keys)."
+        default_factory=dict,
+        description="JSON object mapping API key digests ('sha256:<hex>', or plain keys) to tenant ids.",
     )
-    admin_keys: list[str] = Field(default_factory=list, description="JSON list of admin API keys.")
+    admin_keys: list[str] = Field(
+        default_factory=list, description="JSON list of admin key digests ('sha256:<hex>', or plain keys)."
+    )
     milvus_token: SecretStr | None = Field(None, description="Milvus token ('user:password' or API key).")
     redis_url: SecretStr | None = Field(None, description="Redis URL with credentials (sessions, answer cache).")
     config_base_dir: Path | None = Field(None, description="Folder that relative paths in the config start from.")

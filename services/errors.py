@@ -37,6 +37,13 @@ class AuthenticationError(ServiceError):
     code = "unauthorized"
 
 
+class ForbiddenError(ServiceError):
+    """A valid key used on a resource of another tenant."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFoundError(ServiceError):
     """A named resource (adapter, tenant, document) does not exist."""
 

@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import AdapterRegistry
 from services.api import create_api
-from services.api.auth import ApiKeyAuth
+from services.api.auth import ApiKeyAuth, admin_digests
 from services.api.models import ChatReply, ChatRequest, Source
 from services.config import ChunkingConfig, LLMConfig, OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
 from services.dialogue import Grounding, build_messages, ground, sources_of
@@ -310,7 +310,7 @@ class Orchestrator:
         self._config = config
         settings = ServiceSettings()
         self._auth = ApiKeyAuth.from_config(config.tenants, settings.api_keys)
-        self._admin_keys = [k.get_secret_value() for k in config.admin_api_keys] + settings.admin_keys
+        self._admin_keys = admin_digests([k.get_secret_value() for k in config.admin_api_keys] + settings.admin_keys)
         self._adapter_admin: AdapterAdmin | None = None
         resolver: AdapterResolver | None = None
         if llm_config.adapters_dir:

@@ -8,7 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.api import create_api
-from services.api.auth import ApiKeyAuth
+from services.api.auth import ApiKeyAuth, admin_digests
+from services.api.auth import main as api_key_main
 from services.config import OrchestratorConfig
 from services.errors import KnowledgeBaseUnavailableError
 from tests.conftest import orchestrator_args
@@ -75,7 +76,7 @@ def test_admin_checks_the_key_before_revealing_tenants(tmp_path: Any) -> None:
             ApiKeyAuth.from_config(config.tenants, {}),
             check,
             adapter_admin=admin,
-            admin_keys=["admin"],
+            admin_keys=admin_digests(["admin"]),
         )
     )
     body = {"adapter": "a", "version": "v1"}
@@ -90,3 +91,30 @@ def test_admin_checks_the_key_before_revealing_tenants(tmp_path: Any) -> None:
 def test_admin_api_is_off_without_keys() -> None:
     reply = make_client({}).get("/admin/adapters", headers={"X-API-Key": "anything"})
     assert reply.status_code == 403 and reply.json()["error"]["code"] == "admin_disabled"
+
+
+def test_keys_are_kept_and_given_as_digests_only(capsys: Any) -> None:
+    from services.config import key_digest
+
+    api_key_main(["new"])
+    out = capsys.readouterr().out
+    key = out.split()[1]
+    digest = out.split("digest: ")[1].split()[0]
+    assert digest == key_digest(key) and digest.startswith("sha256:") and key not in digest
+    tenants = OrchestratorConfig.model_validate(orchestrator_args()).tenants
+    stored = tenants[0].model_copy(update={"api_keys": []})
+    auth = ApiKeyAuth.from_config([stored], {digest: "lumen"})
+    assert key not in repr(auth.digests)
+    found = auth.tenant_for(key)
+    assert found is not None and found.tenant == "lumen"
+    assert auth.tenant_for(digest) is None  # a leaked digest is not a key
+    assert auth.tenant_for(key + "x") is None
+
+
+def test_a_key_given_to_two_tenants_is_refused_even_as_digest_and_key() -> None:
+    from services.config import key_digest
+
+    tenants = OrchestratorConfig.model_validate(orchestrator_args()).tenants
+    other = tenants[0].model_copy(update={"tenant": "other", "api_keys": []})
+    with pytest.raises(ValueError, match="more than one tenant"):
+        ApiKeyAuth.from_config([tenants[0], other], {key_digest("test-key"): "other"})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -12,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from knowledge_sync.pipeline import SourceBatch
 from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import NAME_PATTERN, AdapterVersion, TenantAdapters
-from services.api.auth import presented_key
+from services.api.auth import is_admin, presented_key
 from services.config import SOURCE_PATTERN, ChunkingConfig
 from services.errors import AuthenticationError, NotFoundError, ServiceError
 
@@ -25,11 +24,10 @@ class AdminDisabledError(ServiceError):
 
 
 def _admin_key(request: Request) -> None:
-    keys: list[str] = request.app.state.admin_keys
-    if not keys:
+    digests: list[str] = request.app.state.admin_keys
+    if not digests:
         raise AdminDisabledError("the admin API is disabled: no admin key is configured")
-    presented = presented_key(request)
-    if not any(hmac.compare_digest(k.encode(), presented.encode()) for k in keys):
+    if not is_admin(presented_key(request), digests):
         raise AuthenticationError("unknown admin key")
 
 

@@ -1,14 +1,21 @@
-"""API keys: each key belongs to exactly one tenant."""
+"""API keys: each key belongs to exactly one tenant; only their SHA-256 digests are kept.
+
+``cs-api-key new`` issues a key and prints the digest to store (config or secret);
+``cs-api-key digest KEY`` prints the digest of an existing key.
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import hmac
+import secrets
 from dataclasses import dataclass
 
 from fastapi import Request
 
-from services.config import TenantConfig
-from services.errors import AuthenticationError
+from services.config import TenantConfig, key_digest
+from services.errors import AuthenticationError, ForbiddenError
 
 
 def presented_key(request: Request) -> str:
@@ -27,33 +34,34 @@ def presented_key(request: Request) -> str:
 
 @dataclass(frozen=True)
 class ApiKeyAuth:
-    """Maps API keys to tenant profiles."""
+    """Maps key digests to tenant profiles."""
 
-    keys: tuple[tuple[str, TenantConfig], ...]
+    digests: dict[str, TenantConfig]
 
     @classmethod
     def from_config(cls, tenants: list[TenantConfig], env_keys: dict[str, str]) -> ApiKeyAuth:
-        """Combine keys from the config (dev) with keys from ``CS_API_KEYS`` (production).
+        """Combine the tenants' keys from the config with ``CS_API_KEYS`` (digest or key -> tenant id).
 
         Raises:
-            ValueError: an environment key names a tenant the config does not define.
+            ValueError: an environment key names a tenant the config does not define, or a
+                key is given to two tenants.
 
         """
         by_id = {t.tenant: t for t in tenants}
-        pairs = [(key.get_secret_value(), t) for t in tenants for key in t.api_keys]
+        pairs = [(key_digest(key.get_secret_value()), t) for t in tenants for key in t.api_keys]
         for key, tenant_id in env_keys.items():
             if tenant_id not in by_id:
                 raise ValueError(f"CS_API_KEYS names tenant {tenant_id!r}, which is not configured")
-            pairs.append((key, by_id[tenant_id]))
-        return cls(keys=tuple(pairs))
+            pairs.append((key_digest(key), by_id[tenant_id]))
+        digests: dict[str, TenantConfig] = {}
+        for digest, tenant in pairs:
+            if digests.setdefault(digest, tenant).tenant != tenant.tenant:
+                raise ValueError("an API key is given to more than one tenant")
+        return cls(digests=digests)
 
     def tenant_for(self, presented: str) -> TenantConfig | None:
-        """The tenant of a key, compared in constant time per key."""
-        found = None
-        for key, tenant in self.keys:
-            if hmac.compare_digest(key.encode(), presented.encode()):
-                found = tenant
-        return found
+        """The tenant of a presented key (looked up by digest), or None."""
+        return self.digests.get(key_digest_of_presented(presented))
 
     def __call__(self, request: Request) -> TenantConfig:
         """FastAPI dependency: the caller's tenant from ``Authorization: Bearer`` or ``X-API-Key``."""
@@ -61,3 +69,51 @@ class ApiKeyAuth:
         if tenant is None:
             raise AuthenticationError("unknown API key")
         return tenant
+
+
+def key_digest_of_presented(presented: str) -> str:
+    """Digest of a key a caller presents: always hashed, so a stolen digest is no key."""
+    return "sha256:" + hashlib.sha256(presented.encode()).hexdigest()
+
+
+def admin_digests(configured: list[str]) -> list[str]:
+    """Stored digests of the admin keys (config and ``CS_ADMIN_KEYS``)."""
+    return [key_digest(k) for k in configured]
+
+
+def is_admin(presented: str, digests: list[str]) -> bool:
+    """Whether a presented key is an admin key (compared by digest, in constant time per key)."""
+    digest = key_digest_of_presented(presented).encode()
+    return any(hmac.compare_digest(digest, d.encode()) for d in digests)
+
+
+def require_same_tenant(caller: TenantConfig, tenant: str) -> None:
+    """Refuse a caller acting on another tenant's resource.
+
+    Raises:
+        ForbiddenError: the key belongs to another tenant (403: the key is valid, the target is not its own).
+
+    """
+    if caller.tenant != tenant:
+        raise ForbiddenError(f"this API key belongs to another tenant and cannot use {tenant!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cs-api-key``: issue a new key, or print the digest of one."""
+    parser = argparse.ArgumentParser(prog="cs-api-key", description="Issue API keys and compute their digests.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("new", help="Print a new random key and the digest to store.")
+    digest = commands.add_parser("digest", help="Print the digest of an existing key.")
+    digest.add_argument("key")
+    args = parser.parse_args(argv)
+    if args.command == "new":
+        key = "cs_" + secrets.token_urlsafe(32)
+        print(f"key:    {key}    (give it to the storefront; it is not stored)")
+        print(f"digest: {key_digest(key)}    (put this in api_keys or CS_API_KEYS)")
+    else:
+        print(key_digest(args.key))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
