@@ -20,14 +20,9 @@ Exit status: 0 synced; 1 synced with rejected records; 2 usage or sources-file e
 
 from __future__ import annotations
 
-import os
-
-# FlagEmbedding draws a progress bar for every embedding call; tqdm reads this default at
-# import, so it is set first. The job's own bars pass ``disable`` explicitly.
-os.environ.setdefault("TQDM_DISABLE", "1")
-
 import argparse
 import logging
+import os
 import re
 import sys
 from pathlib import Path

@@ -229,6 +229,16 @@ class SessionConfig(StrictModel):
     redis_timeout_s: float = Field(2.0, gt=0, description="Redis: bound on one command.")
 
 
+class AnswerCacheConfig(StrictModel):
+    """Cache of answers to first questions, keyed by tenant, knowledge generation, adapter and question."""
+
+    backend: Literal["off", "memory", "redis"] = Field("off", description="Where answers are cached.")
+    redis_url: str | None = Field(None, description="redis://host:6379/0; CS_REDIS_URL wins.")
+    ttl_s: int = Field(3600, ge=1, description="How long an answer is served from the cache.")
+    max_entries: int = Field(10000, ge=1, description="In process: answers kept (least recently used dropped).")
+    redis_timeout_s: float = Field(0.5, gt=0, description="Redis: bound on one command; a slow cache is a miss.")
+
+
 class OrchestratorConfig(StrictModel):
     """The ingress and the dialogue pipeline."""
 
@@ -254,6 +264,9 @@ class OrchestratorConfig(StrictModel):
         0.85, ge=0, le=1, description="Least similarity to an example for a message to count as one of them."
     )
     session: SessionConfig = Field(default_factory=lambda: SessionConfig(), description="Conversation memory.")
+    answer_cache: AnswerCacheConfig = Field(
+        default_factory=lambda: AnswerCacheConfig(), description="Cache of frequent questions' answers."
+    )
     max_message_chars: int = Field(2000, ge=1, description="Longest accepted shopper message.")
     admin_api_keys: list[SecretStr] = Field(
         default_factory=list,

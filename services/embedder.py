@@ -52,12 +52,32 @@ class EmbeddingBackend(Protocol):
         ...
 
 
+def _silence_flagembedding_progress_bars() -> None:
+    """Turn off the progress bars FlagEmbedding draws for every call of 32 texts or more.
+
+    They pass ``disable`` themselves, so tqdm's settings cannot reach them; in a replica
+    they would write two bars to the log for every full batch.
+    """
+    from FlagEmbedding.inference.embedder.encoder_only import base, m3
+    from tqdm import tqdm as real_tqdm
+
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return real_tqdm(*args, **kwargs)
+
+    for module in (base, m3):
+        module.tqdm = quiet
+        if hasattr(module, "trange"):
+            module.trange = lambda *a, **k: quiet(range(*a), **k)
+
+
 class FlagEmbeddingBackend:
     """The real backend: FlagEmbedding's ``FlagModel`` or ``BGEM3FlagModel``."""
 
     def __init__(self, config: EmbedderConfig) -> None:
         from FlagEmbedding import BGEM3FlagModel, FlagModel
 
+        _silence_flagembedding_progress_bars()
         common: dict[str, Any] = {
             "normalize_embeddings": True,
             "use_fp16": config.use_fp16,

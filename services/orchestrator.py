@@ -22,14 +22,22 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import AdapterRegistry
+from services.answer_cache import AnswerCache, cache_key, open_answer_cache
 from services.api import create_api
 from services.api.auth import ApiKeyAuth, admin_digests
-from services.api.models import ChatReply, ChatRequest, Source
+from services.api.models import ChatReply, ChatRequest, Source, Usage
 from services.config import ChunkingConfig, LLMConfig, OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
 from services.dialogue import Grounding, build_messages, ground, sources_of
 from services.errors import DependencyUnavailableError, GenerationError, InvalidRequestError, ServiceError
 from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk
-from services.sessions import InProcessSessionMemory, RedisSessionMemory, SessionMemory, Turn, open_session_memory
+from services.sessions import (
+    InProcessSessionMemory,
+    RedisSessionMemory,
+    SessionMemory,
+    Turn,
+    open_session_memory,
+    within_budget,
+)
 
 if TYPE_CHECKING:
     from knowledge_sync.pipeline import SourceBatch
@@ -91,6 +99,10 @@ class RetrieverClient:
             lambda: self._handle.ingest.remote(tenant, source, batch, chunking),
             self._ingest_timeout_s,
         )
+
+    async def generation(self, tenant: str) -> int:
+        """The tenant's committed knowledge generation (the answer cache's knowledge version)."""
+        return int((await self.state(tenant))["generation"])
 
     async def state(self, tenant: str) -> dict[str, Any]:
         """The tenant's committed knowledge generation and source cursors."""
@@ -200,6 +212,11 @@ class PreparedAnswer:
     adapter: str | None = None
     chunks: AsyncIterator[GenerationChunk] | None = None
     first_chunk: GenerationChunk | None = None
+    remember: bool = True  # False when the caller keeps the conversation (OpenAI-style requests)
+    cached_reply: ChatReply | None = None  # a cache hit: nothing else runs
+    cache_slot: str | None = None  # where to cache this answer once complete
+    usage: Usage | None = None
+    finish_reason: str = "stop"
 
 
 class ChatPipeline:
@@ -213,6 +230,8 @@ class ChatPipeline:
         adapter_resolver: AdapterResolver | None = None,
         assistant_questions: AssistantQuestions | None = None,
         sessions: SessionMemory | None = None,
+        cache: AnswerCache | None = None,
+        knowledge_version: Callable[[str], Awaitable[int]] | None = None,
     ) -> None:
         self._config = config
         self._retriever = retriever
@@ -220,18 +239,49 @@ class ChatPipeline:
         self._resolve_adapter = adapter_resolver
         self._assistant_questions = assistant_questions
         self._sessions = sessions or InProcessSessionMemory(config.session)
+        self._cache = cache
+        self._knowledge_version = knowledge_version
 
-    async def prepare(self, tenant: TenantConfig, request: ChatRequest) -> PreparedAnswer:
+    async def prepare(
+        self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None
+    ) -> PreparedAnswer:
         """Retrieve, ground and start generating; every failure here is still a clean HTTP error.
 
         The first generated chunk is awaited here so that an engine error, an unknown
         adapter or an over-long prompt is reported as a status code, not mid-stream.
+
+        Args:
+            tenant: The caller's tenant.
+            request: The message.
+            history: Earlier turns sent by the caller (OpenAI-style); then session memory is
+                neither read nor written.
+
         """
         if len(request.message) > self._config.max_message_chars:
             raise InvalidRequestError(
                 f"message has {len(request.message)} characters; the limit is {self._config.max_message_chars}"
             )
         session_id = request.session_id or uuid.uuid4().hex
+        remember = history is None
+        if history is None:
+            history = await self._sessions.history(tenant.tenant, session_id)
+        else:
+            history = within_budget(history[-self._config.session.max_turns :], self._config.session.max_history_tokens)
+        # Resolved once per request: a swap while this answer streams does not touch it.
+        registered = self._resolve_adapter(tenant.tenant, session_id) if self._resolve_adapter else None
+        adapter = registered or tenant.adapter
+        cache_slot = None
+        if self._cache is not None and self._knowledge_version is not None and not history:
+            generation = await self._knowledge_version(tenant.tenant)
+            cache_slot = cache_key(tenant.tenant, generation, adapter, request.message)
+            cached = await self._cache.get(cache_slot)
+            if cached is not None:
+                reply = cached.model_copy(update={"session_id": session_id, "cached": True})
+                return PreparedAnswer(
+                    tenant, session_id, request.message, Grounding([], cached.confidence), cached.confidence,
+                    adapter=cached.adapter, remember=remember, cached_reply=reply,
+                )  # fmt: skip
+
         embedding, about_assistant = None, 0.0
         if self._assistant_questions is not None:
             embedding, about_assistant = await self._assistant_questions.classify(request.message)
@@ -244,12 +294,11 @@ class ChatPipeline:
             )
             grounding = ground(hits, self._config.relevance_threshold, self._config.retrieval_top_k)
             prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=grounding.confidence)
-            if grounding.is_empty:
-                return prepared
-        # Resolved once per request: a swap while this answer streams does not touch it.
-        registered = self._resolve_adapter(tenant.tenant, session_id) if self._resolve_adapter else None
-        prepared.adapter = registered or tenant.adapter
-        history = await self._sessions.history(tenant.tenant, session_id)
+        prepared.remember = remember
+        if grounding.is_empty and not about_assistant:
+            return prepared
+        prepared.adapter = adapter
+        prepared.cache_slot = cache_slot
         messages = build_messages(tenant.persona, grounding, history, request.message)
         prepared.chunks = aiter(self._generator.stream(messages, self._config.sampling, prepared.adapter))
         try:
@@ -260,6 +309,11 @@ class ChatPipeline:
 
     async def stream(self, prepared: PreparedAnswer) -> AsyncIterator[str | ChatReply]:
         """Yield text pieces, then the final :class:`ChatReply`; the turn is saved at the end."""
+        if prepared.cached_reply is not None:
+            yield prepared.cached_reply.response
+            await self._remember(prepared, prepared.cached_reply.response)
+            yield prepared.cached_reply
+            return
         if prepared.chunks is None or prepared.first_chunk is None:
             text = prepared.tenant.fallback_message or self._config.fallback_message
             yield text
@@ -271,8 +325,15 @@ class ChatPipeline:
             if chunk.text:
                 parts.append(chunk.text)
                 yield chunk.text
+            if chunk.finish_reason is not None:
+                prepared.finish_reason = chunk.finish_reason
+                if chunk.prompt_tokens is not None and chunk.completion_tokens is not None:
+                    prepared.usage = Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
             chunk = await anext(prepared.chunks, None)
-        yield await self._finish(prepared, "".join(parts).strip(), confidence=prepared.confidence)
+        reply = await self._finish(prepared, "".join(parts).strip(), confidence=prepared.confidence)
+        if prepared.cache_slot and self._cache is not None:
+            await self._cache.put(prepared.cache_slot, reply)
+        yield reply
 
     async def answer(self, tenant: TenantConfig, request: ChatRequest) -> ChatReply:
         """The whole reply at once."""
@@ -282,16 +343,20 @@ class ChatPipeline:
                 return item
         raise GenerationError("the answer stream ended without a reply")
 
+    async def _remember(self, prepared: PreparedAnswer, text: str) -> None:
+        if prepared.remember:
+            turn = Turn(user=prepared.question, assistant=text)
+            await self._sessions.append(prepared.tenant.tenant, prepared.session_id, turn)
+
     async def _finish(self, prepared: PreparedAnswer, text: str, confidence: float) -> ChatReply:
-        await self._sessions.append(
-            prepared.tenant.tenant, prepared.session_id, Turn(user=prepared.question, assistant=text)
-        )
+        await self._remember(prepared, text)
         return ChatReply(
             response=text,
             confidence=confidence,
             sources=[Source.model_validate(s) for s in sources_of(prepared.grounding)],
             session_id=prepared.session_id,
             adapter=prepared.adapter,
+            usage=prepared.usage,
         )
 
 
@@ -335,6 +400,8 @@ class Orchestrator:
                 EmbedderClient(embedder, config.dependency_timeout_s),
             ),
             self._sessions,
+            open_answer_cache(config.answer_cache, redis_url),
+            self._knowledge.generation,
         )
         self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
 

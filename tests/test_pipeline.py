@@ -149,3 +149,33 @@ async def test_message_is_embedded_once_and_assistant_questions_skip_the_knowled
     assert len(retriever.embeddings) == 1  # the knowledge base was not asked
     assert generator.calls[-1][0].content.endswith("Knowledge entries:\n")  # persona only, no chunks
     assert len(embedder.calls) == 3
+
+
+async def test_answer_cache_serves_repeats_until_the_knowledge_changes() -> None:
+    from services.answer_cache import InProcessAnswerCache, normalize_question
+    from services.config import AnswerCacheConfig
+
+    generation = {"lumen": 1}
+
+    async def version(tenant: str) -> int:
+        return generation[tenant]
+
+    config = OrchestratorConfig.model_validate(orchestrator_args())
+    generator = Generator()
+    chat = ChatPipeline(
+        config, Retriever(0.8), generator, cache=InProcessAnswerCache(AnswerCacheConfig()), knowledge_version=version
+    )
+    tenant = config.tenants[0]
+    first = await chat.answer(tenant, ChatRequest(user_id="u", message="How long are returns?"))
+    again = await chat.answer(tenant, ChatRequest(user_id="v", message="  how LONG are returns？ "))
+    assert (first.cached, again.cached, len(generator.calls)) == (False, True, 1)
+    assert again.response == first.response and again.session_id != first.session_id
+    assert normalize_question("Ｒｅｔｕｒｎｓ??") == "returns"
+
+    # A follow-up depends on its conversation: never served from the cache.
+    await chat.answer(tenant, ChatRequest(user_id="v", message="How long are returns?", session_id=again.session_id))
+    assert len(generator.calls) == 2
+
+    generation["lumen"] = 2  # a knowledge sync committed
+    fresh = await chat.answer(tenant, ChatRequest(user_id="u", message="How long are returns?"))
+    assert fresh.cached is False and len(generator.calls) == 3

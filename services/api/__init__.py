@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from services.adapters.admin import AdapterAdmin
-from services.api import admin, chat, health
+from services.api import admin, chat, health, openai_compat
 from services.api.auth import ApiKeyAuth
 from services.api.errors import install_error_handlers
 from services.config import OrchestratorConfig
@@ -51,6 +51,7 @@ def create_api(
     app.state.tenant_ids = {t.tenant for t in config.tenants}
     install_error_handlers(app)
     app.include_router(chat.router)
+    app.include_router(openai_compat.router)
     app.include_router(health.router)
     app.include_router(admin.router)
     return app

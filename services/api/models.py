@@ -39,6 +39,13 @@ class Source(BaseModel):
     score: float = Field(description="Dense similarity of the document's best chunk to the question (0..1).")
 
 
+class Usage(BaseModel):
+    """Tokens the engine read and wrote for a reply."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class ChatReply(BaseModel):
     """The answer to one message."""
 
@@ -48,6 +55,8 @@ class ChatReply(BaseModel):
     actions: list[dict[str, Any]] = Field(default_factory=list, description="Actions taken (tickets, handover).")
     session_id: str
     adapter: str | None = Field(None, description="LoRA adapter that voiced the answer; null for the base model.")
+    usage: Usage | None = Field(None, description="Engine tokens; null when no model was called (fallback).")
+    cached: bool = Field(False, description="Served from the answer cache.")
 
 
 class ErrorBody(BaseModel):

@@ -1,0 +1,180 @@
+"""OpenAI-compatible endpoints: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+Any OpenAI client library talks to a tenant's assistant: the API key picks the tenant,
+``model`` names its assistant (the tenant id), and the reply is the same grounded,
+brand-voiced answer ``/v1/chat`` gives. OpenAI requests carry the whole conversation, so
+the earlier messages are the history and nothing is kept server-side. The platform's own
+fields (confidence, sources, actions, adapter) ride along under ``cs`` in a completion and
+in the last chunk of a stream; OpenAI clients ignore them, ours can read them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.api.auth import require_same_tenant
+from services.api.models import ChatReply, ChatRequest, ErrorBody
+from services.config import TenantConfig
+from services.errors import InvalidRequestError, NotFoundError, ServiceError
+from services.sessions import Turn
+
+if TYPE_CHECKING:
+    from services.orchestrator import ChatPipeline, PreparedAnswer
+
+router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+
+
+def _tenant(request: Request) -> TenantConfig:
+    tenant: TenantConfig = request.app.state.auth(request)
+    return tenant
+
+
+Caller = Annotated[TenantConfig, Depends(_tenant)]
+
+
+class OpenAIMessage(BaseModel):
+    """One message; content may be a string or OpenAI's list of text parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text (text parts joined)."""
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class CompletionRequest(BaseModel):
+    """The fields of an OpenAI chat-completion request the assistant uses; others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="The tenant's assistant: its tenant id (see GET /v1/models).")
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    stream: bool = False
+    user: str | None = Field(None, max_length=128, description="The shopper's id.")
+
+
+def _assistant(caller: TenantConfig, model: str, request: Request) -> None:
+    if model not in request.app.state.tenant_ids:
+        raise NotFoundError(f"model {model!r} does not exist; GET /v1/models lists yours")
+    require_same_tenant(caller, model)
+
+
+def _split(messages: list[OpenAIMessage]) -> tuple[list[Turn], str]:
+    """Earlier (user, assistant) pairs and the last user message.
+
+    System messages are ignored: the tenant's persona and grounding rules are the system
+    prompt, and a caller cannot replace them.
+    """
+    if messages[-1].role != "user" or not messages[-1].text().strip():
+        raise InvalidRequestError("messages: the last message must be a non-empty user message")
+    turns: list[Turn] = []
+    pending: str | None = None
+    for message in messages[:-1]:
+        if message.role == "user":
+            pending = message.text()
+        elif message.role == "assistant" and pending is not None:
+            turns.append(Turn(user=pending, assistant=message.text()))
+            pending = None
+    return turns, messages[-1].text()
+
+
+def _cs_fields(reply: ChatReply) -> dict[str, Any]:
+    return reply.model_dump(mode="json", include={"confidence", "sources", "actions", "adapter"})
+
+
+def _usage(reply: ChatReply) -> dict[str, int]:
+    prompt, completion = (reply.usage.prompt_tokens, reply.usage.completion_tokens) if reply.usage else (0, 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@router.get("/models")
+async def models(caller: Caller) -> dict[str, Any]:
+    """The caller's assistant, as an OpenAI model list."""
+    return {"object": "list", "data": [{"id": caller.tenant, "object": "model", "created": 0, "owned_by": "cs"}]}
+
+
+@router.post(
+    "/chat/completions",
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "A chat completion, or chunks when streaming."},
+        401: {"model": ErrorBody},
+        403: {"model": ErrorBody},
+        404: {"model": ErrorBody},
+        422: {"model": ErrorBody},
+        503: {"model": ErrorBody},
+    },
+)
+async def chat_completions(body: CompletionRequest, caller: Caller, request: Request) -> Any:
+    """Answer the last user message as the tenant's assistant (OpenAI chat-completion format)."""
+    _assistant(caller, body.model, request)
+    history, question = _split(body.messages)
+    pipeline: ChatPipeline = request.app.state.pipeline
+    chat = ChatRequest(user_id=body.user or "openai-client", message=question)
+    prepared = await pipeline.prepare(caller, chat, history=history)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return StreamingResponse(
+            _chunks(pipeline, prepared, completion_id, created, body.model),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    reply = None
+    async for item in pipeline.stream(prepared):
+        if isinstance(item, ChatReply):
+            reply = item
+    assert reply is not None
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.response},
+                "finish_reason": prepared.finish_reason if prepared.chunks else "stop",
+            }
+        ],
+        "usage": _usage(reply),
+        "cs": _cs_fields(reply),
+    }
+
+
+async def _chunks(
+    pipeline: ChatPipeline, prepared: PreparedAnswer, completion_id: str, created: int, model: str
+) -> AsyncIterator[str]:
+    def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        chunk = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        } | extra
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    yield event({"role": "assistant", "content": ""})
+    try:
+        async for item in pipeline.stream(prepared):
+            if isinstance(item, ChatReply):
+                finish = prepared.finish_reason if prepared.chunks else "stop"
+                yield event({}, finish, usage=_usage(item), cs=_cs_fields(item))
+            else:
+                yield event({"content": item})
+    except ServiceError as err:
+        # Headers are sent: report in-band, as OpenAI's servers do, then end the stream.
+        yield f"data: {json.dumps({'error': {'message': err.message, 'code': err.code}})}\n\n"
+    yield "data: [DONE]\n\n"
