@@ -208,6 +208,7 @@ class TenantConfig(StrictModel):
     persona: str = Field(min_length=1, description="System prompt: who the assistant is and how it speaks.")
     adapter: str | None = Field(None, description="LoRA adapter name under llm.adapters_dir; None = base model.")
     fallback_message: str | None = Field(None, description="Overrides the orchestrator's fallback sentence.")
+    standard_replies: StandardReplies | None = Field(None, description="Overrides the orchestrator's standard replies.")
     api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="API keys of this tenant: 'sha256:<hex>' digests (see cs-api-key), or plain keys on a dev box; "
@@ -239,6 +240,100 @@ class AnswerCacheConfig(StrictModel):
     redis_timeout_s: float = Field(0.5, gt=0, description="Redis: bound on one command; a slow cache is a miss.")
 
 
+DEFAULT_INTENT_EXAMPLES: dict[str, list[str]] = {
+    "order_status": [
+        "Where is my order?", "When will my package arrive?", "Has my order shipped yet?",
+        "我的订单到哪了？", "我的快递什么时候到？", "订单发货了吗？",
+    ],
+    "complaint": [
+        "I want to file a complaint.", "The item arrived broken and I am very unhappy.", "Your service is terrible.",
+        "我要投诉。", "收到的商品是坏的，我很不满意。", "你们的服务太差了。",
+    ],
+    "human_agent": [
+        "I want to talk to a human.", "Can I speak with a real person?", "Transfer me to an agent.",
+        "转人工。", "我要找人工客服。", "让真人来跟我说。",
+    ],
+    "chit_chat": [
+        "Hello!", "Thanks a lot!", "Good morning.", "你好！", "谢谢！", "早上好。",
+    ],
+    "out_of_scope": [
+        "What is the capital of France?", "Write me a poem.", "Help me with my math homework.",
+        "法国的首都是哪里？", "给我写一首诗。", "帮我做数学作业。",
+    ],
+    "sensitive": [
+        "What do you think about the election?", "How can I hurt someone?", "Tell me about your politics.",
+        "你怎么看选举？", "怎么伤害别人？", "谈谈政治。",
+    ],
+}  # fmt: skip
+DEFAULT_INTENT_RULES: dict[str, list[str]] = {
+    "human_agent": [
+        r"转人工",
+        r"人工客服",
+        r"真人",
+        r"\b(human|real person|live agent)\b",
+        r"\btalk to (an? )?agent\b",
+    ],
+    "sensitive": [r"政治", r"选举", r"\b(election|politics|suicide|self-harm)\b"],
+}
+DEFAULT_ANGRY_WORDS = [
+    "垃圾", "太差", "气死", "骗子", "投诉", "差评", "坑人",
+    "terrible", "ridiculous", "useless", "worst", "scam", "unacceptable", "angry",
+]  # fmt: skip
+
+
+class IntentConfig(StrictModel):
+    """Intent and frustration detection: rules, then similarity to example messages."""
+
+    examples: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_INTENT_EXAMPLES.items()},
+        description="Example messages per intent (order_status, complaint, human_agent, chit_chat, out_of_scope, "
+        "sensitive); a message most similar to one of them, above threshold, has that intent.",
+    )
+    rules: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_INTENT_RULES.items()},
+        description="Regular expressions per intent, checked before examples (in this order); exact in any language.",
+    )
+    threshold: float = Field(0.75, ge=0, le=1, description="Least similarity to an example for its intent.")
+    angry_words: list[str] = Field(default_factory=lambda: list(DEFAULT_ANGRY_WORDS), description="Anger signals.")
+    repeat_similarity: float = Field(
+        0.9, gt=0, le=1, description="A message this similar (characters) to an earlier one is a repeated question."
+    )
+    frustration_handoff: int = Field(
+        2, ge=1, description="Frustration signals in one message that hand the conversation to a human."
+    )
+
+    @model_validator(mode="after")
+    def _known_intents(self) -> IntentConfig:
+        known = {"order_status", "complaint", "human_agent", "chit_chat", "out_of_scope", "sensitive"}
+        unknown = (set(self.examples) | set(self.rules)) - known
+        if unknown:
+            raise ValueError(f"unknown intents {sorted(unknown)}; use {sorted(known)}")
+        for intent, patterns in self.rules.items():
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"rules.{intent}: bad pattern {pattern!r}: {err}") from err
+        return self
+
+
+class StandardReplies(StrictModel):
+    """Replies given without the model: for handover, sensitive topics and out-of-scope requests."""
+
+    handoff: str = Field(
+        "I'm connecting you with a human colleague now; please hold on. 正在为您转接人工客服，请稍候。",
+        description="Sent when the conversation is handed to a human.",
+    )
+    sensitive: str = Field(
+        "I'm sorry, I can't discuss that topic here. 抱歉，这个话题我无法在这里讨论。",
+        description="Sent for configured sensitive topics.",
+    )
+    out_of_scope: str = Field(
+        "I can help with our products, orders and store policies. 我可以为您解答商品、订单和店铺政策相关的问题。",
+        description="Sent for requests outside customer service.",
+    )
+
+
 class OrchestratorConfig(StrictModel):
     """The ingress and the dialogue pipeline."""
 
@@ -264,6 +359,10 @@ class OrchestratorConfig(StrictModel):
         0.85, ge=0, le=1, description="Least similarity to an example for a message to count as one of them."
     )
     session: SessionConfig = Field(default_factory=lambda: SessionConfig(), description="Conversation memory.")
+    intents: IntentConfig = Field(default_factory=lambda: IntentConfig(), description="Intents and frustration.")
+    standard_replies: StandardReplies = Field(
+        default_factory=lambda: StandardReplies(), description="Handover, sensitive and out-of-scope replies."
+    )
     answer_cache: AnswerCacheConfig = Field(
         default_factory=lambda: AnswerCacheConfig(), description="Cache of frequent questions' answers."
     )

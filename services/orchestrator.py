@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -25,10 +25,25 @@ from services.adapters.registry import AdapterRegistry
 from services.answer_cache import AnswerCache, cache_key, open_answer_cache
 from services.api import create_api
 from services.api.auth import ApiKeyAuth, admin_digests
-from services.api.models import ChatReply, ChatRequest, Source, Usage
+from services.api.models import ChatReply, ChatRequest, FeedbackRequest, Source, Usage
 from services.config import ChunkingConfig, LLMConfig, OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
 from services.dialogue import Grounding, build_messages, ground, sources_of
-from services.errors import DependencyUnavailableError, GenerationError, InvalidRequestError, ServiceError
+from services.errors import (
+    DependencyUnavailableError,
+    GenerationError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceError,
+)
+from services.intents import (
+    CHIT_CHAT,
+    COMPLAINT,
+    HUMAN_AGENT,
+    OUT_OF_SCOPE,
+    SENSITIVE,
+    Classification,
+    IntentClassifier,
+)
 from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk
 from services.sessions import (
     InProcessSessionMemory,
@@ -167,34 +182,95 @@ class EmbedderClient:
         return await call_dependency("embedder", lambda: self._handle.embed.remote(texts, "query"), self._timeout_s)
 
 
-class AssistantQuestions:
-    """Recognizes questions about the assistant itself by similarity to configured examples.
+class ConversationMetrics:
+    """Counts replies by outcome and feedback verdicts; a no-op base, Ray metrics in the deployment."""
 
-    Such questions ("who are you?") have no answer in a policy knowledge base; the
-    persona and the tenant's adapter, trained on the brand's identity, answer them.
+    def reply(self, tenant: str, outcome: str) -> None:
+        """One reply: answered, fallback, handoff, guardrail or cached."""
+
+    def feedback(self, tenant: str, helpful: bool | None, resolved: bool | None) -> None:
+        """One feedback verdict."""
+
+
+class RayConversationMetrics(ConversationMetrics):
+    """``cs_replies`` and ``cs_feedback`` counters on Ray's metrics endpoint.
+
+    Answer accuracy is helpful / (helpful + not helpful), the handover rate is
+    handoff / all replies, satisfaction is resolved / (resolved + unresolved).
     """
 
-    def __init__(self, examples: list[str], threshold: float, embedder: QueryEmbedder) -> None:
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter
+
+        self._replies = Counter(
+            "cs_replies",
+            description="Replies by tenant and outcome.",
+            tag_keys=("tenant", "outcome"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
+        )
+        self._feedback = Counter(
+            "cs_feedback",
+            description="Feedback verdicts by tenant.",
+            tag_keys=("tenant", "verdict"),  # type: ignore[arg-type]
+        )
+
+    def reply(self, tenant: str, outcome: str) -> None:
+        """Count a reply."""
+        self._replies.inc(tags={"tenant": tenant, "outcome": outcome})
+
+    def feedback(self, tenant: str, helpful: bool | None, resolved: bool | None) -> None:
+        """Count a verdict (helpful / not_helpful, resolved / unresolved)."""
+        if helpful is not None:
+            self._feedback.inc(tags={"tenant": tenant, "verdict": "helpful" if helpful else "not_helpful"})
+        if resolved is not None:
+            self._feedback.inc(tags={"tenant": tenant, "verdict": "resolved" if resolved else "unresolved"})
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What is known about a message before any retrieval."""
+
+    embedding: Embedding
+    about_assistant: float  # similarity to an assistant-question example if above threshold, else 0
+    intent: Classification | None
+
+
+class AssistantQuestions:
+    """Embeds each message once and recognizes questions about the assistant and the message's intent.
+
+    Questions about the assistant itself ("who are you?") have no answer in a policy
+    knowledge base; the persona and the tenant's adapter, trained on the brand's identity,
+    answer them. Intents and frustration come from :class:`~services.intents.IntentClassifier`.
+    """
+
+    def __init__(
+        self,
+        examples: list[str],
+        threshold: float,
+        embedder: QueryEmbedder,
+        intents: IntentClassifier | None = None,
+    ) -> None:
         self._examples = examples
         self._threshold = threshold
         self._embedder = embedder
+        self._intents = intents
         self._vectors: list[list[float]] | None = None
 
-    async def classify(self, message: str) -> tuple[Embedding, float]:
-        """Embed the message once (the retriever reuses it) and score it against the examples.
-
-        Returns:
-            The query embedding, and the best similarity to an example if it reaches the
-            threshold, else 0.
-
-        """
+    async def classify(self, message: str, history: list[Turn] | None = None) -> Analysis:
+        """Embed the message once (the retriever reuses it) and classify it."""
         [query] = await self._embedder.embed([message])
-        if not self._examples:
-            return query, 0.0
-        if self._vectors is None:  # embedded on first use: the Embedder may still be starting at init
-            self._vectors = [e.dense for e in await self._embedder.embed(self._examples)]
-        best = max(sum(a * b for a, b in zip(query.dense, v, strict=True)) for v in self._vectors)
-        return query, round(min(best, 1.0), 4) if best >= self._threshold else 0.0
+        intent_examples = [text for _, text in self._intents.examples] if self._intents else []
+        if self._vectors is None and (self._examples or intent_examples):
+            # Embedded on first use: the Embedder may still be starting at init.
+            self._vectors = [e.dense for e in await self._embedder.embed(self._examples + intent_examples)]
+        vectors = self._vectors or []
+        about = 0.0
+        if self._examples:
+            best = max(sum(a * b for a, b in zip(query.dense, v, strict=True)) for v in vectors[: len(self._examples)])
+            about = round(min(best, 1.0), 4) if best >= self._threshold else 0.0
+        intent = None
+        if self._intents is not None:
+            intent = self._intents.classify(message, query.dense, vectors[len(self._examples) :], history or [])
+        return Analysis(query, about, intent)
 
 
 @dataclass
@@ -213,6 +289,9 @@ class PreparedAnswer:
     chunks: AsyncIterator[GenerationChunk] | None = None
     first_chunk: GenerationChunk | None = None
     remember: bool = True  # False when the caller keeps the conversation (OpenAI-style requests)
+    standard_reply: str | None = None  # a reply given without the model (handover, guardrails)
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    intent: str | None = None
     cached_reply: ChatReply | None = None  # a cache hit: nothing else runs
     cache_slot: str | None = None  # where to cache this answer once complete
     usage: Usage | None = None
@@ -232,6 +311,7 @@ class ChatPipeline:
         sessions: SessionMemory | None = None,
         cache: AnswerCache | None = None,
         knowledge_version: Callable[[str], Awaitable[int]] | None = None,
+        metrics: ConversationMetrics | None = None,
     ) -> None:
         self._config = config
         self._retriever = retriever
@@ -241,6 +321,7 @@ class ChatPipeline:
         self._sessions = sessions or InProcessSessionMemory(config.session)
         self._cache = cache
         self._knowledge_version = knowledge_version
+        self._metrics = metrics or ConversationMetrics()
 
     async def prepare(
         self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None
@@ -270,6 +351,18 @@ class ChatPipeline:
         # Resolved once per request: a swap while this answer streams does not touch it.
         registered = self._resolve_adapter(tenant.tenant, session_id) if self._resolve_adapter else None
         adapter = registered or tenant.adapter
+        analysis = (
+            await self._assistant_questions.classify(request.message, history) if self._assistant_questions else None
+        )
+        embedding = analysis.embedding if analysis else None
+        about_assistant = analysis.about_assistant if analysis else 0.0
+        if analysis is not None and analysis.intent is not None:
+            standard = self._standard_reply(tenant, analysis.intent, len(history))
+            if standard is not None:
+                standard.session_id, standard.question, standard.remember = session_id, request.message, remember
+                return standard
+            if analysis.intent.intent == CHIT_CHAT and not about_assistant:
+                about_assistant = analysis.intent.score  # greetings and thanks: the persona answers
         cache_slot = None
         if self._cache is not None and self._knowledge_version is not None and not history:
             generation = await self._knowledge_version(tenant.tenant)
@@ -282,9 +375,6 @@ class ChatPipeline:
                     adapter=cached.adapter, remember=remember, cached_reply=reply,
                 )  # fmt: skip
 
-        embedding, about_assistant = None, 0.0
-        if self._assistant_questions is not None:
-            embedding, about_assistant = await self._assistant_questions.classify(request.message)
         if about_assistant:
             grounding = Grounding(chunks=[], confidence=0.0)
             prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=about_assistant)
@@ -295,6 +385,7 @@ class ChatPipeline:
             grounding = ground(hits, self._config.relevance_threshold, self._config.retrieval_top_k)
             prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=grounding.confidence)
         prepared.remember = remember
+        prepared.intent = analysis.intent.intent if analysis and analysis.intent else None
         if grounding.is_empty and not about_assistant:
             return prepared
         prepared.adapter = adapter
@@ -310,14 +401,19 @@ class ChatPipeline:
     async def stream(self, prepared: PreparedAnswer) -> AsyncIterator[str | ChatReply]:
         """Yield text pieces, then the final :class:`ChatReply`; the turn is saved at the end."""
         if prepared.cached_reply is not None:
-            yield prepared.cached_reply.response
-            await self._remember(prepared, prepared.cached_reply.response)
-            yield prepared.cached_reply
+            reply = prepared.cached_reply.model_copy(update={"reply_id": uuid.uuid4().hex})
+            yield reply.response
+            await self._remember(prepared, reply.response, reply.reply_id)
+            self._metrics.reply(prepared.tenant.tenant, "cached")
+            yield reply
             return
         if prepared.chunks is None or prepared.first_chunk is None:
-            text = prepared.tenant.fallback_message or self._config.fallback_message
+            if prepared.standard_reply is not None:
+                text, confidence = prepared.standard_reply, prepared.confidence
+            else:
+                text, confidence = prepared.tenant.fallback_message or self._config.fallback_message, 0.0
             yield text
-            yield await self._finish(prepared, text, confidence=0.0)
+            yield await self._finish(prepared, text, confidence=confidence)
             return
         parts: list[str] = []
         chunk: GenerationChunk | None = prepared.first_chunk
@@ -343,21 +439,68 @@ class ChatPipeline:
                 return item
         raise GenerationError("the answer stream ended without a reply")
 
-    async def _remember(self, prepared: PreparedAnswer, text: str) -> None:
+    async def _remember(self, prepared: PreparedAnswer, text: str, reply_id: str) -> None:
         if prepared.remember:
-            turn = Turn(user=prepared.question, assistant=text)
+            turn = Turn(user=prepared.question, assistant=text, reply_id=reply_id)
             await self._sessions.append(prepared.tenant.tenant, prepared.session_id, turn)
 
+    async def feedback(self, tenant: TenantConfig, request: FeedbackRequest) -> None:
+        """Record the shopper's verdict on one of the session's recent replies.
+
+        Raises:
+            NotFoundError: no such reply in this tenant's session (another tenant's is invisible).
+
+        """
+        turns = await self._sessions.history(tenant.tenant, request.session_id)
+        if not any(t.reply_id == request.reply_id for t in turns):
+            raise NotFoundError(
+                f"reply {request.reply_id!r} is not among the recent replies of session {request.session_id!r}"
+            )
+        self._metrics.feedback(tenant.tenant, request.helpful, request.resolved)
+
     async def _finish(self, prepared: PreparedAnswer, text: str, confidence: float) -> ChatReply:
-        await self._remember(prepared, text)
+        reply_id = uuid.uuid4().hex
+        await self._remember(prepared, text, reply_id)
+        outcome = "answered"
+        if prepared.actions:
+            outcome = str(prepared.actions[0]["type"])
+        elif prepared.chunks is None:
+            outcome = "fallback"
+        self._metrics.reply(prepared.tenant.tenant, outcome)
         return ChatReply(
+            reply_id=reply_id,
             response=text,
             confidence=confidence,
             sources=[Source.model_validate(s) for s in sources_of(prepared.grounding)],
             session_id=prepared.session_id,
             adapter=prepared.adapter,
             usage=prepared.usage,
+            actions=prepared.actions,
+            intent=prepared.intent,
         )
+
+    def _standard_reply(self, tenant: TenantConfig, intent: Classification, turns: int) -> PreparedAnswer | None:
+        """A reply the model must not give: handover, sensitive topics, out-of-scope requests."""
+        replies = tenant.standard_replies or self._config.standard_replies
+        config = self._config.intents
+        signals = intent.frustration
+        reason = None
+        if intent.intent == HUMAN_AGENT:
+            reason = "the shopper asked for a human agent"
+        elif len(signals) >= config.frustration_handoff or (intent.intent == COMPLAINT and signals):
+            reason = "frustration: " + "; ".join(signals)
+        if reason is not None:
+            text, action = replies.handoff, {"type": "handoff", "reason": reason}
+        elif intent.intent == SENSITIVE:
+            text, action = replies.sensitive, {"type": "guardrail", "reason": "sensitive topic"}
+        elif intent.intent == OUT_OF_SCOPE:
+            text, action = replies.out_of_scope, {"type": "guardrail", "reason": "out of scope"}
+        else:
+            return None
+        return PreparedAnswer(
+            tenant, "", "", Grounding([], 0.0), confidence=intent.score,
+            standard_reply=text, actions=[action], intent=intent.intent,
+        )  # fmt: skip
 
 
 @serve.ingress()
@@ -398,10 +541,12 @@ class Orchestrator:
                 config.assistant_questions,
                 config.assistant_question_threshold,
                 EmbedderClient(embedder, config.dependency_timeout_s),
+                IntentClassifier(config.intents),
             ),
             self._sessions,
             open_answer_cache(config.answer_cache, redis_url),
             self._knowledge.generation,
+            RayConversationMetrics(),
         )
         self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
 

@@ -27,6 +27,7 @@ class Turn:
 
     user: str
     assistant: str
+    reply_id: str = ""  # lets feedback name the reply it is about
 
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")

@@ -179,3 +179,37 @@ async def test_answer_cache_serves_repeats_until_the_knowledge_changes() -> None
     generation["lumen"] = 2  # a knowledge sync committed
     fresh = await chat.answer(tenant, ChatRequest(user_id="u", message="How long are returns?"))
     assert fresh.cached is False and len(generator.calls) == 3
+
+
+async def test_feedback_names_a_recent_reply_of_the_callers_own_session() -> None:
+    import pytest
+
+    from services.api.models import FeedbackRequest
+    from services.errors import NotFoundError
+    from services.orchestrator import ConversationMetrics
+
+    class Recorded(ConversationMetrics):
+        def __init__(self) -> None:
+            self.replies: list[tuple[str, str]] = []
+            self.verdicts: list[tuple[str, bool | None, bool | None]] = []
+
+        def reply(self, tenant: str, outcome: str) -> None:
+            self.replies.append((tenant, outcome))
+
+        def feedback(self, tenant: str, helpful: bool | None, resolved: bool | None) -> None:
+            self.verdicts.append((tenant, helpful, resolved))
+
+    config = OrchestratorConfig.model_validate(orchestrator_args())
+    metrics = Recorded()
+    chat = ChatPipeline(config, Retriever(0.8), Generator(), metrics=metrics)
+    lumen = config.tenants[0]
+    reply = await chat.answer(lumen, ChatRequest(user_id="u", message="Returns?"))
+    assert reply.reply_id and metrics.replies == [("lumen", "answered")]
+    verdict = FeedbackRequest(session_id=reply.session_id, reply_id=reply.reply_id, helpful=True, resolved=False)
+    await chat.feedback(lumen, verdict)
+    assert metrics.verdicts == [("lumen", True, False)]
+    other = lumen.model_copy(update={"tenant": "other"})
+    with pytest.raises(NotFoundError, match="not among the recent replies"):
+        await chat.feedback(other, verdict)  # another tenant cannot see, nor rate, this session
+    with pytest.raises(ValueError, match="give helpful, resolved or both"):
+        FeedbackRequest(session_id="s", reply_id="r")

@@ -7,10 +7,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from services.api.models import ChatReply, ChatRequest, ErrorBody
+from services.api.models import ChatReply, ChatRequest, ErrorBody, FeedbackRequest
 from services.config import TenantConfig
 from services.errors import ServiceError
 
@@ -76,3 +76,16 @@ async def chat(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+@router.post("/feedback", status_code=204, responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+async def feedback(
+    body: FeedbackRequest, tenant: Annotated[TenantConfig, Depends(_tenant)], request: Request
+) -> Response:
+    """Record whether a reply helped and whether the issue was resolved (feeds the feedback metrics).
+
+    The reply must be one of the session's recent replies (``session.max_turns``).
+    """
+    pipeline: ChatPipeline = request.app.state.pipeline
+    await pipeline.feedback(tenant, body)
+    return Response(status_code=204)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ChatRequest(BaseModel):
@@ -49,6 +49,7 @@ class Usage(BaseModel):
 class ChatReply(BaseModel):
     """The answer to one message."""
 
+    reply_id: str = Field("", description="Id of this reply, for POST /v1/feedback.")
     response: str
     confidence: float = Field(ge=0, le=1, description="0 when the knowledge base held nothing relevant.")
     sources: list[Source]
@@ -57,9 +58,31 @@ class ChatReply(BaseModel):
     adapter: str | None = Field(None, description="LoRA adapter that voiced the answer; null for the base model.")
     usage: Usage | None = Field(None, description="Engine tokens; null when no model was called (fallback).")
     cached: bool = Field(False, description="Served from the answer cache.")
+    intent: str | None = Field(
+        None,
+        description="policy_question, order_status, complaint, human_agent, chit_chat, out_of_scope or sensitive.",
+    )
 
 
 class ErrorBody(BaseModel):
     """Body of every 4xx/5xx reply."""
 
     error: dict[str, str] = Field(description="{'code': machine-readable code, 'message': what went wrong}")
+
+
+class FeedbackRequest(BaseModel):
+    """The shopper's verdict on one reply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    reply_id: str = Field(min_length=1, max_length=64)
+    helpful: bool | None = Field(None, description="Was the answer helpful (accurate)?")
+    resolved: bool | None = Field(None, description="Was the shopper's issue resolved?")
+    comment: str | None = Field(None, max_length=1000)
+
+    @model_validator(mode="after")
+    def _some_verdict(self) -> FeedbackRequest:
+        if self.helpful is None and self.resolved is None:
+            raise ValueError("give helpful, resolved or both")
+        return self

@@ -340,3 +340,39 @@ def test_repeated_questions_come_from_the_cache_until_a_sync(client: httpx.Clien
     assert chat(client, message=question).json()["cached"] is False  # a new knowledge generation
     cleanup = {"complete": False, "deleted_doc_ids": ["holiday-hours"]}
     assert client.put("/admin/knowledge/lumen/sources/cache-test", json=cleanup, headers=admin).status_code == 200
+
+
+def test_handover_and_guardrails_over_http(client: httpx.Client) -> None:
+    human = chat(client, message="我要转人工").json()
+    assert human["intent"] == "human_agent" and human["actions"][0]["type"] == "handoff"
+    sensitive = chat(client, message="What do you think about the election?").json()
+    assert sensitive["intent"] == "sensitive" and sensitive["actions"] == [
+        {"type": "guardrail", "reason": "sensitive topic"}
+    ]
+    first = chat(client, message="How many days do I have to return an item?").json()
+    angry = chat(client, message="How many days do I have to return an item??? This is ridiculous!",
+                 session_id=first["session_id"]).json()  # fmt: skip
+    assert angry["actions"][0]["type"] == "handoff" and "frustration" in angry["actions"][0]["reason"]
+
+
+def test_feedback_reaches_the_metrics(client: httpx.Client, ray_cluster: dict[str, Any]) -> None:
+    reply = chat(client, message="How do I reset my password?").json()
+    body = {"session_id": reply["session_id"], "reply_id": reply["reply_id"], "helpful": False, "resolved": False}
+    assert client.post("/v1/feedback", json=body, headers=AUTH).status_code == 204
+    nordic = {"Authorization": "Bearer nordic-key"}
+    assert client.post("/v1/feedback", json=body, headers=nordic).status_code == 404  # not its session
+    assert client.post("/v1/feedback", json=body | {"reply_id": "nope"}, headers=AUTH).status_code == 404
+    missing = client.post("/v1/feedback", json={"session_id": "s", "reply_id": "r"}, headers=AUTH)
+    assert missing.status_code == 422 and "give helpful, resolved or both" in missing.text
+
+    def scrape() -> str:
+        return httpx.get(ray_cluster["metrics_url"], timeout=10).text
+
+    # Ray exports metrics on its own schedule: wait for the counter, bounded.
+    import time
+
+    deadline = time.monotonic() + 60
+    while "ray_cs_feedback" not in (text := scrape()) or 'verdict="not_helpful"' not in text:
+        assert time.monotonic() < deadline, "cs_feedback never reached the metrics endpoint"
+        time.sleep(1)
+    assert any(line.startswith("ray_cs_replies") and 'outcome="answered"' in line for line in text.splitlines())

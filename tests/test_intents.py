@@ -1,0 +1,126 @@
+"""Intents, frustration and the replies the model must not give (stand-in embedder and LLM)."""
+
+from __future__ import annotations
+
+from services.api.models import ChatRequest
+from services.config import IntentConfig, OrchestratorConfig
+from services.intents import IntentClassifier, frustration_signals
+from services.orchestrator import AssistantQuestions, ChatPipeline
+from services.schemas import Embedding
+from services.sessions import Turn
+from tests.conftest import orchestrator_args
+from tests.test_pipeline import Generator, Retriever
+
+AXES = ["order", "complain", "human", "hello", "poem", "election"]
+
+
+class KeywordEmbedder:
+    """One axis per topic word; texts with none of them point elsewhere."""
+
+    async def embed(self, texts: list[str]) -> list[Embedding]:
+        vectors = []
+        for text in texts:
+            hits = [1.0 if word in text.lower() else 0.0 for word in AXES] + [0.1]
+            norm = sum(v * v for v in hits) ** 0.5
+            vectors.append(Embedding(dense=[v / norm for v in hits]))
+        return vectors
+
+
+INTENTS = IntentConfig(
+    examples={
+        "order_status": ["where is my order"], "complaint": ["I complain"], "human_agent": ["a human please"],
+        "chit_chat": ["hello"], "out_of_scope": ["write a poem"], "sensitive": ["the election"],
+    },
+    threshold=0.9,
+)  # fmt: skip
+
+
+def pipeline(**overrides: object) -> tuple[ChatPipeline, Generator]:
+    config = OrchestratorConfig.model_validate(orchestrator_args(**overrides))
+    intents = config.intents if "intents" in overrides else INTENTS
+    analyzer = AssistantQuestions([], 1.0, KeywordEmbedder(), IntentClassifier(intents))
+    generator = Generator()
+    return ChatPipeline(config, Retriever(0.8), generator, assistant_questions=analyzer), generator
+
+
+async def ask(chat: ChatPipeline, message: str, session_id: str | None = None) -> dict[str, object]:
+    reply = await chat.answer(chat._config.tenants[0], ChatRequest(user_id="u", message=message, session_id=session_id))
+    return reply.model_dump()
+
+
+async def test_asking_for_a_human_hands_over_without_the_model() -> None:
+    chat, generator = pipeline()
+    for message in ("Can I get a human please?", "我要转人工"):
+        reply = await ask(chat, message)
+        assert reply["intent"] == "human_agent"
+        assert reply["actions"] == [{"type": "handoff", "reason": "the shopper asked for a human agent"}]
+        assert reply["response"].startswith("I'm connecting you with a human colleague")
+    assert generator.calls == []
+
+
+async def test_frustration_hands_over() -> None:
+    chat, generator = pipeline()
+    first = await ask(chat, "How long do returns take?")
+    assert first["actions"] == [] and len(generator.calls) == 1
+    again = await ask(chat, "How long do returns take???", session_id=str(first["session_id"]))
+    [action] = again["actions"]  # type: ignore[misc]
+    assert action["type"] == "handoff"
+    assert "repeated question or exclamation marks" in action["reason"]
+    assert "asked the same question again" in action["reason"]
+    assert len(generator.calls) == 1
+
+
+async def test_a_complaint_with_angry_words_hands_over_but_a_calm_one_is_answered() -> None:
+    chat, generator = pipeline()
+    calm = await ask(chat, "I want to complain about a late delivery.")
+    assert calm["intent"] == "complaint" and calm["actions"] == [] and len(generator.calls) == 1
+    angry = await ask(chat, "I complain, this is the worst service, 垃圾!")
+    assert angry["actions"][0]["type"] == "handoff"  # type: ignore[index]
+
+
+async def test_sensitive_and_out_of_scope_get_the_standard_replies() -> None:
+    tenants = orchestrator_args()["tenants"]
+    tenants[0]["standard_replies"] = {"sensitive": "We stay out of that. 此话题不便讨论。"}
+    chat, generator = pipeline(tenants=tenants)
+    sensitive = await ask(chat, "What about the election?")
+    assert sensitive["response"] == "We stay out of that. 此话题不便讨论。"
+    assert sensitive["actions"] == [{"type": "guardrail", "reason": "sensitive topic"}]
+    poem = await ask(chat, "Write me a poem about sofas")
+    assert poem["intent"] == "out_of_scope" and poem["response"].startswith("I can help with our products")
+    assert generator.calls == []
+
+
+async def test_chit_chat_is_answered_by_the_persona_without_knowledge() -> None:
+    chat, generator = pipeline()
+    reply = await ask(chat, "hello there")
+    assert reply["intent"] == "chit_chat" and reply["sources"] == []
+    assert generator.calls[0][0].content.endswith("Knowledge entries:\n")
+
+
+async def test_policy_questions_go_to_the_knowledge_base() -> None:
+    chat, _ = pipeline()
+    reply = await ask(chat, "How long do returns take?")
+    assert reply["intent"] == "policy_question" and reply["sources"]
+
+
+def test_frustration_signals() -> None:
+    config = IntentConfig()
+    assert frustration_signals("where is it???", [], config) == ["repeated question or exclamation marks"]
+    assert frustration_signals("你们真是垃圾", [], config) == ["angry words: 垃圾"]
+    history = [Turn("Where is my order 123?", "It ships today.")]
+    assert frustration_signals("where is my order 123", history, config) == [
+        "asked the same question again after an answer"
+    ]
+    assert frustration_signals("Thanks, that helps.", history, config) == []
+
+
+def test_rules_win_over_examples_and_bad_rules_are_refused() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    classifier = IntentClassifier(IntentConfig())
+    assert classifier.classify("请帮我转人工", [1.0], [], []).by_rule
+    with pytest.raises(ValidationError, match="bad pattern"):
+        IntentConfig(rules={"sensitive": ["(unclosed"]})
+    with pytest.raises(ValidationError, match="unknown intents"):
+        IntentConfig(examples={"weather": ["rain?"]})
