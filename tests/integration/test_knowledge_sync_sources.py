@@ -161,13 +161,19 @@ def policies(version: str, count: int = 80) -> list[KnowledgeDocument]:
 
 
 def test_an_interrupted_run_leaves_the_previous_knowledge_searchable(
-    store: MilvusKnowledgeStore, encoder: CountingEncoder, backend: FlagEmbeddingBackend
+    store: MilvusKnowledgeStore,
+    encoder: CountingEncoder,
+    backend: FlagEmbeddingBackend,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from knowledge_sync import pipeline
+
+    monkeypatch.setattr(pipeline, "EMBED_BATCH", 32)
     sync_complete(store, encoder, "lumen", "kb", policies("A"))
     generation = store.tenant_state("lumen").generation
     everything = "returns take days"
 
-    encoder.fail_after_batches = 1  # dies after staging the first 64 of 80 new chunks
+    encoder.fail_after_batches = 1  # dies after staging the first 32 of 80 new chunks
     with pytest.raises(RuntimeError, match="embedder crashed"):
         sync_complete(store, encoder, "lumen", "kb", policies("B"))
     texts = search(store, backend, everything)
