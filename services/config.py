@@ -332,6 +332,104 @@ class StandardReplies(StrictModel):
         "I can help with our products, orders and store policies. 我可以为您解答商品、订单和店铺政策相关的问题。",
         description="Sent for requests outside customer service.",
     )
+    tool_failure: str = Field(
+        "Sorry, I couldn't reach our order system just now; please try again in a moment, or ask for a human "
+        "colleague. 抱歉，暂时无法查询系统，请稍后再试或转人工客服。",
+        description="Sent when a tool the answer needs fails.",
+    )
+
+
+class ToolConfig(StrictModel):
+    """A function the assistant may call: a storefront or CRM endpoint, or a built-in action."""
+
+    name: str = Field(pattern=r"^[a-z_][a-z0-9_]{0,63}$", description="Function name the model sees.")
+    description: str = Field(min_length=1, description="What it does, for the model.")
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="JSON schema (type object) of the arguments the model fills.",
+    )
+    method: Literal["GET", "POST"] = Field("GET", description="HTTP method of the endpoint.")
+    url: str | None = Field(
+        None,
+        description="URL template: {storefront_url}, {user_id} and argument names are filled in (URL-quoted); "
+        "None for transfer_to_human, which is handled by the platform.",
+    )
+    intents: list[str] = Field(default_factory=list, description="Offered for these intents only; empty = always.")
+
+    @model_validator(mode="after")
+    def _object_schema(self) -> ToolConfig:
+        if self.parameters.get("type") != "object":
+            raise ValueError(f"tool {self.name}: parameters must be a JSON schema of type object")
+        if "user_id" in self.parameters.get("properties", {}):
+            raise ValueError(f"tool {self.name}: user_id comes from the authenticated request, not from the model")
+        return self
+
+
+DEFAULT_TOOLS: list[dict[str, Any]] = [
+    {
+        "name": "get_order_status",
+        "description": "Look up the status, carrier and expected delivery of one of the shopper's orders.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string", "maxLength": 40}},
+                       "required": ["order_id"]},
+        "method": "GET",
+        "url": "{storefront_url}/orders/{order_id}?user_id={user_id}",
+        "intents": ["order_status", "complaint"],
+    },
+    {
+        "name": "create_support_ticket",
+        "description": "Open a support ticket for the shopper with a short subject and a description.",
+        "parameters": {"type": "object", "properties": {"subject": {"type": "string", "maxLength": 120},
+                       "description": {"type": "string", "maxLength": 2000}}, "required": ["subject", "description"]},
+        "method": "POST",
+        "url": "{storefront_url}/tickets",
+        "intents": ["complaint", "order_status"],
+    },
+    {
+        "name": "check_coupon_rules",
+        "description": "Look up the rules of a coupon code: minimum spend, expiry, whether it stacks.",
+        "parameters": {"type": "object", "properties": {"code": {"type": "string", "maxLength": 40}},
+                       "required": ["code"]},
+        "method": "GET",
+        "url": "{storefront_url}/coupons/{code}",
+        "intents": [],
+    },
+    {
+        "name": "transfer_to_human",
+        "description": "Hand the conversation to a human agent, with the reason.",
+        "parameters": {"type": "object", "properties": {"reason": {"type": "string", "maxLength": 200}},
+                       "required": ["reason"]},
+        "intents": [],
+    },
+]  # fmt: skip
+
+
+class ToolsConfig(StrictModel):
+    """Function calling against the storefront/CRM."""
+
+    enabled: bool = Field(False, description="Offer tools to the model.")
+    storefront_url: str | None = Field(None, description="Base URL of the storefront API ({storefront_url}).")
+    definitions: list[ToolConfig] = Field(
+        default_factory=lambda: [ToolConfig.model_validate(t) for t in DEFAULT_TOOLS],
+        description="The tools; the defaults are get_order_status, create_support_ticket, check_coupon_rules and "
+        "transfer_to_human.",
+    )
+    required_for_intents: dict[str, str] = Field(
+        default_factory=dict,
+        description="intent -> tool the first round must call, forced with structured output (small models).",
+    )
+    max_rounds: int = Field(2, ge=1, le=5, description="Tool-calling rounds before the answer.")
+    timeout_s: float = Field(10, gt=0, description="Bound on one tool call.")
+
+    @model_validator(mode="after")
+    def _known_tools(self) -> ToolsConfig:
+        names = {t.name for t in self.definitions}
+        unknown = set(self.required_for_intents.values()) - names
+        if unknown:
+            raise ValueError(f"required_for_intents names unknown tools {sorted(unknown)}")
+        uses_storefront = any(t.url and "{storefront_url}" in t.url for t in self.definitions)
+        if self.enabled and uses_storefront and not self.storefront_url:
+            raise ValueError("tools use {storefront_url} but storefront_url is not set")
+        return self
 
 
 class OrchestratorConfig(StrictModel):
@@ -363,6 +461,7 @@ class OrchestratorConfig(StrictModel):
     standard_replies: StandardReplies = Field(
         default_factory=lambda: StandardReplies(), description="Handover, sensitive and out-of-scope replies."
     )
+    tools: ToolsConfig = Field(default_factory=lambda: ToolsConfig(), description="Function calling.")
     answer_cache: AnswerCacheConfig = Field(
         default_factory=lambda: AnswerCacheConfig(), description="Cache of frequent questions' answers."
     )

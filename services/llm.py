@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from ray.serve.metrics import Counter, Histogram
 
 from services.config import LLMConfig, SamplingConfig
 from services.errors import GenerationError, InvalidAdapterError, InvalidRequestError, NotFoundError, ServiceError
-from services.schemas import ChatMessage, GenerationChunk, GenerationRequest
+from services.schemas import ChatMessage, GenerationChunk, GenerationRequest, ToolCall
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -40,14 +41,23 @@ class TextGenerationEngine(Protocol):
 
     max_model_len: int
 
-    def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        """Apply the model's chat template and tokenize."""
+    def render_prompt(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Apply the model's chat template (with tool specs, if any) and tokenize."""
         ...
 
     def stream(
-        self, prompt_ids: list[int], sampling: SamplingConfig, lora: LoRARequest | None
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingConfig,
+        lora: LoRARequest | None,
+        json_schema: dict[str, Any] | None = None,
+        keep_special_tokens: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
         """Generate, yielding text deltas; the last chunk has ``finish_reason``."""
+        ...
+
+    def parse_tool_calls(self, text: str) -> list[ToolCall]:
+        """Tool calls in a finished output of the model's native tool format."""
         ...
 
     async def add_lora(self, lora: LoRARequest) -> None:
@@ -90,24 +100,35 @@ class VllmEngine:
         args |= config.engine_kwargs
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self._tokenizer = self._engine.get_tokenizer()
+        self._tool_parser: Any = None
         self.max_model_len = config.max_model_len
 
-    def render_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        """Apply the tokenizer's chat template (ChatML for Qwen) and tokenize."""
+    def render_prompt(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Apply the tokenizer's chat template (ChatML for Qwen; tools in its Hermes format) and tokenize."""
         rendered: Any = self._tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages], tokenize=True, add_generation_prompt=True
+            [m.model_dump() for m in messages], tools=tools, tokenize=True, add_generation_prompt=True
         )
         # transformers 5 returns a BatchEncoding (a mapping); older versions a list of ids.
         ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
         return [int(token) for token in ids]
 
     async def stream(
-        self, prompt_ids: list[int], sampling: SamplingConfig, lora: LoRARequest | None
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingConfig,
+        lora: LoRARequest | None,
+        json_schema: dict[str, Any] | None = None,
+        keep_special_tokens: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
-        """Stream text deltas from vLLM."""
+        """Stream text deltas from vLLM, under a JSON schema when given."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        structured = None
+        if json_schema is not None:
+            # Compact JSON: a model constrained to a schema but free in whitespace can spend
+            # its whole token budget on blanks (seen with small models).
+            structured = StructuredOutputsParams(json=json_schema, disable_any_whitespace=True)
         params = SamplingParams(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -116,6 +137,9 @@ class VllmEngine:
             seed=sampling.seed,
             stop=sampling.stop or None,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=structured,
+            # Qwen's <tool_call> tags are added tokens: keep them so the tool parser sees them.
+            skip_special_tokens=not keep_special_tokens,
         )
         request_id = uuid.uuid4().hex
         completion_tokens = 0
@@ -130,6 +154,23 @@ class VllmEngine:
                 prompt_tokens=len(prompt_ids) if output.finished else None,
                 completion_tokens=completion_tokens if output.finished else None,
             )
+
+    def parse_tool_calls(self, text: str) -> list[ToolCall]:
+        """Tool calls in Qwen2.5's native (Hermes) format, parsed by vLLM's own Hermes tool parser."""
+        from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+
+        if self._tool_parser is None:
+            self._tool_parser = Hermes2ProToolParser(self._tokenizer)
+        # The request argument only matters for streaming extraction.
+        info = self._tool_parser.extract_tool_calls(text, None)
+        calls = []
+        for call in info.tool_calls if info.tools_called else []:
+            try:
+                arguments = json.loads(call.function.arguments or "{}")
+            except ValueError:
+                arguments = {}
+            calls.append(ToolCall(name=call.function.name, arguments=arguments if isinstance(arguments, dict) else {}))
+        return calls
 
     async def add_lora(self, lora: LoRARequest) -> None:
         """Load an adapter; vLLM raises when the weights do not fit the engine."""
@@ -281,7 +322,7 @@ class LLMServer:
         """
         adapter_name = serve.get_multiplexed_model_id()
         adapter = await self._get_adapter(adapter_name) if adapter_name else None
-        prompt_ids = self._engine.render_prompt(request.messages)
+        prompt_ids = self._engine.render_prompt(request.messages, request.tools)
         room = self._engine.max_model_len - len(prompt_ids)
         if room < 1:
             raise InvalidRequestError(
@@ -292,12 +333,20 @@ class LLMServer:
             adapter.acquire()
         try:
             pending: list[str] = []
+            everything: list[str] = []
             last_sent = time.monotonic()
-            async for chunk in self._engine.stream(prompt_ids, sampling, adapter.lora if adapter else None):
+            lora = adapter.lora if adapter else None
+            async for chunk in self._engine.stream(
+                prompt_ids, sampling, lora, request.json_schema, keep_special_tokens=bool(request.tools)
+            ):
                 pending.append(chunk.text)
+                everything.append(chunk.text)
                 now = time.monotonic()
                 if chunk.finish_reason is not None:
-                    yield chunk.model_copy(update={"text": "".join(pending)})
+                    update: dict[str, Any] = {"text": "".join(pending)}
+                    if request.tools:
+                        update["tool_calls"] = self._engine.parse_tool_calls("".join(everything)) or None
+                    yield chunk.model_copy(update=update)
                     return
                 if len(pending) >= self._config.stream_chunk_tokens or now - last_sent >= (
                     self._config.stream_chunk_interval_s

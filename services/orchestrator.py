@@ -10,6 +10,7 @@ pipeline unit-tests without Ray.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,15 @@ from services.answer_cache import AnswerCache, cache_key, open_answer_cache
 from services.api import create_api
 from services.api.auth import ApiKeyAuth, admin_digests
 from services.api.models import ChatReply, ChatRequest, FeedbackRequest, Source, Usage
-from services.config import ChunkingConfig, LLMConfig, OrchestratorConfig, SamplingConfig, ServiceSettings, TenantConfig
+from services.config import (
+    ChunkingConfig,
+    LLMConfig,
+    OrchestratorConfig,
+    SamplingConfig,
+    ServiceSettings,
+    TenantConfig,
+    ToolConfig,
+)
 from services.dialogue import Grounding, build_messages, ground, sources_of
 from services.errors import (
     DependencyUnavailableError,
@@ -44,7 +53,7 @@ from services.intents import (
     Classification,
     IntentClassifier,
 )
-from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk
+from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk, ToolCall
 from services.sessions import (
     InProcessSessionMemory,
     RedisSessionMemory,
@@ -53,6 +62,7 @@ from services.sessions import (
     open_session_memory,
     within_budget,
 )
+from services.tools import ToolRunner, forced_call_schema, function_spec
 
 if TYPE_CHECKING:
     from knowledge_sync.pipeline import SourceBatch
@@ -74,9 +84,15 @@ class AnswerGenerator(Protocol):
     """Streams an answer to chat messages."""
 
     def stream(
-        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None
+        self,
+        messages: list[ChatMessage],
+        sampling: SamplingConfig,
+        adapter: str | None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        json_schema: dict[str, Any] | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        """Chunks of text; the last carries the finish reason."""
+        """Chunks of text; the last carries the finish reason (and the tool calls, when tools were given)."""
         ...
 
 
@@ -142,13 +158,18 @@ class LLMClient:
         self._timeout_s = timeout_s
 
     async def stream(
-        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None
+        self,
+        messages: list[ChatMessage],
+        sampling: SamplingConfig,
+        adapter: str | None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        json_schema: dict[str, Any] | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         """Stream from the LLM deployment; each chunk must arrive within the timeout."""
         handle = self._handle.options(stream=True, multiplexed_model_id=adapter or "")
-        chunks = cast(
-            DeploymentResponseGenerator, handle.generate.remote(GenerationRequest(messages=messages, sampling=sampling))
-        )
+        request = GenerationRequest(messages=messages, sampling=sampling, tools=tools, json_schema=json_schema)
+        chunks = cast(DeploymentResponseGenerator, handle.generate.remote(request))
         iterator = chunks.__aiter__()
         while True:
             try:
@@ -180,6 +201,25 @@ class EmbedderClient:
     async def embed(self, texts: list[str]) -> list[Embedding]:
         """Embed queries through the Embedder deployment."""
         return await call_dependency("embedder", lambda: self._handle.embed.remote(texts, "query"), self._timeout_s)
+
+
+TOOL_CONFIDENCE = 0.9
+"""Confidence of an answer backed by a successful tool call (live data from a system of record)."""
+
+
+def _forced_call(text: str) -> list[ToolCall]:
+    """The call in a structured-output generation (``{"name": ..., "arguments": {...}}``)."""
+    try:
+        data = json.loads(text)
+        return [ToolCall(name=data["name"], arguments=data.get("arguments") or {})]
+    except (ValueError, KeyError, TypeError) as err:
+        # Structured output guarantees the schema unless the token budget cut the JSON short.
+        raise GenerationError(f"the model's forced tool call is not complete JSON: {text[:200]!r}") from err
+
+
+async def _replay(text: str) -> AsyncIterator[GenerationChunk]:
+    """An answer already generated in full (during tool rounds), as a stream."""
+    yield GenerationChunk(text=text, finish_reason="stop")
 
 
 class ConversationMetrics:
@@ -312,6 +352,7 @@ class ChatPipeline:
         cache: AnswerCache | None = None,
         knowledge_version: Callable[[str], Awaitable[int]] | None = None,
         metrics: ConversationMetrics | None = None,
+        tools: ToolRunner | None = None,
     ) -> None:
         self._config = config
         self._retriever = retriever
@@ -322,6 +363,7 @@ class ChatPipeline:
         self._cache = cache
         self._knowledge_version = knowledge_version
         self._metrics = metrics or ConversationMetrics()
+        self._tools = tools
 
     async def prepare(
         self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None
@@ -386,17 +428,81 @@ class ChatPipeline:
             prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=grounding.confidence)
         prepared.remember = remember
         prepared.intent = analysis.intent.intent if analysis and analysis.intent else None
-        if grounding.is_empty and not about_assistant:
+        offered = self._tools.offered(prepared.intent) if self._tools else []
+        if grounding.is_empty and not about_assistant and not offered:
             return prepared
         prepared.adapter = adapter
-        prepared.cache_slot = cache_slot
         messages = build_messages(tenant.persona, grounding, history, request.message)
+        if offered:
+            answered = await self._tool_rounds(prepared, messages, offered, request.user_id)
+            if answered is not None:
+                return answered
+        else:
+            prepared.cache_slot = cache_slot  # answers that called tools depend on live data: never cached
         prepared.chunks = aiter(self._generator.stream(messages, self._config.sampling, prepared.adapter))
         try:
             prepared.first_chunk = await anext(prepared.chunks)
         except StopAsyncIteration as err:
             raise GenerationError("the LLM returned no output") from err
         return prepared
+
+    async def _tool_rounds(
+        self, prepared: PreparedAnswer, messages: list[ChatMessage], offered: list[ToolConfig], user_id: str
+    ) -> PreparedAnswer | None:
+        """Let the model call tools for up to ``max_rounds`` rounds, appending calls and results to ``messages``.
+
+        Returns:
+            A prepared reply when the rounds end the answer (the model answered in text, a
+            tool failed, or the conversation was handed over); None when the caller should
+            now generate the answer from the extended messages.
+
+        """
+        assert self._tools is not None
+        specs = [function_spec(t) for t in offered]
+        required = self._tools.required(prepared.intent)
+        replies = prepared.tenant.standard_replies or self._config.standard_replies
+        for round_no in range(self._config.tools.max_rounds):
+            forced = required if round_no == 0 else None
+            schema = forced_call_schema(forced) if forced else None
+            text, calls = await self._collect(messages, prepared.adapter, None if forced else specs, schema)
+            if forced is not None:
+                calls = _forced_call(text)
+                text = f"<tool_call>\n{text}\n</tool_call>"
+            if not calls:
+                prepared.chunks = _replay(text)
+                prepared.first_chunk = await anext(prepared.chunks)
+                return prepared
+            messages.append(ChatMessage(role="assistant", content=text))
+            for call in calls:
+                result = await self._tools.run(call, user_id)
+                prepared.actions.append(result.action)
+                messages.append(ChatMessage(role="tool", content=result.content))
+                if not result.ok:
+                    prepared.standard_reply = replies.tool_failure
+                    return prepared
+                if result.action["type"] == "handoff":
+                    prepared.standard_reply = replies.handoff
+                    return prepared
+            # A system of record answered: as sure as the knowledge base, or more.
+            prepared.confidence = max(prepared.confidence, TOOL_CONFIDENCE)
+        return None
+
+    async def _collect(
+        self,
+        messages: list[ChatMessage],
+        adapter: str | None,
+        tools: list[dict[str, Any]] | None,
+        json_schema: dict[str, Any] | None,
+    ) -> tuple[str, list[ToolCall]]:
+        """One whole generation: its text and the tool calls the LLM deployment parsed from it."""
+        parts: list[str] = []
+        calls: list[ToolCall] = []
+        async for chunk in self._generator.stream(
+            messages, self._config.sampling, adapter, tools=tools, json_schema=json_schema
+        ):
+            parts.append(chunk.text)
+            calls = chunk.tool_calls or calls
+        return "".join(parts), calls
 
     async def stream(self, prepared: PreparedAnswer) -> AsyncIterator[str | ChatReply]:
         """Yield text pieces, then the final :class:`ChatReply`; the turn is saved at the end."""
@@ -547,6 +653,7 @@ class Orchestrator:
             open_answer_cache(config.answer_cache, redis_url),
             self._knowledge.generation,
             RayConversationMetrics(),
+            ToolRunner(config.tools) if config.tools.enabled else None,
         )
         self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
 

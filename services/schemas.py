@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,7 +46,7 @@ class RetrievedChunk(BaseModel):
 class ChatMessage(BaseModel):
     """One message of a chat-template conversation."""
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
 
 
@@ -55,6 +55,19 @@ class GenerationRequest(BaseModel):
 
     messages: list[ChatMessage] = Field(min_length=1)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="OpenAI-style function specs, rendered by the model's chat template (Qwen: Hermes style)."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="Constrain the output to this JSON schema (vLLM structured output)."
+    )
+
+
+class ToolCall(BaseModel):
+    """A function call the model asked for."""
+
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
 
 
 class GenerationChunk(BaseModel):
@@ -64,3 +77,4 @@ class GenerationChunk(BaseModel):
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="On the last chunk, when the model called tools.")

@@ -1,0 +1,143 @@
+"""Function calling: which tools the model sees, and running the calls it makes.
+
+Tools are declared in config (name, description, JSON-schema parameters, HTTP method and
+URL template). The shopper's identity is never the model's to choose: ``user_id`` is not
+in any schema the model sees, arguments the model adds beyond the schema are dropped, and
+the URL and body get the authenticated request's ``user_id``. Arguments are validated
+against the schema before anything is called. A failing tool gives the model (and the
+reply's actions) a clear error instead of an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import jsonschema
+
+from services.config import ToolConfig, ToolsConfig
+from services.schemas import ToolCall
+
+logger = logging.getLogger(__name__)
+
+TRANSFER_TO_HUMAN = "transfer_to_human"
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What a call gave: the content the model reads, the action the reply reports, success."""
+
+    content: str
+    action: dict[str, Any]
+    ok: bool
+
+
+def function_spec(tool: ToolConfig) -> dict[str, Any]:
+    """The OpenAI-style function spec the chat template renders."""
+    return {
+        "type": "function",
+        "function": {"name": tool.name, "description": tool.description, "parameters": tool.parameters},
+    }
+
+
+def forced_call_schema(tool: ToolConfig) -> dict[str, Any]:
+    """JSON schema of exactly one call of ``tool``: for structured output when a call is required."""
+    arguments = dict(tool.parameters) | {"additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.name}, "arguments": arguments},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+class ToolRunner:
+    """Offers tools per intent and runs calls against the storefront over HTTP."""
+
+    def __init__(self, config: ToolsConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._config = config
+        self._tools = {t.name: t for t in config.definitions}
+        self._client = httpx.AsyncClient(timeout=config.timeout_s, transport=transport)
+
+    def offered(self, intent: str | None) -> list[ToolConfig]:
+        """Tools offered for a message of this intent."""
+        if not self._config.enabled:
+            return []
+        return [t for t in self._config.definitions if not t.intents or (intent is not None and intent in t.intents)]
+
+    def required(self, intent: str | None) -> ToolConfig | None:
+        """The tool the first round must call for this intent, if configured."""
+        name = self._config.required_for_intents.get(intent or "")
+        return self._tools.get(name) if name and self._config.enabled else None
+
+    async def run(self, call: ToolCall, user_id: str) -> ToolResult:
+        """Validate and execute one call for the authenticated shopper."""
+        tool = self._tools.get(call.name)
+        if tool is None:
+            return ToolResult(
+                json.dumps({"error": f"unknown tool {call.name}"}), self._failed(call.name, "unknown"), False
+            )
+        # Only what the schema declares: a model (or a prompt injection) cannot add user_id.
+        declared = tool.parameters.get("properties", {})
+        arguments = {k: v for k, v in call.arguments.items() if k in declared}
+        try:
+            jsonschema.validate(arguments, tool.parameters)
+        except jsonschema.ValidationError as err:
+            message = f"invalid arguments: {err.message}"
+            return ToolResult(json.dumps({"error": message}), self._failed(tool.name, message), False)
+        if tool.name == TRANSFER_TO_HUMAN or tool.url is None:
+            reason = str(arguments.get("reason", "requested by the assistant"))
+            return ToolResult(json.dumps({"status": "transferred"}), {"type": "handoff", "reason": reason}, True)
+        return await self._http(tool, arguments, user_id)
+
+    async def _http(self, tool: ToolConfig, arguments: dict[str, Any], user_id: str) -> ToolResult:
+        assert tool.url is not None
+        fill = {k: quote(str(v), safe="") for k, v in arguments.items()}
+        url = tool.url.format_map(fill | {"user_id": quote(user_id, safe=""), "storefront_url": self._base()})
+        try:
+            if tool.method == "GET":
+                reply = await self._client.get(url)
+            else:
+                reply = await self._client.post(url, json=arguments | {"user_id": user_id})
+        except httpx.HTTPError as err:
+            logger.warning("tool %s failed: %s", tool.name, err)
+            message = f"{tool.name} is unreachable: {type(err).__name__}"
+            return ToolResult(json.dumps({"error": message}), self._failed(tool.name, message), False)
+        try:
+            body = reply.json()
+        except ValueError:
+            body = {"text": reply.text[:500]}
+        if reply.status_code == 404:
+            # Not found (or not this shopper's): a normal answer, the model tells the shopper.
+            return ToolResult(json.dumps({"error": "not found"} | _dict(body)), self._done(tool, arguments, {}), True)
+        if reply.status_code >= 400:
+            message = f"{tool.name} answered {reply.status_code}"
+            return ToolResult(json.dumps({"error": message}), self._failed(tool.name, message), False)
+        return ToolResult(json.dumps(body, ensure_ascii=False), self._done(tool, arguments, _dict(body)), True)
+
+    def _base(self) -> str:
+        return (self._config.storefront_url or "").rstrip("/")
+
+    @staticmethod
+    def _done(tool: ToolConfig, arguments: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        if tool.name == "create_support_ticket":
+            return {"type": "ticket_created", "ticket_id": body.get("ticket_id")}
+        if tool.name == "get_order_status":
+            return {"type": "order_status", "order_id": arguments.get("order_id"), "status": body.get("status")}
+        return {"type": "tool_call", "tool": tool.name}
+
+    @staticmethod
+    def _failed(name: str, message: str) -> dict[str, Any]:
+        return {"type": "tool_failed", "tool": name, "message": message}
+
+    async def close(self) -> None:
+        """Close the HTTP client."""
+        await self._client.aclose()
+
+
+def _dict(body: Any) -> dict[str, Any]:
+    return body if isinstance(body, dict) else {"result": body}

@@ -1,0 +1,114 @@
+"""Tools against the example storefront over real HTTP, and tool rounds in the pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from examples.storefront.app import create_app
+from services.api.models import ChatRequest
+from services.config import OrchestratorConfig, SamplingConfig, ToolsConfig
+from services.orchestrator import ChatPipeline
+from services.schemas import ChatMessage, GenerationChunk, ToolCall
+from services.tools import ToolRunner, forced_call_schema
+from tests.conftest import orchestrator_args
+from tests.crm_emulator import free_port, serve_in_thread
+from tests.test_pipeline import Retriever
+
+
+@pytest.fixture(scope="module")
+def storefront(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, FastAPI]]:
+    app = create_app(tmp_path_factory.mktemp("shop") / "shop.db")
+    with serve_in_thread(app) as url:
+        yield url, app
+
+
+def runner(url: str) -> ToolRunner:
+    return ToolRunner(ToolsConfig(enabled=True, storefront_url=url))
+
+
+async def test_order_lookup_uses_the_authenticated_shopper(storefront: tuple[str, FastAPI]) -> None:
+    url, app = storefront
+    own = await runner(url).run(ToolCall(name="get_order_status", arguments={"order_id": "LH-1001"}), "shopper-1")
+    assert own.ok and own.action == {"type": "order_status", "order_id": "LH-1001", "status": "shipped"}
+    # The model (or a prompt injection) names another shopper: the argument is dropped.
+    sneaky = ToolCall(name="get_order_status", arguments={"order_id": "LH-1002", "user_id": "shopper-2"})
+    other = await runner(url).run(sneaky, "shopper-1")
+    assert other.ok and '"error": "not found"' in other.content and "processing" not in other.content
+    assert app.state.requests[-1] == ("GET", "/orders/LH-1002", "shopper-1")
+
+
+async def test_tickets_and_handover_become_actions(storefront: tuple[str, FastAPI]) -> None:
+    url, _ = storefront
+    call = ToolCall(name="create_support_ticket", arguments={"subject": "Broken lamp", "description": "Arrived broken"})
+    ticket = await runner(url).run(call, "shopper-1")
+    assert ticket.ok and ticket.action["type"] == "ticket_created" and str(ticket.action["ticket_id"]).startswith("T-")
+    human = await runner(url).run(ToolCall(name="transfer_to_human", arguments={"reason": "refund dispute"}), "u")
+    assert human.action == {"type": "handoff", "reason": "refund dispute"}
+
+
+async def test_bad_arguments_and_outages_fail_clearly(storefront: tuple[str, FastAPI]) -> None:
+    bad = await runner(storefront[0]).run(ToolCall(name="get_order_status", arguments={}), "shopper-1")
+    assert not bad.ok and bad.action["type"] == "tool_failed" and "'order_id' is a required property" in bad.content
+    down = await runner(f"http://127.0.0.1:{free_port()}").run(
+        ToolCall(name="get_order_status", arguments={"order_id": "LH-1001"}), "shopper-1"
+    )
+    assert not down.ok and "unreachable" in down.action["message"]
+
+
+def test_forced_call_schema_admits_exactly_one_call_of_the_tool() -> None:
+    import jsonschema
+
+    tool = ToolsConfig().definitions[0]
+    schema = forced_call_schema(tool)
+    jsonschema.validate({"name": "get_order_status", "arguments": {"order_id": "A1"}}, schema)
+    for wrong in (
+        {"name": "other", "arguments": {"order_id": "A1"}},
+        {"name": "get_order_status", "arguments": {"order_id": "A1", "user_id": "x"}},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(wrong, schema)
+
+
+class ToolCallingGenerator:
+    """Calls get_order_status first, then answers from the tool result."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[ChatMessage]] = []
+
+    async def stream(
+        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None, **kwargs: Any
+    ) -> AsyncIterator[GenerationChunk]:
+        self.calls.append(list(messages))
+        if messages[-1].role == "tool":
+            yield GenerationChunk(text="Your order has shipped.", finish_reason="stop")
+            return
+        call = ToolCall(name="get_order_status", arguments={"order_id": "LH-1001"})
+        yield GenerationChunk(text='<tool_call>{"name": "get_order_status"}</tool_call>', finish_reason="stop",
+                              tool_calls=[call])  # fmt: skip
+
+
+async def test_tool_results_go_back_to_the_model_and_into_the_actions(storefront: tuple[str, FastAPI]) -> None:
+    url, _ = storefront
+    config = OrchestratorConfig.model_validate(orchestrator_args(tools={"enabled": True, "storefront_url": url}))
+    generator = ToolCallingGenerator()
+    chat = ChatPipeline(config, Retriever(0.1), generator, tools=ToolRunner(config.tools))
+    reply = await chat.answer(config.tenants[0], ChatRequest(user_id="shopper-1", message="Where is LH-1001?"))
+    assert reply.response == "Your order has shipped."
+    assert reply.actions == [{"type": "order_status", "order_id": "LH-1001", "status": "shipped"}]
+    assert reply.confidence == 0.9  # backed by the storefront, although the knowledge base had nothing
+    tool_message = generator.calls[-1][-1]
+    assert tool_message.role == "tool" and '"status": "shipped"' in tool_message.content
+
+
+async def test_a_failing_tool_gives_the_standard_reply(tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    config = OrchestratorConfig.model_validate(orchestrator_args(tools={"enabled": True, "storefront_url": down}))
+    chat = ChatPipeline(config, Retriever(0.1), ToolCallingGenerator(), tools=ToolRunner(config.tools))
+    reply = await chat.answer(config.tenants[0], ChatRequest(user_id="shopper-1", message="Where is LH-1001?"))
+    assert reply.response.startswith("Sorry, I couldn't reach our order system")
+    assert reply.actions[0]["type"] == "tool_failed"
