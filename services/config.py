@@ -365,11 +365,12 @@ class ToolConfig(StrictModel):
         return self
 
 
+_ID = {"type": "string", "pattern": "^[A-Za-z0-9-]{1,40}$"}  # also keeps forced calls of small models tidy
 DEFAULT_TOOLS: list[dict[str, Any]] = [
     {
         "name": "get_order_status",
         "description": "Look up the status, carrier and expected delivery of one of the shopper's orders.",
-        "parameters": {"type": "object", "properties": {"order_id": {"type": "string", "maxLength": 40}},
+        "parameters": {"type": "object", "properties": {"order_id": _ID},
                        "required": ["order_id"]},
         "method": "GET",
         "url": "{storefront_url}/orders/{order_id}?user_id={user_id}",
@@ -387,7 +388,7 @@ DEFAULT_TOOLS: list[dict[str, Any]] = [
     {
         "name": "check_coupon_rules",
         "description": "Look up the rules of a coupon code: minimum spend, expiry, whether it stacks.",
-        "parameters": {"type": "object", "properties": {"code": {"type": "string", "maxLength": 40}},
+        "parameters": {"type": "object", "properties": {"code": _ID},
                        "required": ["code"]},
         "method": "GET",
         "url": "{storefront_url}/coupons/{code}",
@@ -418,6 +419,7 @@ class ToolsConfig(StrictModel):
         description="intent -> tool the first round must call, forced with structured output (small models).",
     )
     max_rounds: int = Field(2, ge=1, le=5, description="Tool-calling rounds before the answer.")
+    max_call_tokens: int = Field(256, ge=16, description="Token budget of a tool-calling round (a call is JSON).")
     timeout_s: float = Field(10, gt=0, description="Bound on one tool call.")
 
     @model_validator(mode="after")

@@ -210,11 +210,39 @@ TOOL_CONFIDENCE = 0.9
 def _forced_call(text: str) -> list[ToolCall]:
     """The call in a structured-output generation (``{"name": ..., "arguments": {...}}``)."""
     try:
-        data = json.loads(text)
+        # strict=False: a small model may put control characters inside strings.
+        data = json.loads(text, strict=False)
         return [ToolCall(name=data["name"], arguments=data.get("arguments") or {})]
     except (ValueError, KeyError, TypeError) as err:
         # Structured output guarantees the schema unless the token budget cut the JSON short.
         raise GenerationError(f"the model's forced tool call is not complete JSON: {text[:200]!r}") from err
+
+
+TOOL_CALL_TAG = "<tool_call>"
+
+
+async def _opening(stream: AsyncIterator[GenerationChunk]) -> tuple[list[GenerationChunk], str]:
+    """Read chunks until the text shows whether it opens a tool call (or the stream ends)."""
+    head: list[GenerationChunk] = []
+    text = ""
+    async for chunk in stream:
+        head.append(chunk)
+        text += chunk.text
+        stripped = text.lstrip()
+        if (
+            chunk.finish_reason is not None
+            or len(stripped) >= len(TOOL_CALL_TAG)
+            or (stripped and not TOOL_CALL_TAG.startswith(stripped))
+        ):
+            break
+    return head, text
+
+
+async def _chain(head: list[GenerationChunk], rest: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
 
 
 async def _replay(text: str) -> AsyncIterator[GenerationChunk]:
@@ -463,11 +491,26 @@ class ChatPipeline:
         replies = prepared.tenant.standard_replies or self._config.standard_replies
         for round_no in range(self._config.tools.max_rounds):
             forced = required if round_no == 0 else None
-            schema = forced_call_schema(forced) if forced else None
-            text, calls = await self._collect(messages, prepared.adapter, None if forced else specs, schema)
             if forced is not None:
+                text, _ = await self._collect(messages, prepared.adapter, None, forced_call_schema(forced))
                 calls = _forced_call(text)
                 text = f"<tool_call>\n{text}\n</tool_call>"
+            else:
+                stream = aiter(self._generator.stream(messages, self._call_sampling(), prepared.adapter, tools=specs))
+                head, opening = await _opening(stream)
+                if not opening.lstrip().startswith(TOOL_CALL_TAG):
+                    # A text answer: stream it as it comes, no tool round needed.
+                    prepared.chunks = _chain(head, stream)
+                    prepared.first_chunk = await anext(prepared.chunks)
+                    return prepared
+                calls = []
+                for chunk in head:
+                    calls = chunk.tool_calls or calls
+                parts = [c.text for c in head]
+                async for chunk in stream:
+                    parts.append(chunk.text)
+                    calls = chunk.tool_calls or calls
+                text = "".join(parts)
             if not calls:
                 prepared.chunks = _replay(text)
                 prepared.first_chunk = await anext(prepared.chunks)
@@ -497,12 +540,16 @@ class ChatPipeline:
         """One whole generation: its text and the tool calls the LLM deployment parsed from it."""
         parts: list[str] = []
         calls: list[ToolCall] = []
-        async for chunk in self._generator.stream(
-            messages, self._config.sampling, adapter, tools=tools, json_schema=json_schema
-        ):
+        sampling = self._call_sampling()
+        async for chunk in self._generator.stream(messages, sampling, adapter, tools=tools, json_schema=json_schema):
             parts.append(chunk.text)
             calls = chunk.tool_calls or calls
         return "".join(parts), calls
+
+    def _call_sampling(self) -> SamplingConfig:
+        """The answer's sampling with room for a tool call (JSON) in the budget."""
+        budget = max(self._config.sampling.max_tokens, self._config.tools.max_call_tokens)
+        return self._config.sampling.model_copy(update={"max_tokens": budget})
 
     async def stream(self, prepared: PreparedAnswer) -> AsyncIterator[str | ChatReply]:
         """Yield text pieces, then the final :class:`ChatReply`; the turn is saved at the end."""
