@@ -12,10 +12,13 @@ scripts/bootstrap.sh cpu,devmodels
 # Milvus Lite admits one process per file: load the knowledge base before the app opens it.
 .venv/bin/cs-knowledge-sync --config "$config" --sources knowledge_sync/samples/sources.dev.yaml --no-progress
 
+# The example storefront (orders, tickets, coupons) that the dev config's tools call.
+.venv/bin/python -m examples.storefront --port 8100 --db data/storefront.db &
+shop_pid=$!
 start=$(date +%s)
 .venv/bin/serve run "$config" &
 serve_pid=$!
-trap 'kill -TERM "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null' EXIT INT TERM
+trap 'kill -TERM "$serve_pid" "$shop_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null' EXIT INT TERM
 # The proxy accepts connections before the replicas are ready: wait for /healthz to say ok.
 until curl -sf -o /dev/null "http://127.0.0.1:${port}/healthz"; do
     kill -0 "$serve_pid" 2>/dev/null || { echo "serve run exited; see the log above" >&2; exit 1; }
@@ -29,6 +32,7 @@ Try:
   curl -s http://127.0.0.1:${port}/v1/chat -H 'Authorization: Bearer dev-lumen-key' \\
        -H 'Content-Type: application/json' \\
        -d '{"user_id": "shopper-1", "message": "How many days do I have to return an item?"}'
+  (order questions such as "Where is order LH-1001?" call the example storefront at :8100)
 Stop with Ctrl-C.
 MSG
 wait "$serve_pid"

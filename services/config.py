@@ -354,10 +354,18 @@ class ToolConfig(StrictModel):
         description="URL template: {storefront_url}, {user_id} and argument names are filled in (URL-quoted); "
         "None for transfer_to_human, which is handled by the platform.",
     )
-    intents: list[str] = Field(default_factory=list, description="Offered for these intents only; empty = always.")
+    intents: list[str] = Field(default_factory=list, description="Offered for messages of these intents.")
+    patterns: list[str] = Field(
+        default_factory=list, description="Also offered when the message matches one of these regular expressions."
+    )
 
     @model_validator(mode="after")
     def _object_schema(self) -> ToolConfig:
+        for pattern in self.patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"tool {self.name}: bad pattern {pattern!r}: {err}") from err
         if self.parameters.get("type") != "object":
             raise ValueError(f"tool {self.name}: parameters must be a JSON schema of type object")
         if "user_id" in self.parameters.get("properties", {}):
@@ -392,14 +400,14 @@ DEFAULT_TOOLS: list[dict[str, Any]] = [
                        "required": ["code"]},
         "method": "GET",
         "url": "{storefront_url}/coupons/{code}",
-        "intents": [],
+        "patterns": ["(?i)coupon|voucher|promo code", "优惠券|折扣码|券码"],
     },
     {
         "name": "transfer_to_human",
         "description": "Hand the conversation to a human agent, with the reason.",
         "parameters": {"type": "object", "properties": {"reason": {"type": "string", "maxLength": 200}},
                        "required": ["reason"]},
-        "intents": [],
+        "intents": ["complaint"],
     },
 ]  # fmt: skip
 

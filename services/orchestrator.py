@@ -456,7 +456,7 @@ class ChatPipeline:
             prepared = PreparedAnswer(tenant, session_id, request.message, grounding, confidence=grounding.confidence)
         prepared.remember = remember
         prepared.intent = analysis.intent.intent if analysis and analysis.intent else None
-        offered = self._tools.offered(prepared.intent) if self._tools else []
+        offered = self._tools.offered(prepared.intent, request.message) if self._tools else []
         if grounding.is_empty and not about_assistant and not offered:
             return prepared
         prepared.adapter = adapter

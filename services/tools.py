@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -63,11 +64,19 @@ class ToolRunner:
         self._tools = {t.name: t for t in config.definitions}
         self._client = httpx.AsyncClient(timeout=config.timeout_s, transport=transport)
 
-    def offered(self, intent: str | None) -> list[ToolConfig]:
-        """Tools offered for a message of this intent."""
+    def offered(self, intent: str | None, message: str) -> list[ToolConfig]:
+        """Tools offered for a message: by its intent or by a pattern it matches.
+
+        Only relevant tools reach the prompt: tool specs there distract small models from
+        answering policy questions (seen with the 0.5B dev model).
+        """
         if not self._config.enabled:
             return []
-        return [t for t in self._config.definitions if not t.intents or (intent is not None and intent in t.intents)]
+        return [
+            t
+            for t in self._config.definitions
+            if (intent is not None and intent in t.intents) or any(re.search(p, message) for p in t.patterns)
+        ]
 
     def required(self, intent: str | None) -> ToolConfig | None:
         """The tool the first round must call for this intent, if configured."""

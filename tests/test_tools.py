@@ -27,6 +27,13 @@ def storefront(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         yield url, app
 
 
+def tools_config(url: str) -> dict[str, Any]:
+    """Default tools; get_order_status is also offered for messages naming an LH- order."""
+    definitions = [t.model_dump() for t in ToolsConfig().definitions]
+    definitions[0]["patterns"] = [r"LH-\d+"]
+    return {"enabled": True, "storefront_url": url, "definitions": definitions}
+
+
 def runner(url: str) -> ToolRunner:
     return ToolRunner(ToolsConfig(enabled=True, storefront_url=url))
 
@@ -94,7 +101,7 @@ class ToolCallingGenerator:
 
 async def test_tool_results_go_back_to_the_model_and_into_the_actions(storefront: tuple[str, FastAPI]) -> None:
     url, _ = storefront
-    config = OrchestratorConfig.model_validate(orchestrator_args(tools={"enabled": True, "storefront_url": url}))
+    config = OrchestratorConfig.model_validate(orchestrator_args(tools=tools_config(url)))
     generator = ToolCallingGenerator()
     chat = ChatPipeline(config, Retriever(0.1), generator, tools=ToolRunner(config.tools))
     reply = await chat.answer(config.tenants[0], ChatRequest(user_id="shopper-1", message="Where is LH-1001?"))
@@ -107,8 +114,20 @@ async def test_tool_results_go_back_to_the_model_and_into_the_actions(storefront
 
 async def test_a_failing_tool_gives_the_standard_reply(tmp_path: Path) -> None:
     down = f"http://127.0.0.1:{free_port()}"
-    config = OrchestratorConfig.model_validate(orchestrator_args(tools={"enabled": True, "storefront_url": down}))
+    config = OrchestratorConfig.model_validate(orchestrator_args(tools=tools_config(down)))
     chat = ChatPipeline(config, Retriever(0.1), ToolCallingGenerator(), tools=ToolRunner(config.tools))
     reply = await chat.answer(config.tenants[0], ChatRequest(user_id="shopper-1", message="Where is LH-1001?"))
     assert reply.response.startswith("Sorry, I couldn't reach our order system")
     assert reply.actions[0]["type"] == "tool_failed"
+
+
+def test_only_relevant_tools_are_offered() -> None:
+    tools = ToolRunner(ToolsConfig(enabled=True, storefront_url="http://shop"))
+    assert [t.name for t in tools.offered("policy_question", "How long do refunds take?")] == []
+    assert [t.name for t in tools.offered("policy_question", "Can I stack the WELCOME50 coupon?")] == [
+        "check_coupon_rules"
+    ]
+    assert {t.name for t in tools.offered("order_status", "Where is my parcel?")} == {
+        "get_order_status", "create_support_ticket"
+    }  # fmt: skip
+    assert ToolRunner(ToolsConfig()).offered("order_status", "x") == []  # tools disabled

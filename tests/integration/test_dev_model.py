@@ -23,6 +23,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def client(ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Iterator[Any]:
+    from examples.storefront.app import create_app
+    from tests.crm_emulator import serve_in_thread
+
     if not (DEV_MODEL_DIR / "config.json").exists():
         pytest.skip("dev model missing: run `cs-fetch-models --dest models` (scripts/test.sh does)")
     milvus_path = tmp_path_factory.mktemp("dev-milvus") / "kb.db"
@@ -35,16 +38,18 @@ def client(ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
     args["retriever"]["milvus_uri"] = str(milvus_path)
     args["orchestrator"]["sampling"]["temperature"] = 0
     args["llm"]["kv_cache_memory_bytes"] = 512 * 1024 * 1024
-    serve.run(build_app(args), name="cs-dev", route_prefix="/dev")
-    with httpx.Client(base_url=ray_cluster["http_url"] + "/dev", timeout=300) as http:
-        yield http
-    serve.delete("cs-dev")
+    with serve_in_thread(create_app(tmp_path_factory.mktemp("shop") / "shop.db")) as shop_url:
+        args["orchestrator"]["tools"]["storefront_url"] = shop_url
+        serve.run(build_app(args), name="cs-dev", route_prefix="/dev")
+        with httpx.Client(base_url=ray_cluster["http_url"] + "/dev", timeout=300) as http:
+            yield http
+        serve.delete("cs-dev")
 
 
-def ask(client: httpx.Client, message: str) -> dict[str, Any]:
+def ask(client: httpx.Client, message: str, user_id: str = "shopper") -> dict[str, Any]:
     reply = client.post(
         "/v1/chat",
-        json={"user_id": "shopper", "message": message},
+        json={"user_id": user_id, "message": message},
         headers={"Authorization": "Bearer dev-lumen-key"},
     )
     assert reply.status_code == 200, reply.text
@@ -62,3 +67,10 @@ def test_chinese_policy_question_is_answered_in_chinese(client: httpx.Client) ->
     body = ask(client, "我忘记密码了，怎么重置？")
     assert "password-reset-zh" in [s["doc_id"] for s in body["sources"]]
     assert "验证码" in body["response"] or "忘记密码" in body["response"]
+
+
+def test_an_order_question_is_answered_from_the_storefront(client: httpx.Client) -> None:
+    body = ask(client, "Where is my order LH-1001?", user_id="shopper-1")
+    assert body["intent"] == "order_status"
+    assert {"type": "order_status", "order_id": "LH-1001", "status": "shipped"} in body["actions"]
+    assert "ship" in body["response"].lower() or "SF" in body["response"]
