@@ -472,6 +472,11 @@ class OrchestratorConfig(StrictModel):
         default_factory=lambda: StandardReplies(), description="Handover, sensitive and out-of-scope replies."
     )
     tools: ToolsConfig = Field(default_factory=lambda: ToolsConfig(), description="Function calling.")
+    structured_replies: bool = Field(
+        False,
+        description="The model writes {response, confidence} under a JSON schema (vLLM structured output); the "
+        "reply's confidence then combines the model's with the retrieval evidence.",
+    )
     answer_cache: AnswerCacheConfig = Field(
         default_factory=lambda: AnswerCacheConfig(), description="Cache of frequent questions' answers."
     )

@@ -82,6 +82,7 @@ class VllmEngine:
 
     def __init__(self, config: LLMConfig) -> None:
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args: dict[str, Any] = {
@@ -97,6 +98,9 @@ class VllmEngine:
             args |= {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
         if config.kv_cache_memory_bytes is not None:
             args["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
+        # Compact JSON under structured output: with whitespace allowed, small models spend
+        # their token budget on blanks between fields. vLLM reads this per engine, not per request.
+        args["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
         args |= config.engine_kwargs
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self._tokenizer = self._engine.get_tokenizer()
@@ -124,11 +128,7 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        structured = None
-        if json_schema is not None:
-            # Compact JSON: a model constrained to a schema but free in whitespace can spend
-            # its whole token budget on blanks (seen with small models).
-            structured = StructuredOutputsParams(json=json_schema, disable_any_whitespace=True)
+        structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
         params = SamplingParams(
             temperature=sampling.temperature,
             top_p=sampling.top_p,

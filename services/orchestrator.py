@@ -62,6 +62,13 @@ from services.sessions import (
     open_session_memory,
     within_budget,
 )
+from services.structured_reply import (
+    CHARS_PER_TOKEN,
+    REPLY_INSTRUCTION,
+    ReplyStreamDecoder,
+    combined_confidence,
+    reply_schema,
+)
 from services.tools import ToolRunner, forced_call_schema, function_spec
 
 if TYPE_CHECKING:
@@ -362,6 +369,7 @@ class PreparedAnswer:
     intent: str | None = None
     cached_reply: ChatReply | None = None  # a cache hit: nothing else runs
     cache_slot: str | None = None  # where to cache this answer once complete
+    decoder: ReplyStreamDecoder | None = None  # structured replies: pulls the response out of the JSON
     usage: Usage | None = None
     finish_reason: str = "stop"
 
@@ -467,7 +475,14 @@ class ChatPipeline:
                 return answered
         else:
             prepared.cache_slot = cache_slot  # answers that called tools depend on live data: never cached
-        prepared.chunks = aiter(self._generator.stream(messages, self._config.sampling, prepared.adapter))
+        schema = None
+        if self._config.structured_replies:
+            messages[0] = ChatMessage(role="system", content=f"{messages[0].content}\n\n{REPLY_INSTRUCTION}")
+            schema = reply_schema(self._config.sampling.max_tokens * CHARS_PER_TOKEN)
+            prepared.decoder = ReplyStreamDecoder()
+        prepared.chunks = aiter(
+            self._generator.stream(messages, self._config.sampling, prepared.adapter, json_schema=schema)
+        )
         try:
             prepared.first_chunk = await anext(prepared.chunks)
         except StopAsyncIteration as err:
@@ -570,16 +585,21 @@ class ChatPipeline:
             return
         parts: list[str] = []
         chunk: GenerationChunk | None = prepared.first_chunk
+        decoder = prepared.decoder
         while chunk is not None:
-            if chunk.text:
-                parts.append(chunk.text)
-                yield chunk.text
+            text = decoder.feed(chunk.text) if decoder else chunk.text
+            if text:
+                parts.append(text)
+                yield text
             if chunk.finish_reason is not None:
                 prepared.finish_reason = chunk.finish_reason
                 if chunk.prompt_tokens is not None and chunk.completion_tokens is not None:
                     prepared.usage = Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
             chunk = await anext(prepared.chunks, None)
-        reply = await self._finish(prepared, "".join(parts).strip(), confidence=prepared.confidence)
+        confidence = prepared.confidence
+        if decoder is not None:
+            confidence = combined_confidence(confidence, decoder.model_confidence())
+        reply = await self._finish(prepared, "".join(parts).strip(), confidence=confidence)
         if prepared.cache_slot and self._cache is not None:
             await self._cache.put(prepared.cache_slot, reply)
         yield reply

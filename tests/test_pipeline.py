@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from services.api.models import ChatReply, ChatRequest
 from services.config import OrchestratorConfig, SamplingConfig
@@ -28,12 +29,17 @@ class Retriever:
 class Generator:
     def __init__(self) -> None:
         self.calls: list[list[ChatMessage]] = []
+        self.kwargs: list[dict[str, Any]] = []
 
     async def stream(
-        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None
+        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None, **kwargs: Any
     ) -> AsyncIterator[GenerationChunk]:
         self.calls.append(messages)
-        for piece in ["Within ", "7 days."]:
+        self.kwargs.append(kwargs)
+        pieces = ["Within ", "7 days."]
+        if kwargs.get("json_schema"):  # what a model under the reply schema writes, in odd pieces
+            pieces = ['{"respon', 'se": "Within ', "7 days \\u2014 ", 'see \\"Returns\\"', '.", "confidence": 0.5}']
+        for piece in pieces:
             yield GenerationChunk(text=piece)
         yield GenerationChunk(text="", finish_reason="stop")
 
@@ -213,3 +219,28 @@ async def test_feedback_names_a_recent_reply_of_the_callers_own_session() -> Non
         await chat.feedback(other, verdict)  # another tenant cannot see, nor rate, this session
     with pytest.raises(ValueError, match="give helpful, resolved or both"):
         FeedbackRequest(session_id="s", reply_id="r")
+
+
+async def test_structured_replies_stream_the_response_and_combine_confidences() -> None:
+    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True))
+    generator = Generator()
+    chat = ChatPipeline(config, Retriever(0.8), generator)
+    prepared = await chat.prepare(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))
+    items = [item async for item in chat.stream(prepared)]
+    text = "".join(i for i in items if isinstance(i, str))
+    assert text == 'Within 7 days \u2014 see "Returns".'
+    reply = items[-1]
+    assert isinstance(reply, ChatReply) and reply.response == text
+    assert reply.confidence == 0.6  # evidence 0.8, lowered by the model's 0.5: 0.8 * (0.5 + 0.25)
+    assert generator.kwargs[0]["json_schema"]["required"] == ["response", "confidence"]
+    assert "confidence" in generator.calls[0][0].content  # the system prompt asks for the JSON object
+
+
+def test_reply_decoder_handles_escapes_split_across_pieces() -> None:
+    from services.structured_reply import ReplyStreamDecoder, combined_confidence
+
+    decoder = ReplyStreamDecoder()
+    pieces = ['{ "response" :', ' "a\\', "nb \\ud83d", "\\ude00 \\u4f60", '好", "confidence": 1}']
+    assert "".join(decoder.feed(p) for p in pieces) == "a\nb \U0001f600 你好"
+    assert decoder.model_confidence() == 1.0
+    assert combined_confidence(0.7, None) == 0.7 and combined_confidence(0.7, 0.0) == 0.35
