@@ -734,6 +734,7 @@ class Orchestrator:
             adapter_admin=self._adapter_admin,
             admin_keys=self._admin_keys,
             knowledge=self._knowledge,
+            served_by=serve.get_replica_context().replica_id.unique_id,
         )
 
     async def _check_dependencies(self) -> dict[str, str]:

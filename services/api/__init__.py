@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from services.adapters.admin import AdapterAdmin
 from services.api import admin, chat, health, openai_compat
@@ -27,6 +27,7 @@ def create_api(
     adapter_admin: AdapterAdmin | None = None,
     admin_keys: list[str] | None = None,
     knowledge: KnowledgeAdmin | None = None,
+    served_by: str | None = None,
 ) -> FastAPI:
     """Build the FastAPI app around one pipeline.
 
@@ -38,6 +39,7 @@ def create_api(
         adapter_admin: The adapter lifecycle; None when no adapter store is configured.
         admin_keys: Keys of the admin API; none disables it.
         knowledge: Syncs a tenant's knowledge source in the running app and reports its state.
+        served_by: This replica's id, sent as ``X-Served-By`` (tracing a request to a replica).
 
     """
     app = FastAPI(title="Customer-service LLM platform", version="0.1.0")
@@ -50,6 +52,14 @@ def create_api(
     app.state.knowledge = knowledge
     app.state.tenant_ids = {t.tenant for t in config.tenants}
     install_error_handlers(app)
+    if served_by:
+
+        @app.middleware("http")
+        async def _served_by(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+            response = await call_next(request)
+            response.headers["X-Served-By"] = served_by
+            return response
+
     app.include_router(chat.router)
     app.include_router(openai_compat.router)
     app.include_router(health.router)

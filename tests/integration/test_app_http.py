@@ -33,12 +33,21 @@ def storefront(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 
 
 @pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    from tests.redis_server import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def client(
     ray_cluster: dict[str, Any],
     tmp_path_factory: pytest.TempPathFactory,
     minilm_dir: Path,
     tiny_llm_dir: Path,
     storefront: tuple[str, Any],
+    redis_url: str,
 ) -> Iterator[httpx.Client]:
     milvus_path = tmp_path_factory.mktemp("app-milvus") / "kb.db"
     load_sample_kb(milvus_path, minilm_dir)
@@ -49,7 +58,10 @@ def client(
         "orchestrator": orchestrator_args(
             admin_api_keys=["admin-key"],
             tenants=[*orchestrator_args()["tenants"], NORDIC],
-            answer_cache={"backend": "memory"},
+            # Two orchestrator replicas sharing sessions and cached answers through Redis.
+            deployment={"num_cpus": 0.1, "num_replicas": 2},
+            session={"backend": "redis", "redis_url": redis_url},
+            answer_cache={"backend": "redis", "redis_url": redis_url},
             # The tiny model cannot choose tools: the call is forced through structured output.
             intents={"threshold": 0.995, "rules": DEFAULT_INTENT_RULES | {"order_status": [r"\border\s+LH-\d+"]}},
             tools={
@@ -85,6 +97,7 @@ def test_health_reports_every_deployment(client: httpx.Client) -> None:
         "embedder": "ok",
         "retriever": "ok",
         "llm": "ok",
+        "session_memory": "ok",  # Redis
     }
 
 
@@ -421,3 +434,18 @@ def test_a_forced_tool_call_reaches_the_storefront_as_the_authenticated_shopper(
     [request] = shop.state.requests
     assert request[0] == "GET" and request[1].startswith("/orders/") and request[2] == "shopper-1"
     assert action["status"] is None  # whatever id the tiny model wrote, shopper-2's order stayed hidden
+
+
+def test_a_conversation_continues_on_the_other_orchestrator_replica(client: httpx.Client) -> None:
+    first = chat(client, message="Can I return a sofa?")
+    reply, replica = first.json(), first.headers["X-Served-By"]
+    feedback = {"session_id": reply["session_id"], "reply_id": reply["reply_id"], "helpful": True}
+    # Feedback is accepted only for a reply in the session's memory. Send it until the
+    # other replica has served it (Serve spreads requests over both; bounded).
+    for _ in range(40):
+        answer = client.post("/v1/feedback", json=feedback, headers=AUTH)
+        assert answer.status_code == 204, answer.text  # every replica sees the session
+        if answer.headers["X-Served-By"] != replica:
+            break
+    else:
+        pytest.fail("every request went to one orchestrator replica")
