@@ -240,6 +240,15 @@ class AnswerCacheConfig(StrictModel):
     redis_timeout_s: float = Field(0.5, gt=0, description="Redis: bound on one command; a slow cache is a miss.")
 
 
+def check_patterns(patterns: list[str], where: str) -> None:
+    """Refuse regular expressions that do not compile, naming where they are configured."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{where}: bad pattern {pattern!r}: {err}") from err
+
+
 DEFAULT_INTENT_EXAMPLES: dict[str, list[str]] = {
     "order_status": [
         "Where is my order?", "When will my package arrive?", "Has my order shipped yet?",
@@ -309,11 +318,7 @@ class IntentConfig(StrictModel):
         if unknown:
             raise ValueError(f"unknown intents {sorted(unknown)}; use {sorted(known)}")
         for intent, patterns in self.rules.items():
-            for pattern in patterns:
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ValueError(f"rules.{intent}: bad pattern {pattern!r}: {err}") from err
+            check_patterns(patterns, f"rules.{intent}")
         return self
 
 
@@ -361,11 +366,7 @@ class ToolConfig(StrictModel):
 
     @model_validator(mode="after")
     def _object_schema(self) -> ToolConfig:
-        for pattern in self.patterns:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"tool {self.name}: bad pattern {pattern!r}: {err}") from err
+        check_patterns(self.patterns, f"tool {self.name}")
         if self.parameters.get("type") != "object":
             raise ValueError(f"tool {self.name}: parameters must be a JSON schema of type object")
         if "user_id" in self.parameters.get("properties", {}):
