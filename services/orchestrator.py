@@ -543,6 +543,10 @@ class ChatPipeline:
                     return prepared
             # A system of record answered: as sure as the knowledge base, or more.
             prepared.confidence = max(prepared.confidence, TOOL_CONFIDENCE)
+            if forced is not None:
+                # A model that must be told which tool to call tends to answer the next round
+                # with another call in plain JSON (seen with the 0.5B model): answer without tools.
+                return None
         return None
 
     async def _collect(

@@ -141,7 +141,7 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
         "relevance_threshold": 0.3,
         "retrieval_top_k": 3,
         "assistant_question_threshold": 0.995,  # MiniLM: see serve_config.dev.yaml
-        "intents": {"threshold": 0.995},  # the same: with MiniLM, intents come from the rules
+        "intents": {"examples": {}},  # the same: with MiniLM, intents come from the rules
         "sampling": {"temperature": 0, "max_tokens": 24},
         "tenants": [
             {

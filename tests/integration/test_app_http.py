@@ -63,7 +63,7 @@ def client(
             session={"backend": "redis", "redis_url": redis_url},
             answer_cache={"backend": "redis", "redis_url": redis_url},
             # The tiny model cannot choose tools: the call is forced through structured output.
-            intents={"threshold": 0.995, "rules": DEFAULT_INTENT_RULES | {"order_status": [r"\border\s+LH-\d+"]}},
+            intents={"examples": {}, "rules": DEFAULT_INTENT_RULES | {"order_status": [r"\border\s+LH-\d+"]}},
             tools={
                 "enabled": True,
                 "storefront_url": storefront[0],
@@ -449,3 +449,8 @@ def test_a_conversation_continues_on_the_other_orchestrator_replica(client: http
             break
     else:
         pytest.fail("every request went to one orchestrator replica")
+
+
+def test_chinese_policy_questions_are_not_mistaken_for_guarded_topics(client: httpx.Client) -> None:
+    reply = chat(client, message="可以开发票吗？").json()
+    assert reply["intent"] == "policy_question" and reply["actions"] == []
