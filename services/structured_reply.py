@@ -29,8 +29,8 @@ CHARS_PER_TOKEN = 3
 """Response characters allowed per token of max_tokens: about what English takes (Chinese takes fewer)."""
 
 REPLY_INSTRUCTION = (
-    'Reply with a JSON object: {"response": "<your answer to the customer: complete, polite sentences in their '
-    'language>", "confidence": <0 to 1: how sure you are that the knowledge entries support your answer>}.'
+    'Reply with a JSON object {"response": <your reply to the customer>, "confidence": <0 to 1, how sure you are '
+    "that the knowledge entries support your reply>}."
 )
 
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
