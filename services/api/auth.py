@@ -11,8 +11,9 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from services.config import TenantConfig, key_digest
 from services.errors import AuthenticationError, ForbiddenError
@@ -85,6 +86,15 @@ def is_admin(presented: str, digests: list[str]) -> bool:
     """Whether a presented key is an admin key (compared by digest, in constant time per key)."""
     digest = key_digest_of_presented(presented).encode()
     return any(hmac.compare_digest(digest, d.encode()) for d in digests)
+
+
+def caller_tenant(request: Request) -> TenantConfig:
+    """FastAPI dependency: the tenant of the request's API key (the app's :class:`ApiKeyAuth`)."""
+    tenant: TenantConfig = request.app.state.auth(request)
+    return tenant
+
+
+Caller = Annotated[TenantConfig, Depends(caller_tenant)]
 
 
 def require_same_tenant(caller: TenantConfig, tenant: str) -> None:

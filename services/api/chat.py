@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from services.api.auth import Caller
 from services.api.models import ChatReply, ChatRequest, ErrorBody, FeedbackRequest
-from services.config import TenantConfig
 from services.errors import ServiceError
 
 if TYPE_CHECKING:
@@ -20,11 +20,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["chat"])
-
-
-def _tenant(request: Request) -> TenantConfig:
-    tenant: TenantConfig = request.app.state.auth(request)
-    return tenant
 
 
 def sse_event(event: str, payload: object) -> str:
@@ -58,7 +53,7 @@ async def _events(pipeline: ChatPipeline, prepared: PreparedAnswer) -> AsyncIter
 )
 async def chat(
     body: ChatRequest,
-    tenant: Annotated[TenantConfig, Depends(_tenant)],
+    tenant: Caller,
     request: Request,
 ) -> ChatReply | StreamingResponse:
     """Answer a shopper's message from the tenant's knowledge base.
@@ -79,9 +74,7 @@ async def chat(
 
 
 @router.post("/feedback", status_code=204, responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
-async def feedback(
-    body: FeedbackRequest, tenant: Annotated[TenantConfig, Depends(_tenant)], request: Request
-) -> Response:
+async def feedback(body: FeedbackRequest, tenant: Caller, request: Request) -> Response:
     """Record whether a reply helped and whether the issue was resolved (feeds the feedback metrics).
 
     The reply must be one of the session's recent replies (``session.max_turns``).

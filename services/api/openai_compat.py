@@ -14,13 +14,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.api.auth import require_same_tenant
+from services.api.auth import Caller, require_same_tenant
 from services.api.models import ChatReply, ChatRequest, ErrorBody
 from services.config import TenantConfig
 from services.errors import InvalidRequestError, NotFoundError, ServiceError
@@ -30,14 +30,6 @@ if TYPE_CHECKING:
     from services.orchestrator import ChatPipeline, PreparedAnswer
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
-
-
-def _tenant(request: Request) -> TenantConfig:
-    tenant: TenantConfig = request.app.state.auth(request)
-    return tenant
-
-
-Caller = Annotated[TenantConfig, Depends(_tenant)]
 
 
 class OpenAIMessage(BaseModel):
