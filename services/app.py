@@ -24,9 +24,14 @@ def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
     base = ServiceSettings().config_base_dir or Path.cwd()
     config = config.resolve_paths(base)
-    embedder = build_embedder(config.embedder)
-    retriever = build_retriever(config.retriever, embedder)
-    llm = build_llm(config.llm)
+    embedder = build_embedder(config.embedder, config.observability)
+    retriever = build_retriever(config.retriever, embedder, config.observability)
+    llm = build_llm(config.llm, config.observability)
     return build_orchestrator(
-        config.orchestrator, embedder=embedder, retriever=retriever, llm=llm, llm_config=config.llm
+        config.orchestrator,
+        embedder=embedder,
+        retriever=retriever,
+        llm=llm,
+        llm_config=config.llm,
+        observability=config.observability,
     )

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Literal, Protocol
 
 from ray import serve
 from ray.serve.deployment import Application
 
-from services.config import EmbedderConfig
+from services.config import EmbedderConfig, ObservabilityConfig
 from services.errors import DependencyUnavailableError
+from services.observability.gpu import start_gpu_sampling
+from services.observability.logs import configure_replica_logging
+from services.observability.metrics import Metrics, RayMetrics, names_for
+from services.observability.tracing import tracer
 from services.schemas import Embedding
 
 logger = logging.getLogger(__name__)
@@ -133,12 +138,27 @@ class FlagEmbeddingBackend:
 class Embedder:
     """Ray Serve deployment around an :class:`EmbeddingBackend`."""
 
-    def __init__(self, config: EmbedderConfig, *, backend: EmbeddingBackend | None = None) -> None:
-        self._backend = backend or FlagEmbeddingBackend(config)
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
+        self,
+        config: EmbedderConfig,
+        observability: ObservabilityConfig | None = None,
+        *,
+        backend: EmbeddingBackend | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        observability = observability or ObservabilityConfig()
+        configure_replica_logging(observability.log_level, observability.log_format)
+        self._metrics = metrics or RayMetrics(names_for("Embedder"))
+        if backend is None:
+            backend = await asyncio.to_thread(FlagEmbeddingBackend, config)
+        self._backend: EmbeddingBackend = backend
         # serve.batch options are set per instance so they come from config, not code.
         for batched in (self._embed_query_batch, self._embed_passage_batch):
             batched.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
             batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self._gpu_sampling = start_gpu_sampling(
+            self._metrics, config.deployment.num_gpus, observability.gpu_sample_interval_s
+        )
 
     def info(self) -> dict[str, Any]:
         """Dimension, sparse support and token limit, for the retriever's schema and chunking."""
@@ -163,6 +183,15 @@ class Embedder:
         return await self._encode(texts, "passage")
 
     async def _encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
+        # Serve's batcher runs this in the trace context of the batch's first request.
+        with tracer().start_as_current_span("embedder.encode", attributes={"kind": kind, "batch_size": len(texts)}):
+            started = time.monotonic()
+            vectors = await self._run_model(texts, kind)
+            self._metrics.observe("cs_embed_batch_seconds", time.monotonic() - started, {"kind": kind})
+            self._metrics.observe("cs_embed_batch_size", len(texts), {"kind": kind})
+            return vectors
+
+    async def _run_model(self, texts: list[str], kind: TextKind) -> list[Embedding]:
         try:
             # The model call holds the GIL-free torch kernels; keep the event loop free.
             return await asyncio.to_thread(self._backend.encode, texts, kind)
@@ -170,10 +199,11 @@ class Embedder:
             raise DependencyUnavailableError(f"embedding failed: {type(err).__name__}: {err}") from err
 
     async def check_health(self) -> None:
-        """Fail when the model cannot embed a short text."""
-        await self._encode(["health"], "query")
+        """Fail when the model cannot embed a short text (not counted in the batch metrics)."""
+        await self._run_model(["health"], "query")
 
 
-def build_embedder(config: EmbedderConfig) -> Application:
+def build_embedder(config: EmbedderConfig, observability: ObservabilityConfig | None = None) -> Application:
     """Bind the Embedder deployment with its Serve options from config."""
-    return serve.deployment(name="Embedder", **config.deployment.to_serve_options())(Embedder).bind(config)
+    deployment = serve.deployment(name="Embedder", **config.deployment.to_serve_options())(Embedder)
+    return deployment.bind(config, observability or ObservabilityConfig())

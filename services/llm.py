@@ -24,10 +24,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ray import serve
 from ray.serve.deployment import Application
-from ray.serve.metrics import Counter, Histogram
 
-from services.config import LLMConfig, SamplingConfig
+from services.config import LLMConfig, ObservabilityConfig, SamplingConfig
 from services.errors import GenerationError, InvalidAdapterError, InvalidRequestError, NotFoundError, ServiceError
+from services.observability.gpu import start_gpu_sampling
+from services.observability.logs import configure_replica_logging
+from services.observability.metrics import GAUGES, Metrics, RayMetrics, adapter_label, names_for
+from services.observability.tracing import tracer
 from services.schemas import ChatMessage, GenerationChunk, GenerationRequest, ToolCall
 
 if TYPE_CHECKING:
@@ -77,10 +80,30 @@ class TextGenerationEngine(Protocol):
         ...
 
 
+def _ray_stat_logger_keeping_gauges() -> type:
+    """The Ray stat logger of vLLM (the one Ray Serve LLM uses), with its gauges kept visible.
+
+    vLLM sets its gauges (KV-cache use, running and waiting requests) only while the engine
+    steps; Ray drops a gauge once scraped, so an idle engine's gauges would vanish instead of
+    reading 0. Every value set goes to the process's :data:`GAUGES` keeper as well.
+    """
+    from vllm.v1.metrics.ray_wrappers import RayGaugeWrapper, RayPrometheusStatLogger
+
+    class KeptRayGauge(RayGaugeWrapper):
+        def set(self, value: int | float) -> None:
+            super().set(value)
+            GAUGES.remember(self.metric, float(value), self._tags)
+
+    class KeptGaugesRayStatLogger(RayPrometheusStatLogger):
+        _gauge_cls = KeptRayGauge
+
+    return KeptGaugesRayStatLogger
+
+
 class VllmEngine:
     """The real engine: vLLM ``AsyncLLM``."""
 
-    def __init__(self, config: LLMConfig) -> None:
+    def __init__(self, config: LLMConfig, *, engine_metrics: bool = True) -> None:
         from vllm import AsyncEngineArgs
         from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -102,7 +125,12 @@ class VllmEngine:
         # their token budget on blanks between fields. vLLM reads this per engine, not per request.
         args["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
         args |= config.engine_kwargs
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        stat_loggers: list[Any] = []
+        if engine_metrics:
+            # vLLM's engine metrics (KV-cache use, queue length, ...) as Ray metrics, so they
+            # are scraped from the same endpoint as ours (the logger Ray Serve LLM uses).
+            stat_loggers.append(_ray_stat_logger_keeping_gauges())
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=stat_loggers or None)
         self._tokenizer = self._engine.get_tokenizer()
         self._tool_parser: Any = None
         self.max_model_len = config.max_model_len
@@ -200,7 +228,8 @@ class LoadedAdapter:
     lora: LoRARequest
     engine: TextGenerationEngine
     loop: asyncio.AbstractEventLoop
-    on_unload: Callable[[str], None] | None = None
+    on_unload: Callable[[str, str], None] | None = None  # (adapter, reason: evicted or checked)
+    checked: bool = False  # loaded only to check it, never cached by Serve
     active_streams: int = 0
     evicted: bool = False
     _removed: bool = field(default=False, repr=False)
@@ -226,39 +255,70 @@ class LoadedAdapter:
             self._removed = True
             self.loop.create_task(self.engine.remove_lora(self.lora.lora_int_id))
             if self.on_unload is not None:
-                self.on_unload(self.lora.lora_name)
+                self.on_unload(self.lora.lora_name, "checked" if self.checked else "evicted")
             logger.info("unloaded adapter %s", self.lora.lora_name)
+
+
+@dataclass
+class _GenerationWatch:
+    """Timings and token count of one generation."""
+
+    started: float
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    completion_tokens: int = 0
+
+    def token(self) -> None:
+        """A chunk came from the engine."""
+        if self.first_token_s is None:
+            self.first_token_s = time.monotonic() - self.started
+
+    def finish(self, last: GenerationChunk, span: Any) -> None:
+        """The last chunk came: note totals, on the span too."""
+        self.total_s = time.monotonic() - self.started
+        self.completion_tokens = last.completion_tokens or 0
+        span.set_attribute("completion_tokens", self.completion_tokens)
+        span.set_attribute("finish_reason", last.finish_reason or "")
+        if self.first_token_s is not None:
+            span.set_attribute("time_to_first_token_s", round(self.first_token_s, 4))
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Output tokens per second after the first token (decode speed); None for one-token answers."""
+        if self.first_token_s is None or self.completion_tokens < 2 or self.total_s <= self.first_token_s:
+            return None
+        return (self.completion_tokens - 1) / (self.total_s - self.first_token_s)
 
 
 class LLMServer:
     """Ray Serve deployment around a :class:`TextGenerationEngine`."""
 
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
-        self, config: LLMConfig, *, engine: TextGenerationEngine | None = None
+        self,
+        config: LLMConfig,
+        observability: ObservabilityConfig | None = None,
+        *,
+        engine: TextGenerationEngine | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        observability = observability or ObservabilityConfig()
+        configure_replica_logging(observability.log_level, observability.log_format)
         self._config = config
         self._lora_ids = itertools.count(1)
+        self._metrics = metrics or RayMetrics(names_for("LLM"))
         if engine is None:
             # vLLM reads VLLM_* variables when the engine starts; config sets them per deployment.
             os.environ.update(config.engine_env)
             try:
-                engine = await asyncio.wait_for(asyncio.to_thread(VllmEngine, config), config.start_timeout_s)
+                engine = await asyncio.wait_for(
+                    asyncio.to_thread(VllmEngine, config, engine_metrics=observability.vllm_engine_metrics),
+                    config.start_timeout_s,
+                )
             except TimeoutError as err:
                 raise GenerationError(f"vLLM engine did not start within {config.start_timeout_s} s") from err
         self._engine = engine
-        self._adapter_loads = Counter(
-            "cs_adapter_loads",
-            description="LoRA adapters loaded into the engine.",
-            tag_keys=("adapter", "outcome"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
-        )
-        self._adapter_unloads = Counter(
-            "cs_adapter_unloads", description="LoRA adapters unloaded (evicted or checked).", tag_keys=("adapter",)
-        )
-        self._adapter_load_seconds = Histogram(
-            "cs_adapter_load_seconds",
-            description="Time to load a LoRA adapter into the engine.",
-            boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-            tag_keys=("adapter",),
+        self._gpu_sampling = start_gpu_sampling(
+            self._metrics, config.deployment.num_gpus, observability.gpu_sample_interval_s
         )
 
         # The LRU bound comes from config, so the multiplexed loader is wrapped per instance.
@@ -288,16 +348,16 @@ class LLMServer:
         try:
             await self._engine.add_lora(lora)
         except Exception as err:
-            self._adapter_loads.inc(tags={"adapter": adapter, "outcome": "error"})
+            self._metrics.inc("cs_adapter_loads", {"adapter": adapter, "outcome": "error"})
             raise InvalidAdapterError(f"adapter {adapter!r} cannot be loaded: {err}") from err
-        self._adapter_loads.inc(tags={"adapter": adapter, "outcome": "ok"})
-        self._adapter_load_seconds.observe(time.monotonic() - started, tags={"adapter": adapter})
+        self._metrics.inc("cs_adapter_loads", {"adapter": adapter, "outcome": "ok"})
+        self._metrics.observe("cs_adapter_load_seconds", time.monotonic() - started, {"adapter": adapter})
         logger.info("loaded adapter %s as id %d", adapter, lora.lora_int_id)
         return LoadedAdapter(
             lora=lora,
             engine=self._engine,
             loop=asyncio.get_running_loop(),
-            on_unload=lambda name: self._adapter_unloads.inc(tags={"adapter": name}),
+            on_unload=lambda name, reason: self._metrics.inc("cs_adapter_unloads", {"adapter": name, "reason": reason}),
         )
 
     async def check_adapter(self, adapter: str) -> None:
@@ -309,7 +369,7 @@ class LLMServer:
 
         """
         loaded = await self._load_adapter(adapter)
-        loaded.evicted = True  # not cached by Serve: unload now (no stream uses it)
+        loaded.evicted = loaded.checked = True  # not cached by Serve: unload now (no stream uses it)
         loaded.remove_if_idle()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
@@ -329,6 +389,12 @@ class LLMServer:
                 f"prompt has {len(prompt_ids)} tokens; the model's context is {self._engine.max_model_len}"
             )
         sampling = request.sampling.model_copy(update={"max_tokens": min(request.sampling.max_tokens, room)})
+        label = adapter_label(adapter_name)
+        # Not made current: nothing is called from here, and a context attached in one step
+        # of a generator cannot be detached safely in another.
+        attributes: dict[str, Any] = {"adapter": label, "prompt_tokens": len(prompt_ids), "tools": bool(request.tools)}
+        span = tracer().start_span("llm.generate", attributes=attributes)
+        watch = _GenerationWatch(time.monotonic())
         if adapter is not None:
             adapter.acquire()
         try:
@@ -339,6 +405,7 @@ class LLMServer:
             async for chunk in self._engine.stream(
                 prompt_ids, sampling, lora, request.json_schema, keep_special_tokens=bool(request.tools)
             ):
+                watch.token()
                 pending.append(chunk.text)
                 everything.append(chunk.text)
                 now = time.monotonic()
@@ -346,6 +413,8 @@ class LLMServer:
                     update: dict[str, Any] = {"text": "".join(pending)}
                     if request.tools:
                         update["tool_calls"] = self._engine.parse_tool_calls("".join(everything)) or None
+                    watch.finish(chunk, span)
+                    self._record(watch, label, request.tenant, len(prompt_ids))
                     yield chunk.model_copy(update=update)
                     return
                 if len(pending) >= self._config.stream_chunk_tokens or now - last_sent >= (
@@ -353,13 +422,28 @@ class LLMServer:
                 ):
                     yield GenerationChunk(text="".join(pending))
                     pending, last_sent = [], now
-        except ServiceError:
+        except ServiceError as err:
+            span.record_exception(err)
             raise
         except Exception as err:
+            span.record_exception(err)
             raise GenerationError(f"generation failed: {type(err).__name__}: {err}") from err
         finally:
+            span.end()
             if adapter is not None:
                 adapter.release()
+
+    def _record(self, watch: _GenerationWatch, adapter: str, tenant: str | None, prompt_tokens: int) -> None:
+        """The metrics of one finished generation."""
+        tags = {"adapter": adapter}
+        if watch.first_token_s is not None:
+            self._metrics.observe("cs_llm_time_to_first_token_seconds", watch.first_token_s, tags)
+        self._metrics.observe("cs_llm_generation_seconds", watch.total_s, tags)
+        if watch.tokens_per_second is not None:
+            self._metrics.observe("cs_llm_tokens_per_second", watch.tokens_per_second, tags)
+        usage = {"tenant": tenant or "none", "adapter": adapter}
+        self._metrics.inc("cs_llm_prompt_tokens", usage, prompt_tokens)
+        self._metrics.inc("cs_llm_completion_tokens", usage, watch.completion_tokens)
 
     async def check_health(self) -> None:
         """Fail when the engine is dead."""
@@ -371,6 +455,7 @@ class LLMServer:
             engine.shutdown()
 
 
-def build_llm(config: LLMConfig) -> Application:
+def build_llm(config: LLMConfig, observability: ObservabilityConfig | None = None) -> Application:
     """Bind the LLM deployment with its Serve options from config."""
-    return serve.deployment(name="LLM", **config.deployment.to_serve_options())(LLMServer).bind(config)
+    deployment = serve.deployment(name="LLM", **config.deployment.to_serve_options())(LLMServer)
+    return deployment.bind(config, observability or ObservabilityConfig())

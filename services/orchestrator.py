@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
+from opentelemetry import trace
 from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -30,6 +34,7 @@ from services.api.models import ChatReply, ChatRequest, FeedbackRequest, Source,
 from services.config import (
     ChunkingConfig,
     LLMConfig,
+    ObservabilityConfig,
     OrchestratorConfig,
     SamplingConfig,
     ServiceSettings,
@@ -53,6 +58,9 @@ from services.intents import (
     Classification,
     IntentClassifier,
 )
+from services.observability.logs import configure_replica_logging
+from services.observability.metrics import Metrics, RayMetrics, names_for
+from services.observability.tracing import tracer
 from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk, ToolCall
 from services.sessions import (
     InProcessSessionMemory,
@@ -72,9 +80,12 @@ from services.structured_reply import (
 from services.tools import ToolRunner, forced_call_schema, function_spec
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from knowledge_sync.pipeline import SourceBatch
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class KnowledgeSearch(Protocol):
@@ -98,6 +109,7 @@ class AnswerGenerator(Protocol):
         *,
         tools: list[dict[str, Any]] | None = None,
         json_schema: dict[str, Any] | None = None,
+        tenant: str | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         """Chunks of text; the last carries the finish reason (and the tool calls, when tools were given)."""
         ...
@@ -120,13 +132,25 @@ async def call_dependency(name: str, call: Callable[[], Awaitable[T]], timeout_s
         raise DependencyUnavailableError(f"{name} failed: {type(err).__name__}: {err}") from err
 
 
+@contextmanager
+def _stage(metrics: Metrics, stage: str, span_name: str, **attributes: Any) -> Iterator[Span]:
+    """A pipeline stage: a span (current, so deployment calls nest under it) and its latency."""
+    with tracer().start_as_current_span(span_name, attributes=attributes) as span:
+        started = time.monotonic()
+        yield span
+        metrics.observe("cs_stage_seconds", time.monotonic() - started, {"stage": stage})
+
+
 class RetrieverClient:
     """:class:`KnowledgeSearch` and knowledge ingest over the Retriever deployment."""
 
-    def __init__(self, handle: DeploymentHandle, timeout_s: float, ingest_timeout_s: float) -> None:
+    def __init__(
+        self, handle: DeploymentHandle, timeout_s: float, ingest_timeout_s: float, metrics: Metrics | None = None
+    ) -> None:
         self._handle = handle
         self._timeout_s = timeout_s
         self._ingest_timeout_s = ingest_timeout_s
+        self._metrics = metrics or Metrics()
 
     async def ingest(
         self, tenant: str, source: str, batch: SourceBatch, chunking: ChunkingConfig | None
@@ -152,17 +176,21 @@ class RetrieverClient:
         self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
     ) -> list[RetrievedChunk]:
         """Search through the Retriever deployment."""
-        return await call_dependency(
-            "knowledge retriever", lambda: self._handle.search.remote(tenant, query, top_k, embedding), self._timeout_s
-        )
+        with _stage(self._metrics, "retrieve", "cs.retrieve", tenant=tenant, top_k=top_k):
+            return await call_dependency(
+                "knowledge retriever",
+                lambda: self._handle.search.remote(tenant, query, top_k, embedding),
+                self._timeout_s,
+            )
 
 
 class LLMClient:
     """:class:`AnswerGenerator` over the LLM deployment (adapter chosen by multiplexed id)."""
 
-    def __init__(self, handle: DeploymentHandle, timeout_s: float) -> None:
+    def __init__(self, handle: DeploymentHandle, timeout_s: float, metrics: Metrics | None = None) -> None:
         self._handle = handle
         self._timeout_s = timeout_s
+        self._metrics = metrics or Metrics()
 
     async def stream(
         self,
@@ -172,18 +200,41 @@ class LLMClient:
         *,
         tools: list[dict[str, Any]] | None = None,
         json_schema: dict[str, Any] | None = None,
+        tenant: str | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         """Stream from the LLM deployment; each chunk must arrive within the timeout."""
         handle = self._handle.options(stream=True, multiplexed_model_id=adapter or "")
-        request = GenerationRequest(messages=messages, sampling=sampling, tools=tools, json_schema=json_schema)
-        chunks = cast(DeploymentResponseGenerator, handle.generate.remote(request))
-        iterator = chunks.__aiter__()
-        while True:
-            try:
-                chunk = await call_dependency("LLM", iterator.__anext__, self._timeout_s)
-            except StopAsyncIteration:
-                return
-            yield chunk
+        request = GenerationRequest(
+            messages=messages, sampling=sampling, tools=tools, json_schema=json_schema, tenant=tenant
+        )
+        # The span is current only while the call is made (Serve copies the context then):
+        # this generator may be resumed from another task, where a context attached here
+        # could not be detached.
+        attributes: dict[str, Any] = {"adapter": adapter or "base", "tools": bool(tools)}
+        attributes["structured"] = json_schema is not None
+        span = tracer().start_span("cs.generate", attributes=attributes)
+        started = time.monotonic()
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                chunks = cast(DeploymentResponseGenerator, handle.generate.remote(request))
+            iterator = chunks.__aiter__()
+            first = True
+            while True:
+                try:
+                    chunk = await call_dependency("LLM", iterator.__anext__, self._timeout_s)
+                except StopAsyncIteration:
+                    self._metrics.observe("cs_stage_seconds", time.monotonic() - started, {"stage": "generate"})
+                    return
+                if first:
+                    self._metrics.observe("cs_stage_seconds", time.monotonic() - started, {"stage": "first_token"})
+                    first = False
+                yield chunk
+        except Exception as err:
+            span.record_exception(err)
+            span.set_status(trace.StatusCode.ERROR, str(err))
+            raise
+        finally:
+            span.end()
 
 
 AdapterResolver = Callable[[str, str], str | None]
@@ -201,13 +252,15 @@ class QueryEmbedder(Protocol):
 class EmbedderClient:
     """:class:`QueryEmbedder` over the Embedder deployment."""
 
-    def __init__(self, handle: DeploymentHandle, timeout_s: float) -> None:
+    def __init__(self, handle: DeploymentHandle, timeout_s: float, metrics: Metrics | None = None) -> None:
         self._handle = handle
         self._timeout_s = timeout_s
+        self._metrics = metrics or Metrics()
 
     async def embed(self, texts: list[str]) -> list[Embedding]:
         """Embed queries through the Embedder deployment."""
-        return await call_dependency("embedder", lambda: self._handle.embed.remote(texts, "query"), self._timeout_s)
+        with _stage(self._metrics, "embed", "cs.embed", texts=len(texts)):
+            return await call_dependency("embedder", lambda: self._handle.embed.remote(texts, "query"), self._timeout_s)
 
 
 TOOL_CONFIDENCE = 0.9
@@ -255,49 +308,6 @@ async def _chain(head: list[GenerationChunk], rest: AsyncIterator[GenerationChun
 async def _replay(text: str) -> AsyncIterator[GenerationChunk]:
     """An answer already generated in full (during tool rounds), as a stream."""
     yield GenerationChunk(text=text, finish_reason="stop")
-
-
-class ConversationMetrics:
-    """Counts replies by outcome and feedback verdicts; a no-op base, Ray metrics in the deployment."""
-
-    def reply(self, tenant: str, outcome: str) -> None:
-        """One reply: answered, fallback, handoff, guardrail or cached."""
-
-    def feedback(self, tenant: str, helpful: bool | None, resolved: bool | None) -> None:
-        """One feedback verdict."""
-
-
-class RayConversationMetrics(ConversationMetrics):
-    """``cs_replies`` and ``cs_feedback`` counters on Ray's metrics endpoint.
-
-    Answer accuracy is helpful / (helpful + not helpful), the handover rate is
-    handoff / all replies, satisfaction is resolved / (resolved + unresolved).
-    """
-
-    def __init__(self) -> None:
-        from ray.serve.metrics import Counter
-
-        self._replies = Counter(
-            "cs_replies",
-            description="Replies by tenant and outcome.",
-            tag_keys=("tenant", "outcome"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
-        )
-        self._feedback = Counter(
-            "cs_feedback",
-            description="Feedback verdicts by tenant.",
-            tag_keys=("tenant", "verdict"),  # type: ignore[arg-type]
-        )
-
-    def reply(self, tenant: str, outcome: str) -> None:
-        """Count a reply."""
-        self._replies.inc(tags={"tenant": tenant, "outcome": outcome})
-
-    def feedback(self, tenant: str, helpful: bool | None, resolved: bool | None) -> None:
-        """Count a verdict (helpful / not_helpful, resolved / unresolved)."""
-        if helpful is not None:
-            self._feedback.inc(tags={"tenant": tenant, "verdict": "helpful" if helpful else "not_helpful"})
-        if resolved is not None:
-            self._feedback.inc(tags={"tenant": tenant, "verdict": "resolved" if resolved else "unresolved"})
 
 
 @dataclass(frozen=True)
@@ -372,6 +382,9 @@ class PreparedAnswer:
     decoder: ReplyStreamDecoder | None = None  # structured replies: pulls the response out of the JSON
     usage: Usage | None = None
     finish_reason: str = "stop"
+    started: float = 0.0  # monotonic time the request reached the pipeline
+    span: Span | None = None  # the request's cs.chat span, ended when the reply is complete
+    done: bool = False  # the request's metrics are recorded
 
 
 class ChatPipeline:
@@ -387,7 +400,7 @@ class ChatPipeline:
         sessions: SessionMemory | None = None,
         cache: AnswerCache | None = None,
         knowledge_version: Callable[[str], Awaitable[int]] | None = None,
-        metrics: ConversationMetrics | None = None,
+        metrics: Metrics | None = None,
         tools: ToolRunner | None = None,
     ) -> None:
         self._config = config
@@ -398,7 +411,7 @@ class ChatPipeline:
         self._sessions = sessions or InProcessSessionMemory(config.session)
         self._cache = cache
         self._knowledge_version = knowledge_version
-        self._metrics = metrics or ConversationMetrics()
+        self._metrics = metrics or Metrics()
         self._tools = tools
 
     async def prepare(
@@ -408,6 +421,8 @@ class ChatPipeline:
 
         The first generated chunk is awaited here so that an engine error, an unknown
         adapter or an over-long prompt is reported as a status code, not mid-stream.
+        The request's span and clock start here and stop when :meth:`stream` has given the
+        reply (or failed).
 
         Args:
             tenant: The caller's tenant.
@@ -416,11 +431,25 @@ class ChatPipeline:
                 neither read nor written.
 
         """
+        started = time.monotonic()
+        span = tracer().start_span("cs.chat", attributes={"tenant": tenant.tenant})
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                prepared = await self._prepare(tenant, request, history)
+        except BaseException as err:
+            self._request_done(tenant.tenant, "error" if isinstance(err, Exception) else "cancelled", started, span)
+            raise
+        prepared.started, prepared.span = started, span
+        return prepared
+
+    async def _prepare(self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None) -> PreparedAnswer:
         if len(request.message) > self._config.max_message_chars:
             raise InvalidRequestError(
                 f"message has {len(request.message)} characters; the limit is {self._config.max_message_chars}"
             )
         session_id = request.session_id or uuid.uuid4().hex
+        # Shoppers' words and ids only at DEBUG: INFO logs carry no personal data.
+        logger.debug("message from user %r in session %r: %r", request.user_id, session_id, request.message)
         remember = history is None
         if history is None:
             history = await self._sessions.history(tenant.tenant, session_id)
@@ -446,6 +475,8 @@ class ChatPipeline:
             generation = await self._knowledge_version(tenant.tenant)
             cache_slot = cache_key(tenant.tenant, generation, adapter, request.message)
             cached = await self._cache.get(cache_slot)
+            lookup = {"tenant": tenant.tenant, "result": "miss" if cached is None else "hit"}
+            self._metrics.inc("cs_answer_cache_lookups", lookup)
             if cached is not None:
                 reply = cached.model_copy(update={"session_id": session_id, "cached": True})
                 return PreparedAnswer(
@@ -481,7 +512,9 @@ class ChatPipeline:
             schema = reply_schema(self._config.sampling.max_tokens * CHARS_PER_TOKEN)
             prepared.decoder = ReplyStreamDecoder()
         prepared.chunks = aiter(
-            self._generator.stream(messages, self._config.sampling, prepared.adapter, json_schema=schema)
+            self._generator.stream(
+                messages, self._config.sampling, prepared.adapter, json_schema=schema, tenant=tenant.tenant
+            )
         )
         try:
             prepared.first_chunk = await anext(prepared.chunks)
@@ -507,11 +540,17 @@ class ChatPipeline:
         for round_no in range(self._config.tools.max_rounds):
             forced = required if round_no == 0 else None
             if forced is not None:
-                text, _ = await self._collect(messages, prepared.adapter, None, forced_call_schema(forced))
+                text, _ = await self._collect(
+                    messages, prepared.adapter, None, forced_call_schema(forced), prepared.tenant.tenant
+                )
                 calls = _forced_call(text)
                 text = f"<tool_call>\n{text}\n</tool_call>"
             else:
-                stream = aiter(self._generator.stream(messages, self._call_sampling(), prepared.adapter, tools=specs))
+                stream = aiter(
+                    self._generator.stream(
+                        messages, self._call_sampling(), prepared.adapter, tools=specs, tenant=prepared.tenant.tenant
+                    )
+                )
                 head, opening = await _opening(stream)
                 if not opening.lstrip().startswith(TOOL_CALL_TAG):
                     # A text answer: stream it as it comes, no tool round needed.
@@ -555,12 +594,15 @@ class ChatPipeline:
         adapter: str | None,
         tools: list[dict[str, Any]] | None,
         json_schema: dict[str, Any] | None,
+        tenant: str,
     ) -> tuple[str, list[ToolCall]]:
         """One whole generation: its text and the tool calls the LLM deployment parsed from it."""
         parts: list[str] = []
         calls: list[ToolCall] = []
         sampling = self._call_sampling()
-        async for chunk in self._generator.stream(messages, sampling, adapter, tools=tools, json_schema=json_schema):
+        async for chunk in self._generator.stream(
+            messages, sampling, adapter, tools=tools, json_schema=json_schema, tenant=tenant
+        ):
             parts.append(chunk.text)
             calls = chunk.tool_calls or calls
         return "".join(parts), calls
@@ -571,12 +613,59 @@ class ChatPipeline:
         return self._config.sampling.model_copy(update={"max_tokens": budget})
 
     async def stream(self, prepared: PreparedAnswer) -> AsyncIterator[str | ChatReply]:
-        """Yield text pieces, then the final :class:`ChatReply`; the turn is saved at the end."""
+        """Yield text pieces, then the final :class:`ChatReply`; the turn is saved at the end.
+
+        The request is counted (``cs_requests``, ``cs_request_seconds``) and its span ended
+        just before the reply is yielded, or when the stream fails or is abandoned.
+        """
+        try:
+            async for item in self._stream(prepared):
+                if isinstance(item, ChatReply):
+                    self._request_done(
+                        prepared.tenant.tenant, _outcome(prepared), prepared.started, prepared.span, prepared, item
+                    )
+                    prepared.done = True
+                yield item
+        except BaseException as err:
+            if not prepared.done:
+                prepared.done = True
+                outcome = "error" if isinstance(err, Exception) else "cancelled"  # GeneratorExit: the client left
+                self._request_done(prepared.tenant.tenant, outcome, prepared.started, prepared.span, prepared)
+            raise
+
+    def _request_done(
+        self,
+        tenant: str,
+        outcome: str,
+        started: float,
+        span: Span | None,
+        prepared: PreparedAnswer | None = None,
+        reply: ChatReply | None = None,
+    ) -> None:
+        """Count the request, end its span and log it (no message text: see ``logs``)."""
+        seconds = time.monotonic() - started
+        tags = {"tenant": tenant, "outcome": outcome}
+        self._metrics.inc("cs_requests", tags)
+        self._metrics.observe("cs_request_seconds", seconds, tags)
+        details: dict[str, Any] = {"tenant": tenant, "outcome": outcome, "duration_ms": round(seconds * 1000, 1)}
+        if prepared is not None:
+            details |= {"intent": prepared.intent, "adapter": prepared.adapter, "cached": bool(prepared.cached_reply)}
+            details["sources"] = len(prepared.grounding.chunks)
+            if prepared.usage is not None:
+                details |= {"prompt_tokens": prepared.usage.prompt_tokens}
+                details |= {"completion_tokens": prepared.usage.completion_tokens}
+        if reply is not None:
+            details |= {"reply_id": reply.reply_id, "confidence": reply.confidence}
+        if span is not None:
+            span.set_attributes({k: v for k, v in details.items() if v is not None and k != "duration_ms"})
+            span.end()
+        logger.info("chat request %s", outcome, extra=details)
+
+    async def _stream(self, prepared: PreparedAnswer) -> AsyncIterator[str | ChatReply]:
         if prepared.cached_reply is not None:
             reply = prepared.cached_reply.model_copy(update={"reply_id": uuid.uuid4().hex})
             yield reply.response
             await self._remember(prepared, reply.response, reply.reply_id)
-            self._metrics.reply(prepared.tenant.tenant, "cached")
             yield reply
             return
         if prepared.chunks is None or prepared.first_chunk is None:
@@ -633,17 +722,16 @@ class ChatPipeline:
             raise NotFoundError(
                 f"reply {request.reply_id!r} is not among the recent replies of session {request.session_id!r}"
             )
-        self._metrics.feedback(tenant.tenant, request.helpful, request.resolved)
+        if request.helpful is not None:
+            verdict = "helpful" if request.helpful else "not_helpful"
+            self._metrics.inc("cs_feedback", {"tenant": tenant.tenant, "verdict": verdict})
+        if request.resolved is not None:
+            verdict = "resolved" if request.resolved else "unresolved"
+            self._metrics.inc("cs_feedback", {"tenant": tenant.tenant, "verdict": verdict})
 
     async def _finish(self, prepared: PreparedAnswer, text: str, confidence: float) -> ChatReply:
         reply_id = uuid.uuid4().hex
         await self._remember(prepared, text, reply_id)
-        outcome = "answered"
-        if prepared.actions:
-            outcome = str(prepared.actions[0]["type"])
-        elif prepared.chunks is None:
-            outcome = "fallback"
-        self._metrics.reply(prepared.tenant.tenant, outcome)
         return ChatReply(
             reply_id=reply_id,
             response=text,
@@ -680,6 +768,20 @@ class ChatPipeline:
         )  # fmt: skip
 
 
+def _outcome(prepared: PreparedAnswer) -> str:
+    """The ``outcome`` label of a completed request (see ``REQUEST_OUTCOMES``)."""
+    kinds = {str(a.get("type")) for a in prepared.actions}
+    if "handoff" in kinds:
+        return "handover"
+    if "guardrail" in kinds:
+        return "guardrail"
+    if "tool_failed" in kinds:
+        return "tool_failed"
+    if prepared.cached_reply is None and prepared.chunks is None and prepared.standard_reply is None:
+        return "fallback"
+    return "answered"
+
+
 @serve.ingress()
 class Orchestrator:
     """Ray Serve ingress deployment: REST API over the dialogue pipeline."""
@@ -691,7 +793,11 @@ class Orchestrator:
         retriever: DeploymentHandle,
         llm: DeploymentHandle,
         llm_config: LLMConfig,
+        observability: ObservabilityConfig | None = None,
     ) -> None:
+        observability = observability or ObservabilityConfig()
+        configure_replica_logging(observability.log_level, observability.log_format)
+        metrics = RayMetrics(names_for("Orchestrator"))
         self._config = config
         settings = ServiceSettings()
         self._auth = ApiKeyAuth.from_config(config.tenants, settings.api_keys)
@@ -706,25 +812,25 @@ class Orchestrator:
                 await call_dependency("LLM", lambda: llm.check_adapter.remote(adapter), config.dependency_timeout_s)
 
             self._adapter_admin = AdapterAdmin(registry, llm_config.model, llm_config.max_lora_rank, load_check)
-        self._knowledge = RetrieverClient(retriever, config.dependency_timeout_s, config.ingest_timeout_s)
+        self._knowledge = RetrieverClient(retriever, config.dependency_timeout_s, config.ingest_timeout_s, metrics)
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         self._sessions = open_session_memory(config.session, redis_url)
         self._pipeline = ChatPipeline(
             config,
             self._knowledge,
-            LLMClient(llm, config.dependency_timeout_s),
+            LLMClient(llm, config.dependency_timeout_s, metrics),
             resolver,
             AssistantQuestions(
                 config.assistant_questions,
                 config.assistant_question_threshold,
-                EmbedderClient(embedder, config.dependency_timeout_s),
+                EmbedderClient(embedder, config.dependency_timeout_s, metrics),
                 IntentClassifier(config.intents),
             ),
             self._sessions,
             open_answer_cache(config.answer_cache, redis_url),
             self._knowledge.generation,
-            RayConversationMetrics(),
-            ToolRunner(config.tools) if config.tools.enabled else None,
+            metrics,
+            ToolRunner(config.tools, metrics=metrics) if config.tools.enabled else None,
         )
         self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
 
@@ -767,7 +873,8 @@ def build_orchestrator(
     retriever: Application,
     llm: Application,
     llm_config: LLMConfig,
+    observability: ObservabilityConfig | None = None,
 ) -> Application:
     """Bind the ingress to the three deployments it calls (``llm_config`` locates the adapter store)."""
     deployment = serve.deployment(name="Orchestrator", **config.deployment.to_serve_options())(Orchestrator)
-    return deployment.bind(config, embedder, retriever, llm, llm_config)
+    return deployment.bind(config, embedder, retriever, llm, llm_config, observability or ObservabilityConfig())

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
-from services.config import ChunkingConfig, RetrieverConfig, ServiceSettings
+from services.config import ChunkingConfig, ObservabilityConfig, RetrieverConfig, ServiceSettings
 from services.knowledge_store import MilvusKnowledgeStore, tenant_filter
+from services.observability.logs import configure_replica_logging
+from services.observability.metrics import Metrics, RayMetrics, names_for
+from services.observability.tracing import tracer
 from services.schemas import Embedding, RetrievedChunk
 
 if TYPE_CHECKING:
@@ -56,9 +60,14 @@ class Retriever:
         self,
         config: RetrieverConfig,
         embedder: DeploymentHandle,
+        observability: ObservabilityConfig | None = None,
         *,
         store: MilvusKnowledgeStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        observability = observability or ObservabilityConfig()
+        configure_replica_logging(observability.log_level, observability.log_format)
+        self._metrics = metrics or RayMetrics(names_for("Retriever"))
         self._embedder = embedder
         if store is None:
             info = await embedder.info.remote()
@@ -82,7 +91,12 @@ class Retriever:
         """
         if embedding is None:
             [embedding] = await self._embedder.embed.remote([query], "query")
-        return await asyncio.to_thread(self._store.search, tenant, query, embedding, top_k)
+        with tracer().start_as_current_span("retriever.search", attributes={"tenant": tenant, "top_k": top_k}) as span:
+            started = time.monotonic()
+            hits = await asyncio.to_thread(self._store.search, tenant, query, embedding, top_k)
+            self._metrics.observe("cs_retriever_search_seconds", time.monotonic() - started, {"tenant": tenant})
+            span.set_attribute("hits", len(hits))
+            return hits
 
     async def ingest(
         self, tenant: str, source: str, batch: SourceBatch, chunking: ChunkingConfig | None = None
@@ -106,6 +120,11 @@ class Retriever:
             report = await asyncio.to_thread(
                 sync_source, self._store, embedder, tenant, source, batch, chunking or ChunkingConfig()
             )
+        for outcome in ("added", "updated", "deleted", "unchanged", "rejected"):
+            tags = {"tenant": tenant, "source": source, "outcome": outcome}
+            self._metrics.inc("cs_knowledge_ingest_records", tags, getattr(report, outcome))
+        self._metrics.observe("cs_knowledge_ingest_seconds", report.seconds, {"tenant": tenant, "source": source})
+        self._metrics.set("cs_knowledge_generation", report.generation, {"tenant": tenant})
         return report.model_dump()
 
     async def knowledge_state(self, tenant: str) -> dict[str, Any]:
@@ -124,10 +143,12 @@ class Retriever:
             store.close()
 
 
-def build_retriever(config: RetrieverConfig, embedder: Application) -> Application:
+def build_retriever(
+    config: RetrieverConfig, embedder: Application, observability: ObservabilityConfig | None = None
+) -> Application:
     """Bind the Retriever deployment to the embedder."""
     if config.is_lite and config.deployment.num_replicas != 1:
         # Milvus Lite allows one process per database folder (DataDirLockedError).
         raise ValueError("a Milvus Lite file supports exactly one retriever replica; use a Milvus server to scale")
     deployment = serve.deployment(name="Retriever", **config.deployment.to_serve_options())(Retriever)
-    return deployment.bind(config, embedder)
+    return deployment.bind(config, embedder, observability or ObservabilityConfig())

@@ -61,6 +61,7 @@ class GenerationRequest(BaseModel):
     json_schema: dict[str, Any] | None = Field(
         None, description="Constrain the output to this JSON schema (vLLM structured output)."
     )
+    tenant: str | None = Field(None, description="Whose request it is: the tenant label of the token metrics.")
 
 
 class ToolCall(BaseModel):

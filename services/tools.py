@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -21,6 +22,8 @@ import httpx
 import jsonschema
 
 from services.config import ToolConfig, ToolsConfig
+from services.observability.metrics import Metrics
+from services.observability.tracing import inject_headers, tracer
 from services.schemas import ToolCall
 
 logger = logging.getLogger(__name__)
@@ -59,10 +62,17 @@ def forced_call_schema(tool: ToolConfig) -> dict[str, Any]:
 class ToolRunner:
     """Offers tools per intent and runs calls against the storefront over HTTP."""
 
-    def __init__(self, config: ToolsConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        config: ToolsConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._config = config
         self._tools = {t.name: t for t in config.definitions}
         self._client = httpx.AsyncClient(timeout=config.timeout_s, transport=transport)
+        self._metrics = metrics or Metrics()
 
     def offered(self, intent: str | None, message: str) -> list[ToolConfig]:
         """Tools offered for a message: by its intent or by a pattern it matches.
@@ -84,7 +94,19 @@ class ToolRunner:
         return self._tools.get(name) if name and self._config.enabled else None
 
     async def run(self, call: ToolCall, user_id: str) -> ToolResult:
-        """Validate and execute one call for the authenticated shopper."""
+        """Validate and execute one call for the authenticated shopper (a span and a latency sample each)."""
+        # A name the model made up must not become a label value: one "unknown" bucket.
+        name = call.name if call.name in self._tools else "unknown"
+        with tracer().start_as_current_span("cs.tool_call", attributes={"tool": name}) as span:
+            started = time.monotonic()
+            result = await self._run(call, user_id)
+            outcome = "ok" if result.ok else "failed"
+            span.set_attributes({"outcome": outcome, "action": str(result.action.get("type"))})
+            tags = {"tool": name, "outcome": outcome}
+            self._metrics.observe("cs_tool_call_seconds", time.monotonic() - started, tags)
+            return result
+
+    async def _run(self, call: ToolCall, user_id: str) -> ToolResult:
         tool = self._tools.get(call.name)
         if tool is None:
             return ToolResult(
@@ -107,13 +129,16 @@ class ToolRunner:
         assert tool.url is not None
         fill = {k: quote(str(v), safe="") for k, v in arguments.items()}
         url = tool.url.format_map(fill | {"user_id": quote(user_id, safe=""), "storefront_url": self._base()})
+        # The storefront continues the trace if it speaks W3C trace context.
+        headers = dict(inject_headers({}))
         try:
             if tool.method == "GET":
-                reply = await self._client.get(url)
+                reply = await self._client.get(url, headers=headers)
             else:
-                reply = await self._client.post(url, json=arguments | {"user_id": user_id})
+                reply = await self._client.post(url, json=arguments | {"user_id": user_id}, headers=headers)
         except httpx.HTTPError as err:
-            logger.warning("tool %s failed: %s", tool.name, err)
+            # The error's text can carry the URL, and the URL the shopper's id: name the type only.
+            logger.warning("tool %s failed: %s", tool.name, type(err).__name__)
             message = f"{tool.name} is unreachable: {type(err).__name__}"
             return ToolResult(json.dumps({"error": message}), self._failed(tool.name, message), False)
         try:

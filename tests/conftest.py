@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from services.observability.metrics import Metrics
 
 # Before Ray or vLLM import anything: no hub, no auth token, no usage stats.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,11 +79,37 @@ def adapters_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[dict[str, Any]]:
-    """One Ray cluster and one Serve HTTP proxy for the whole test session."""
+def otlp_collector() -> Iterator[Any]:
+    """An in-memory OTLP/HTTP collector that every Ray process of the test cluster exports spans to."""
+    from tests.crm_emulator import serve_in_thread
+    from tests.otlp_collector import SpanStore, create_collector_app
+
+    store = SpanStore()
+    with serve_in_thread(create_collector_app(store)) as url:
+        yield store, url
+
+
+#: How the test cluster traces: Serve's hook with the platform's OTLP exporter, every request sampled.
+TRACING_EXPORTER = "services.observability.tracing:otlp_span_processors"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(otlp_collector: tuple[Any, str]) -> Iterator[dict[str, Any]]:
+    """One Ray cluster and one Serve HTTP proxy for the whole test session, tracing to ``otlp_collector``."""
     import ray
     from ray import serve
 
+    # Tracing as production turns it on: environment variables every Ray process inherits
+    # (the local cluster starts from this process). Spans are sent within 200 ms.
+    os.environ.update(
+        {
+            "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH": TRACING_EXPORTER,
+            "RAY_SERVE_TRACING_SAMPLING_RATIO": "1.0",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector[1],
+            "OTEL_SERVICE_NAME": "cs-platform-tests",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+        }
+    )
     port = free_port()
     metrics_port = free_port()
     ray.init(
@@ -92,8 +120,14 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
         log_to_driver=False,
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield {"http_url": f"http://127.0.0.1:{port}", "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}
+    tracing = {"enabled": True, "exporter_import_path": TRACING_EXPORTER, "sampling_ratio": 1.0}
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, tracing_config=tracing)
+    yield {
+        "http_url": f"http://127.0.0.1:{port}",
+        "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
+        "spans": otlp_collector[0],
+        "logs_dir": ray._private.worker._global_node.get_logs_dir_path(),
+    }
     serve.shutdown()
     ray.shutdown()
 
@@ -180,3 +214,25 @@ def sync_complete(store: Any, embedder: Any, tenant: str, source: str, documents
     return sync_source(
         store, embedder, tenant, source, SourceBatch(complete=True, documents=documents), ChunkingConfig()
     )
+
+
+class RecordingMetrics(Metrics):
+    """Catalog metrics recorded in memory (names and labels checked as :class:`RayMetrics` checks them)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, str], float]] = []
+
+    def inc(self, name: str, tags: Mapping[str, str], value: float = 1.0) -> None:
+        super().inc(name, tags, value)
+        self.records.append((name, dict(tags), value))
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        super().observe(name, value, tags)
+        self.records.append((name, dict(tags), value))
+
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        super().set(name, value, tags)
+        self.records.append((name, dict(tags), value))
+
+    def tags(self, name: str) -> list[dict[str, str]]:
+        return [tags for recorded, tags, _ in self.records if recorded == name]

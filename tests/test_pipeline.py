@@ -192,28 +192,20 @@ async def test_feedback_names_a_recent_reply_of_the_callers_own_session() -> Non
 
     from services.api.models import FeedbackRequest
     from services.errors import NotFoundError
-    from services.orchestrator import ConversationMetrics
-
-    class Recorded(ConversationMetrics):
-        def __init__(self) -> None:
-            self.replies: list[tuple[str, str]] = []
-            self.verdicts: list[tuple[str, bool | None, bool | None]] = []
-
-        def reply(self, tenant: str, outcome: str) -> None:
-            self.replies.append((tenant, outcome))
-
-        def feedback(self, tenant: str, helpful: bool | None, resolved: bool | None) -> None:
-            self.verdicts.append((tenant, helpful, resolved))
+    from tests.conftest import RecordingMetrics
 
     config = OrchestratorConfig.model_validate(orchestrator_args())
-    metrics = Recorded()
+    metrics = RecordingMetrics()
     chat = ChatPipeline(config, Retriever(0.8), Generator(), metrics=metrics)
     lumen = config.tenants[0]
     reply = await chat.answer(lumen, ChatRequest(user_id="u", message="Returns?"))
-    assert reply.reply_id and metrics.replies == [("lumen", "answered")]
+    assert reply.reply_id and metrics.tags("cs_requests") == [{"tenant": "lumen", "outcome": "answered"}]
     verdict = FeedbackRequest(session_id=reply.session_id, reply_id=reply.reply_id, helpful=True, resolved=False)
     await chat.feedback(lumen, verdict)
-    assert metrics.verdicts == [("lumen", True, False)]
+    assert metrics.tags("cs_feedback") == [
+        {"tenant": "lumen", "verdict": "helpful"},
+        {"tenant": "lumen", "verdict": "unresolved"},
+    ]
     other = lumen.model_copy(update={"tenant": "other"})
     with pytest.raises(NotFoundError, match="not among the recent replies"):
         await chat.feedback(other, verdict)  # another tenant cannot see, nor rate, this session

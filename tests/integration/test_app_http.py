@@ -18,8 +18,15 @@ from tests.conftest import SAMPLE_KB, embedder_args, llm_args, load_sample_kb, o
 pytestmark = pytest.mark.integration
 
 AUTH = {"Authorization": "Bearer test-key"}
-# A second brand with no knowledge of its own: nothing of Lumen's may reach it.
-NORDIC = {"tenant": "nordic", "persona": "You are the assistant of Nordic Outdoor.", "api_keys": ["nordic-key"]}
+# A second brand with no knowledge of its own (nothing of Lumen's may reach it), speaking
+# through a LoRA adapter of its own.
+NORDIC = {
+    "tenant": "nordic",
+    "persona": "You are the assistant of Nordic Outdoor.",
+    "api_keys": ["nordic-key"],
+    "adapter": "brand-a",
+}
+NORDIC_AUTH = {"Authorization": "Bearer nordic-key"}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +53,7 @@ def client(
     tmp_path_factory: pytest.TempPathFactory,
     minilm_dir: Path,
     tiny_llm_dir: Path,
+    adapters_dir: Path,
     storefront: tuple[str, Any],
     redis_url: str,
 ) -> Iterator[httpx.Client]:
@@ -54,7 +62,7 @@ def client(
     args = {
         "embedder": embedder_args(minilm_dir),
         "retriever": retriever_args(milvus_path),
-        "llm": llm_args(tiny_llm_dir),
+        "llm": llm_args(tiny_llm_dir, adapters_dir),
         "orchestrator": orchestrator_args(
             admin_api_keys=["admin-key"],
             tenants=[*orchestrator_args()["tenants"], NORDIC],
@@ -63,7 +71,14 @@ def client(
             session={"backend": "redis", "redis_url": redis_url},
             answer_cache={"backend": "redis", "redis_url": redis_url},
             # The tiny model cannot choose tools: the call is forced through structured output.
-            intents={"examples": {}, "rules": DEFAULT_INTENT_RULES | {"order_status": [r"\border\s+LH-\d+"]}},
+            intents={
+                "examples": {},
+                "rules": DEFAULT_INTENT_RULES
+                | {
+                    "order_status": [r"\border\s+LH-\d+"],
+                    "chit_chat": [r"^hello there"],  # the persona (and the tenant's adapter) answers
+                },
+            },
             tools={
                 "enabled": True,
                 "storefront_url": storefront[0],
@@ -417,7 +432,7 @@ def test_feedback_reaches_the_metrics(client: httpx.Client, ray_cluster: dict[st
     while "ray_cs_feedback" not in (text := scrape()) or 'verdict="not_helpful"' not in text:
         assert time.monotonic() < deadline, "cs_feedback never reached the metrics endpoint"
         time.sleep(1)
-    assert any(line.startswith("ray_cs_replies") and 'outcome="answered"' in line for line in text.splitlines())
+    assert any(line.startswith("ray_cs_requests_total") and 'outcome="answered"' in line for line in text.splitlines())
 
 
 def test_a_forced_tool_call_reaches_the_storefront_as_the_authenticated_shopper(
@@ -454,3 +469,156 @@ def test_a_conversation_continues_on_the_other_orchestrator_replica(client: http
 def test_chinese_policy_questions_are_not_mistaken_for_guarded_topics(client: httpx.Client) -> None:
     reply = chat(client, message="可以开发票吗？").json()
     assert reply["intent"] == "policy_question" and reply["actions"] == []
+
+
+def scraped_series(metrics_url: str) -> dict[str, list[dict[str, str]]]:
+    """Every sample on the Prometheus endpoint: name -> the label sets it appears with."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    series: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for sample in family.samples:
+            series.setdefault(sample.name, []).append(dict(sample.labels))
+    return series
+
+
+def exercise_every_path(client: httpx.Client, adapters_dir: Path) -> None:
+    """Requests that make every documented metric appear: answers, cache, tools, adapters, sync, feedback."""
+    import shutil
+
+    admin = {"X-API-Key": "admin-key"}
+    # Registering a version loads it into the engine and unloads it again (a checked unload).
+    shutil.copytree(adapters_dir / "brand-b", adapters_dir / "metrics-voice" / "v1", dirs_exist_ok=True)
+    registered = client.post("/admin/adapters/metrics-voice/versions", json={"version": "v1"}, headers=admin)
+    assert registered.status_code == 201, registered.text
+    question = "Which payment methods do you accept for online orders?"
+    answered = chat(client, message=question).json()
+    assert chat(client, message=question).json()["cached"] is True
+    assert chat(client, message="Who won the football world cup in 2018?").json()["confidence"] == 0
+    assert chat(client, message="我要转人工").json()["actions"][0]["type"] == "handoff"
+    assert chat(client, message="Where is order LH-1001?").status_code == 200  # a tool call
+    voiced = client.post("/v1/chat", json={"user_id": "u", "message": "hello there"}, headers=NORDIC_AUTH).json()
+    assert voiced["adapter"] == "brand-a"
+    url = "/admin/knowledge/lumen/sources/metrics-test"
+    assert client.put(url, json={"complete": True, "documents": [DOG_POLICY]}, headers=admin).status_code == 200
+    assert client.put(url, json={"complete": False, "deleted_doc_ids": ["pets-en"]}, headers=admin).status_code == 200
+    feedback = {"session_id": answered["session_id"], "reply_id": answered["reply_id"], "helpful": True}
+    assert client.post("/v1/feedback", json=feedback, headers=AUTH).status_code == 204
+
+
+def test_every_documented_metric_is_scraped_with_its_labels(
+    client: httpx.Client, ray_cluster: dict[str, Any], adapters_dir: Path
+) -> None:
+    import time
+
+    from services.observability.metrics import CATALOG
+
+    exercise_every_path(client, adapters_dir)
+    expected = [spec for spec in CATALOG if not spec.name.startswith("cs_gpu_")]
+    suffix = {"counter": "", "gauge": "", "histogram": "_bucket"}
+
+    def missing(series: dict[str, list[dict[str, str]]]) -> list[str]:
+        return [spec.exported for spec in expected if spec.exported + suffix[spec.kind] not in series]
+
+    # Ray exports on its own schedule (about every second here): poll, bounded.
+    deadline = time.monotonic() + 90
+    while gone := missing(series := scraped_series(ray_cluster["metrics_url"])):
+        assert time.monotonic() < deadline, f"never exported: {gone}"
+        time.sleep(1)
+    for spec in expected:
+        label_sets = series[spec.exported + suffix[spec.kind]]
+        own = [labels for labels in label_sets if set(spec.labels) <= set(labels)]
+        assert own, f"{spec.exported} lacks labels {spec.labels}: {label_sets[:2]}"
+        if spec.source == "cs":  # Ray's tags tell which deployment recorded it
+            assert spec.where.split(", ")[0] in {labels.get("deployment") for labels in own}, spec.name
+    outcomes = {labels["outcome"] for labels in series["ray_cs_requests_total"] if labels.get("tenant") == "lumen"}
+    assert {"answered", "fallback", "handover"} <= outcomes
+    stages = {labels["stage"] for labels in series["ray_cs_stage_seconds_bucket"]}
+    assert {"embed", "retrieve", "generate", "first_token"} <= stages
+    assert {"hit", "miss"} <= {labels["result"] for labels in series["ray_cs_answer_cache_lookups_total"]}
+    assert "brand-a" in {labels["adapter"] for labels in series["ray_cs_llm_completion_tokens_total"]}
+    # No GPU here: the GPU gauges are absent, not zero.
+    assert not [name for name in series if name.startswith("ray_cs_gpu_")]
+
+
+def test_one_chat_request_is_one_trace_across_every_deployment(
+    client: httpx.Client, ray_cluster: dict[str, Any]
+) -> None:
+    from tests.otlp_collector import CollectedSpan
+
+    store = ray_cluster["spans"]
+    # A tool-calling request crosses all four deployments and the storefront.
+    reply = chat(client, message="Where is order LH-1002?")
+    assert reply.status_code == 200, reply.text
+    request_id = reply.headers["x-request-id"]
+
+    def of_request(spans: list[CollectedSpan]) -> list[CollectedSpan]:
+        traces = {s.trace_id for s in spans if s.attributes.get("request_id") == request_id}
+        return [s for s in spans if s.trace_id in traces]
+
+    def complete(spans: list[CollectedSpan]) -> bool:
+        names = {s.name for s in of_request(spans)}
+        deployments = {s.attributes.get("deployment") for s in of_request(spans)}
+        wanted = {"cs.chat", "cs.embed", "embedder.encode", "cs.retrieve", "retriever.search", "cs.generate",
+                  "llm.generate", "cs.tool_call"}  # fmt: skip
+        return wanted <= names and {"Orchestrator", "Embedder", "Retriever", "LLM"} <= deployments
+
+    spans = of_request(store.wait_for(complete))
+    assert len({s.trace_id for s in spans}) == 1  # one trace
+    by_id = {s.span_id: s for s in spans}
+    roots = [s for s in spans if s.parent_span_id is None or s.parent_span_id not in by_id]
+    assert len(roots) == 1, [(s.name, s.parent_span_id) for s in roots]
+
+    def ancestors(span: CollectedSpan) -> list[str]:
+        names = []
+        while span.parent_span_id in by_id:
+            span = by_id[span.parent_span_id]
+            names.append(span.name)
+        return names
+
+    def one(name: str) -> CollectedSpan:
+        return next(s for s in spans if s.name == name)
+
+    chat_span = one("cs.chat")
+    # Work in the other deployments hangs under the orchestrator's stage that called it.
+    assert "cs.embed" in ancestors(one("embedder.encode")) or one("embedder.encode").trace_id == chat_span.trace_id
+    assert "cs.retrieve" in ancestors(one("retriever.search"))
+    assert "cs.generate" in ancestors(one("llm.generate"))
+    for stage in ("cs.embed", "cs.retrieve", "cs.generate", "cs.tool_call"):
+        assert "cs.chat" in ancestors(one(stage)), stage
+    assert one("cs.tool_call").attributes["tool"] == "get_order_status"
+    assert chat_span.attributes["tenant"] == "lumen" and chat_span.attributes["outcome"] == "answered"
+
+
+def test_logs_are_json_with_request_and_trace_ids_and_no_message_text(
+    client: httpx.Client, ray_cluster: dict[str, Any]
+) -> None:
+    import time
+
+    secret = "my card number is 4111-1111 please tell me about returns"
+    reply = client.post("/v1/chat", json={"user_id": "shopper-secret-77", "message": secret}, headers=AUTH)
+    assert reply.status_code == 200
+    request_id = reply.headers["x-request-id"]
+    logs = Path(ray_cluster["logs_dir"])
+
+    def request_lines() -> list[dict[str, Any]]:
+        found = []
+        for path in logs.glob("worker-*.err"):
+            for line in path.read_text(errors="replace").splitlines():
+                if request_id in line and line.lstrip().startswith("{"):
+                    found.append(json.loads(line))
+        return found
+
+    def finished(lines: list[dict[str, Any]]) -> bool:
+        return any(r.get("message", "").startswith("chat request") for r in lines)
+
+    deadline = time.monotonic() + 30  # Ray flushes worker output on its own schedule
+    while not finished(lines := request_lines()):
+        assert time.monotonic() < deadline, "no JSON log line of the request"
+        time.sleep(0.5)
+    [done] = [r for r in lines if r["message"].startswith("chat request")]
+    assert done["request_id"] == request_id and len(done["trace_id"]) == 32
+    assert done["level"] == "INFO" and done["tenant"] == "lumen" and done["deployment"] == "Orchestrator"
+    assert {"outcome", "duration_ms", "reply_id"} <= set(done)
+    everything = "".join(path.read_text(errors="replace") for path in logs.glob("worker-*.err"))
+    assert "4111-1111" not in everything and "shopper-secret-77" not in everything
