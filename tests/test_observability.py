@@ -146,6 +146,20 @@ def test_without_a_gpu_the_metrics_are_absent_and_one_line_says_why(
     assert len(caplog.records) == 1 and line in caplog.records[0].getMessage()
 
 
+@pytest.mark.gpu
+def test_the_real_nvml_reads_a_gpu() -> None:
+    metrics = RecordingMetrics()
+    sampler = GpuSampler(metrics, ["0"])
+    assert sampler.start()
+    [reading] = sampler.sample()
+    assert reading.memory_total_bytes > reading.memory_used_bytes > 0 and 0 <= reading.utilization_percent <= 100
+    assert {name for name, _, _ in metrics.records} == {
+        "cs_gpu_utilization_percent",
+        "cs_gpu_memory_used_bytes",
+        "cs_gpu_memory_total_bytes",
+    }
+
+
 # --- JSON logs ------------------------------------------------------------------------------------
 
 
@@ -310,3 +324,17 @@ def test_the_grafana_dashboard_plots_every_metric_and_only_real_ones() -> None:
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)) and dashboard["uid"] == "cs-platform"
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"] if p["type"] != "row")
+
+
+def test_observability_config_names_a_bad_value() -> None:
+    from pydantic import ValidationError
+
+    from services.config import ObservabilityConfig
+
+    assert ObservabilityConfig().log_format == "json" and ObservabilityConfig().log_level == "INFO"
+    with pytest.raises(ValidationError, match="log_format"):
+        ObservabilityConfig.model_validate({"log_format": "xml"})
+    with pytest.raises(ValidationError, match="gpu_sample_interval_s"):
+        ObservabilityConfig.model_validate({"gpu_sample_interval_s": 0})
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        ObservabilityConfig.model_validate({"otlp": "x"})

@@ -66,6 +66,14 @@ class MetricSpec:
         return f"ray_{self.name}" + ("_total" if self.kind == "counter" else "")
 
 
+GPU_ONLY = "only in replicas with num_gpus > 0 on a host with an NVIDIA driver"
+
+
+def _vllm(name: str, kind: Kind, description: str) -> MetricSpec:
+    """One of vLLM's engine metrics, recorded by vLLM in the LLM replica."""
+    return MetricSpec(name, kind, ("model_name", "engine"), description, "LLM", source="vllm")
+
+
 CATALOG: tuple[MetricSpec, ...] = (
     # Orchestrator: whole requests and the stages as the request sees them (queueing included).
     MetricSpec(
@@ -161,33 +169,20 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec(
         "cs_gpu_utilization_percent", "gauge", ("gpu", "model"),
         "GPU busy time over NVML's last sample period, per GPU of the replica.", "LLM, Embedder",
-        when="only in replicas with num_gpus > 0 on a host with an NVIDIA driver",
+        when=GPU_ONLY,
     ),
     MetricSpec(
         "cs_gpu_memory_used_bytes", "gauge", ("gpu", "model"), "GPU memory in use (all processes).",
-        "LLM, Embedder", when="only in replicas with num_gpus > 0 on a host with an NVIDIA driver",
+        "LLM, Embedder", when=GPU_ONLY,
     ),
     MetricSpec(
-        "cs_gpu_memory_total_bytes", "gauge", ("gpu", "model"), "GPU memory in all.", "LLM, Embedder",
-        when="only in replicas with num_gpus > 0 on a host with an NVIDIA driver",
+        "cs_gpu_memory_total_bytes", "gauge", ("gpu", "model"), "GPU memory in all.", "LLM, Embedder", when=GPU_ONLY,
     ),
     # vLLM's engine metrics (its Ray stat logger; names sanitized from vllm:...).
-    MetricSpec(
-        "vllm_kv_cache_usage_perc", "gauge", ("model_name", "engine"), "KV-cache blocks in use (0..1).", "LLM",
-        source="vllm",
-    ),
-    MetricSpec(
-        "vllm_num_requests_running", "gauge", ("model_name", "engine"), "Requests in the running batch.", "LLM",
-        source="vllm",
-    ),
-    MetricSpec(
-        "vllm_num_requests_waiting", "gauge", ("model_name", "engine"), "Requests queued in the engine.", "LLM",
-        source="vllm",
-    ),
-    MetricSpec(
-        "vllm_request_queue_time_seconds", "histogram", ("model_name", "engine"),
-        "Time requests waited in the engine's queue.", "LLM", source="vllm",
-    ),
+    _vllm("vllm_kv_cache_usage_perc", "gauge", "KV-cache blocks in use (0..1)."),
+    _vllm("vllm_num_requests_running", "gauge", "Requests in the running batch."),
+    _vllm("vllm_num_requests_waiting", "gauge", "Requests queued in the engine."),
+    _vllm("vllm_request_queue_time_seconds", "histogram", "Time requests waited in the engine's queue."),
 )  # fmt: skip
 
 SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in CATALOG}
