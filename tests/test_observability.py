@@ -7,8 +7,9 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -178,15 +179,28 @@ def span_exporter() -> Iterator[Any]:
     yield exporter
 
 
-@pytest.fixture
-def json_log() -> Iterator[io.StringIO]:
+@contextmanager
+def platform_logs(level: str, log_format: Literal["json", "text"], **context: str) -> Iterator[io.StringIO]:
+    """The platform's loggers writing to a string, restored afterwards (other tests rely on propagation)."""
     from services.observability.logs import PLATFORM_LOGGERS, configure_logging
 
+    loggers = [logging.getLogger(name) for name in PLATFORM_LOGGERS]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
     stream = io.StringIO()
-    handler = configure_logging("INFO", "json", component="Orchestrator", replica="r1", stream=stream)
-    yield stream
-    for name in PLATFORM_LOGGERS:
-        logging.getLogger(name).removeHandler(handler)
+    handler = configure_logging(level, log_format, stream=stream, **context)
+    try:
+        yield stream
+    finally:
+        for logger, (saved_level, propagate) in zip(loggers, saved, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(saved_level)
+            logger.propagate = propagate
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    with platform_logs("INFO", "json", component="Orchestrator", replica="r1") as stream:
+        yield stream
 
 
 async def test_log_lines_are_json_with_request_and_trace_ids_and_no_shopper_text(
@@ -217,16 +231,9 @@ async def test_log_lines_are_json_with_request_and_trace_ids_and_no_shopper_text
 
 
 async def test_debug_level_adds_the_shoppers_message(span_exporter: Any) -> None:
-    from services.observability.logs import PLATFORM_LOGGERS, configure_logging
-
-    stream = io.StringIO()
-    handler = configure_logging("DEBUG", "text", stream=stream)
-    try:
+    with platform_logs("DEBUG", "text") as stream:
         chat = ChatPipeline(OrchestratorConfig.model_validate(orchestrator_args()), Retriever(0.8), Generator())
         await chat.answer(chat._config.tenants[0], ChatRequest(user_id="u-9", message="returns please"))
-    finally:
-        for name in PLATFORM_LOGGERS:
-            logging.getLogger(name).removeHandler(handler)
     assert "'returns please'" in stream.getvalue() and "'u-9'" in stream.getvalue()
 
 
