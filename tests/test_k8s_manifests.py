@@ -1,16 +1,94 @@
-"""The KubeRay manifest validates offline against the vendored CRD and carries serve_config.yaml."""
+"""The Kubernetes manifests validate offline, in strict mode, as each overlay renders them.
+
+Custom resources are checked against the KubeRay CRDs vendored in ``../shared/schemas/kuberay``
+(unknown keys rejected), built-in kinds against the Kubernetes schemas that
+``kubernetes-validate`` ships (strict), and the Prometheus Operator's PodMonitor against the
+part of its API the manifests use. Overlays are rendered with ``kubectl kustomize``.
+"""
 
 from __future__ import annotations
 
+import copy
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from functools import cache
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
 from services.config import AppConfig
 from tests.conftest import REPO_ROOT
 
-CRD = REPO_ROOT.parent / "shared" / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
+K8S = REPO_ROOT / "k8s"
+KUBERAY_CRDS = REPO_ROOT.parent / "shared" / "schemas" / "kuberay"
+KUBERNETES_VERSION = "1.32"  # the oldest Kubernetes the manifests are written for (podFailurePolicy GA: 1.31)
+OVERLAYS = ["base", "overlays/dev", "overlays/prod"]
+#: Secrets the README tells the operator to create; everything else must be rendered.
+HAND_MADE_SECRETS = {"customer-service-secrets", "redis-auth", "knowledge-sync-credentials"}
+
+# The PodMonitor fields these manifests use (monitoring.coreos.com/v1 API reference), closed
+# to unknown keys like the CRD checks.
+_LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {"type": "array"},
+    },
+}
+_RELABELING = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "targetLabel": {"type": "string"},
+        "regex": {"type": "string"},
+        "replacement": {"type": "string"},
+        "action": {"type": "string"},
+        "separator": {"type": "string"},
+    },
+}
+PODMONITOR_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "podMetricsEndpoints"],
+            "properties": {
+                "selector": _LABEL_SELECTOR,
+                "namespaceSelector": {"type": "object"},
+                "jobLabel": {"type": "string"},
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "scrapeTimeout": {"type": "string"},
+                            "relabelings": {"type": "array", "items": _RELABELING},
+                            "metricRelabelings": {"type": "array", "items": _RELABELING},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
 
 
 def strict(schema: Any) -> Any:
@@ -29,41 +107,211 @@ def strict(schema: Any) -> Any:
     return schema
 
 
-@pytest.fixture(scope="module")
-def manifest() -> dict[str, Any]:
-    document: dict[str, Any] = yaml.safe_load((REPO_ROOT / "k8s" / "rayservice.yaml").read_text())
-    return document
+@cache
+def kuberay_schema(kind: str) -> Any:
+    """The strict JSON schema of a KubeRay kind (ray.io/v1) from the vendored CRD."""
+    crd = yaml.safe_load((KUBERAY_CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
+    return strict(next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"])
 
 
-@pytest.mark.skipif(not CRD.exists(), reason="KubeRay CRDs are vendored in ../shared/schemas")
-def test_rayservice_matches_the_crd(manifest: dict[str, Any]) -> None:
-    import jsonschema
+def validate(document: dict[str, Any]) -> None:
+    """Validate one manifest by its kind; raise on any schema error or an unknown kind."""
+    import kubernetes_validate
 
-    crd = yaml.safe_load(CRD.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    jsonschema.validate(manifest, strict(schema))
+    api_version, kind = document["apiVersion"], document["kind"]
+    if api_version == "ray.io/v1":
+        jsonschema.validate(document, kuberay_schema(kind))
+    elif api_version == "monitoring.coreos.com/v1" and kind == "PodMonitor":
+        jsonschema.validate(document, PODMONITOR_SCHEMA)
+    else:
+        # Raises SchemaNotFoundError for a kind it does not know: no kind passes unchecked.
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
 
 
-def test_serve_config_v2_is_serve_config_yaml(manifest: dict[str, Any]) -> None:
-    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    assert embedded == yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
-    AppConfig.model_validate(embedded["applications"][0]["args"])
+@cache
+def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
+    """The documents `kubectl kustomize` renders for an overlay (or the base)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed (scripts/test.sh installs it; kustomize needs kubectl >= 1.27)")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / overlay)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
 
 
-def test_serve_config_v2_passes_ray_schema(manifest: dict[str, Any]) -> None:
+def by_kind(documents: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in documents if doc["kind"] == kind]
+
+
+def pod_specs(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every pod spec a workload or a RayService carries."""
+    spec = document.get("spec", {})
+    if document["kind"] == "RayService":
+        cluster = spec["rayClusterConfig"]
+        yield cluster["headGroupSpec"]["template"]["spec"]
+        for group in cluster["workerGroupSpecs"]:
+            yield group["template"]["spec"]
+    elif document["kind"] == "CronJob":
+        yield spec["jobTemplate"]["spec"]["template"]["spec"]
+    elif "template" in spec:
+        yield spec["template"]["spec"]
+
+
+needs_crds = pytest.mark.skipif(not KUBERAY_CRDS.exists(), reason="KubeRay CRDs are vendored in ../shared/schemas")
+
+
+@needs_crds
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rendered_manifest_validates_strictly(overlay: str) -> None:
+    documents = rendered(overlay)
+    kinds = {doc["kind"] for doc in documents}
+    assert {"RayService", "CronJob", "StatefulSet", "Service", "ConfigMap", "PodMonitor"} <= kinds
+    for document in documents:
+        validate(document)
+
+
+@needs_crds
+@pytest.mark.parametrize(
+    ("kind", "path", "misspelled"),
+    [
+        ("RayService", ["spec", "rayClusterConfig", "workerGroupSpecs", 0], "maxReplica"),
+        ("RayService", ["spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0], "envFrm"),
+        ("CronJob", ["spec"], "concurencyPolicy"),
+        ("StatefulSet", ["spec", "template", "spec", "containers", 0], "readinesProbe"),
+        ("PodMonitor", ["spec", "podMetricsEndpoints", 0], "intervall"),
+    ],
+)
+def test_a_misspelled_key_fails_validation(kind: str, path: list[str | int], misspelled: str) -> None:
+    document = copy.deepcopy(by_kind(rendered("overlays/prod"), kind)[0])
+    validate(document)
+    node: Any = document
+    for step in path:
+        node = node[step]
+    node[misspelled] = 4
+    with pytest.raises(jsonschema.ValidationError, match=misspelled):
+        validate(document)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_config_v2_is_serve_config_yaml_and_passes_ray_schema(overlay: str) -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (rayservice,) = by_kind(rendered(overlay), "RayService")
+    embedded = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert embedded == yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text()), (
+        "serveConfigV2 differs from serve_config.yaml: run `python scripts/sync_rayservice.py`"
+    )
+    ServeDeploySchema.model_validate(embedded)
+    AppConfig.model_validate(embedded["applications"][0]["args"])
+    # Everything is in the image: nothing is installed when the cluster starts.
+    assert all("runtime_env" not in app for app in embedded["applications"])
 
 
-def test_misspelled_key_would_be_caught(manifest: dict[str, Any]) -> None:
-    import jsonschema
+def test_the_sync_script_rewrites_a_stale_serve_config() -> None:
+    from scripts.sync_rayservice import RAYSERVICE, render
 
-    if not CRD.exists():
-        pytest.skip("no vendored CRD")
-    crd = yaml.safe_load(CRD.read_text())
-    schema = strict(next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"])
-    broken = yaml.safe_load(yaml.safe_dump(manifest))
-    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 4
-    with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
-        jsonschema.validate(broken, schema)
+    current = RAYSERVICE.read_text()
+    assert render(current, (REPO_ROOT / "serve_config.yaml").read_text()) == current
+    stale = render(current, "applications: []\n")
+    assert yaml.safe_load(yaml.safe_load(stale)["spec"]["serveConfigV2"]) == {"applications": []}
+    assert render(stale, (REPO_ROOT / "serve_config.yaml").read_text()) == current
+
+
+@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
+def test_gpus_only_in_the_gpu_group_and_every_pod_has_limits(overlay: str) -> None:
+    documents = rendered(overlay)
+    (rayservice,) = by_kind(documents, "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {group["groupName"]: group for group in cluster["workerGroupSpecs"]}
+    gpu_pod = groups["gpu"]["template"]["spec"]
+    assert gpu_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert gpu_pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in gpu_pod["tolerations"])
+    assert groups["gpu"]["minReplicas"] <= groups["gpu"]["maxReplicas"]
+    for name, spec in [
+        ("head", cluster["headGroupSpec"]["template"]["spec"]),
+        ("cpu", groups["cpu"]["template"]["spec"]),
+    ]:
+        assert "nvidia.com/gpu" not in spec["containers"][0]["resources"]["limits"], name
+    for document in documents:
+        for pod in pod_specs(document):
+            for container in pod["containers"]:
+                assert {"requests", "limits"} <= container["resources"].keys(), (document["kind"], container["name"])
+    # The GPU replicas of serveConfigV2 fit the GPU group's nodes.
+    args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["llm"]["deployment"]["num_gpus"] <= 1 and args["embedder"]["deployment"]["num_gpus"] <= 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_pod_declares_the_metrics_port_that_the_podmonitor_scrapes(overlay: str) -> None:
+    documents = rendered(overlay)
+    (rayservice,) = by_kind(documents, "RayService")
+    (monitor,) = by_kind(documents, "PodMonitor")
+    port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        number = int(group["rayStartParams"]["metrics-export-port"])
+        ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+        assert ports[port] == number
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_references_resolve_and_no_secret_value_is_in_git(overlay: str) -> None:
+    documents = rendered(overlay)
+    assert not by_kind(documents, "Secret"), "secret values do not belong in git"
+    names = {(doc["kind"], doc["metadata"]["name"]) for doc in documents}
+    secrets: set[str] = set()
+    for document in documents:
+        for pod in pod_specs(document):
+            for volume in pod.get("volumes", []):
+                if "configMap" in volume:
+                    assert ("ConfigMap", volume["configMap"]["name"]) in names
+                if "persistentVolumeClaim" in volume:
+                    assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names
+            for container in pod["containers"]:
+                for source in container.get("envFrom", []):
+                    if "configMapRef" in source:
+                        assert ("ConfigMap", source["configMapRef"]["name"]) in names
+                    if "secretRef" in source:
+                        secrets.add(source["secretRef"]["name"])
+                for variable in container.get("env", []):
+                    ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        secrets.add(ref["name"])
+    assert secrets == HAND_MADE_SECRETS
+    readme = (REPO_ROOT / "README.md").read_text()
+    for secret in secrets:
+        assert f"kubectl create secret generic {secret}" in readme
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_sync_cronjob_never_overlaps_and_calls_the_serve_service(overlay: str) -> None:
+    documents = rendered(overlay)
+    (cronjob,) = by_kind(documents, "CronJob")
+    (rayservice,) = by_kind(documents, "RayService")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["cs-knowledge-sync"]
+    # KubeRay's Service in front of the Serve proxies is <RayService name>-serve-svc.
+    port = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["http_options"]["port"]
+    assert f"--app-url=http://{rayservice['metadata']['name']}-serve-svc:{port}" in container["args"]
+    (sources,) = [
+        d for d in by_kind(documents, "ConfigMap") if d["metadata"]["name"].startswith("knowledge-sync-sources")
+    ]
+    from knowledge_sync.sources import SourcesFile
+
+    SourcesFile.model_validate(yaml.safe_load(sources["data"]["sources.yaml"]))
+
+
+def test_the_image_builds_on_the_ray_llm_image_of_the_pinned_ray() -> None:
+    pins = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray_version = next(re.fullmatch(r"ray\[serve\]==(.+)", pin) for pin in pins if pin.startswith("ray[")).group(1)
+    dockerfile = (K8S / "Dockerfile").read_text()
+    base = re.search(r"^ARG RAY_LLM_IMAGE=(\S+)$", dockerfile, re.MULTILINE)
+    assert base and base.group(1).startswith(f"rayproject/ray-llm:{ray_version}-py311-")
+    assert 'pip install --no-cache-dir ".[gpu]"' in dockerfile
+    (rayservice,) = by_kind(rendered("base"), "RayService")
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray_version
+    ignored = (K8S / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "*" in ignored and "!services/" in ignored  # no venv or model folders in the context

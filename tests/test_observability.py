@@ -322,7 +322,7 @@ async def test_an_abandoned_stream_is_counted_as_cancelled() -> None:
 
 
 def test_the_grafana_dashboard_plots_every_metric_and_only_real_ones() -> None:
-    dashboard = json.loads((REPO_ROOT / "k8s" / "grafana" / "cs-platform-dashboard.json").read_text())
+    dashboard = json.loads((REPO_ROOT / "k8s" / "base" / "grafana" / "cs-platform-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
     used = {re.sub(r"_(bucket|sum|count)$", "", name) for e in exprs for name in re.findall(r"\bray_[a-z0-9_]+", e)}
     exported = {spec.exported for spec in CATALOG}
