@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import table, write_report
 from knowledge_sync.runner import RunOptions, StoreTarget, run_sources
 from knowledge_sync.sources import SourcesFile
 from services.config import EmbedderConfig, RetrieverConfig
@@ -69,7 +69,6 @@ def main() -> None:
     embedder = FlagEmbeddingBackend(
         EmbedderConfig(model=args.model, family="dense", pooling_method="mean", device="cpu", max_length=256)
     )
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; embedder {args.model}")
     with tempfile.TemporaryDirectory() as tmp, serve_in_thread(create_crm_app(crm)) as url:
         store = MilvusKnowledgeStore(
             RetrieverConfig(milvus_uri=str(Path(tmp) / "kb.db")), dimension=embedder.dimension, has_sparse=False
@@ -84,6 +83,7 @@ def main() -> None:
             }]}}}
         )  # fmt: skip
         target = StoreTarget(store, embedder)
+        rows: list[list[object]] = []
 
         def timed(label: str, **options: bool) -> None:
             started = time.perf_counter()
@@ -97,6 +97,7 @@ def main() -> None:
                 f"{seconds:7.1f} s ({seconds - report.seconds:5.1f} s pulling) {records / seconds:7.0f} records/s",
                 flush=True,
             )
+            rows.append([label, records, report.chunks_embedded, seconds, seconds - report.seconds, records / seconds])
 
         timed("first complete sync")
         for i in rng.sample(range(args.records), args.records // 100):
@@ -104,6 +105,13 @@ def main() -> None:
         timed("incremental, 1% changed")
         timed("complete re-pull, nothing changed", full=True)
         store.close()
+    header = ["run", "records", "chunks embedded", "seconds", "of which pulling s", "records/s"]
+    sections = [
+        f"Emulated paginated CRM over HTTP ({args.page_size} per page), bilingual FAQ-sized records, "
+        f"embedder `{Path(args.model).name}` on the CPU, Milvus Lite.\n\n" + table(header, rows)
+    ]
+    command = f"python -m benchmarks.knowledge_sync --records {args.records}"
+    write_report("knowledge_sync", "Knowledge-sync throughput", command, sections, {})
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ class FlagEmbeddingBackend:
         }
         self._family = config.family
         self._max_length = config.max_length
+        self._batch_size = config.max_batch_size
         if config.family == "bge-m3":
             self._model = BGEM3FlagModel(config.model, **common)
         else:
@@ -131,8 +132,41 @@ class FlagEmbeddingBackend:
                 Embedding(dense=d.tolist(), sparse={int(k): float(v) for k, v in s.items()})
                 for d, s in zip(dense, sparse, strict=True)
             ]
-        vectors = encode(texts)
+        # Big passage batches go through FlagEmbedding's loop, where its probe is amortized.
+        big = len(texts) > self._batch_size
+        vectors = encode(texts) if big else self._encode_dense_in_one_pass(texts, kind)
         return [Embedding(dense=v.tolist()) for v in vectors.reshape(len(texts), -1)]
+
+    def _encode_dense_in_one_pass(self, texts: list[str], kind: TextKind) -> Any:
+        """What ``FlagModel.encode_queries`` / ``encode_corpus`` return, in one forward pass.
+
+        FlagEmbedding's ``encode`` runs the first batch of every call twice: a probe for the
+        largest batch that fits in memory (FlagEmbedding PR #1229). For the Embedder's query
+        batches (one to ``max_batch_size`` texts) that doubles the cost: 34 ms instead of
+        16 ms for one MiniLM query on one core.
+        """
+        import torch
+
+        model = self._model
+        if kind == "query":
+            instruction, template = model.query_instruction_for_retrieval, model.query_instruction_format
+            max_length = model.query_max_length
+        else:
+            instruction = model.passage_instruction_for_retrieval
+            template = model.kwargs.get("passage_instruction_format", "{}{}")
+            max_length = model.passage_max_length
+        if instruction:
+            texts = [model.get_detailed_instruct(template, instruction, text) for text in texts]
+        device = model.target_devices[0]  # the constructor's first encode placed the model there
+        with torch.inference_mode():
+            inputs = model.tokenizer(
+                texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(device)
+            hidden = model.model(**inputs, return_dict=True).last_hidden_state
+            vectors = model.pooling(hidden, inputs["attention_mask"])
+            if model.normalize_embeddings:
+                vectors = torch.nn.functional.normalize(vectors, dim=-1)
+            return vectors.float().cpu().numpy()
 
 
 class Embedder:

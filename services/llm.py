@@ -34,6 +34,7 @@ from services.observability.tracing import tracer
 from services.schemas import ChatMessage, GenerationChunk, GenerationRequest, ToolCall
 
 if TYPE_CHECKING:
+    from vllm import AsyncEngineArgs, SamplingParams
     from vllm.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
@@ -100,37 +101,65 @@ def _ray_stat_logger_keeping_gauges() -> type:
     return KeptGaugesRayStatLogger
 
 
+def engine_args(config: LLMConfig) -> AsyncEngineArgs:
+    """The vLLM engine arguments for an LLM config (also what the benchmarks give the bare engine)."""
+    from vllm import AsyncEngineArgs
+    from vllm.config import StructuredOutputsConfig
+
+    args: dict[str, Any] = {
+        "model": config.model,
+        "dtype": config.dtype,
+        "max_model_len": config.max_model_len,
+        "enable_lora": config.enable_lora,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "enforce_eager": config.enforce_eager,
+    }
+    if config.enable_lora:
+        args |= {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
+    if config.kv_cache_memory_bytes is not None:
+        args["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
+    # Compact JSON under structured output: with whitespace allowed, small models spend
+    # their token budget on blanks between fields. vLLM reads this per engine, not per request.
+    args["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+    args |= config.engine_kwargs
+    return AsyncEngineArgs(**args)
+
+
+def sampling_params(
+    sampling: SamplingConfig, json_schema: dict[str, Any] | None = None, keep_special_tokens: bool = False
+) -> SamplingParams:
+    """The vLLM sampling parameters of a streamed generation (deltas), under a JSON schema when given."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
+    return SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        repetition_penalty=sampling.repetition_penalty,
+        seed=sampling.seed,
+        stop=sampling.stop or None,
+        output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured,
+        # Qwen's <tool_call> tags are added tokens: keep them so the tool parser sees them.
+        skip_special_tokens=not keep_special_tokens,
+    )
+
+
 class VllmEngine:
     """The real engine: vLLM ``AsyncLLM``."""
 
     def __init__(self, config: LLMConfig, *, engine_metrics: bool = True) -> None:
-        from vllm import AsyncEngineArgs
-        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args: dict[str, Any] = {
-            "model": config.model,
-            "dtype": config.dtype,
-            "max_model_len": config.max_model_len,
-            "enable_lora": config.enable_lora,
-            "gpu_memory_utilization": config.gpu_memory_utilization,
-            "tensor_parallel_size": config.tensor_parallel_size,
-            "enforce_eager": config.enforce_eager,
-        }
-        if config.enable_lora:
-            args |= {"max_lora_rank": config.max_lora_rank, "max_loras": config.max_loras}
-        if config.kv_cache_memory_bytes is not None:
-            args["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
-        # Compact JSON under structured output: with whitespace allowed, small models spend
-        # their token budget on blanks between fields. vLLM reads this per engine, not per request.
-        args["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
-        args |= config.engine_kwargs
         stat_loggers: list[Any] = []
         if engine_metrics:
             # vLLM's engine metrics (KV-cache use, queue length, ...) as Ray metrics, so they
             # are scraped from the same endpoint as ours (the logger Ray Serve LLM uses).
             stat_loggers.append(_ray_stat_logger_keeping_gauges())
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=stat_loggers or None)
+        self._engine = AsyncLLM.from_engine_args(engine_args(config), stat_loggers=stat_loggers or None)
         self._tokenizer = self._engine.get_tokenizer()
         self._tool_parser: Any = None
         self.max_model_len = config.max_model_len
@@ -153,22 +182,7 @@ class VllmEngine:
         keep_special_tokens: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
         """Stream text deltas from vLLM, under a JSON schema when given."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
-        structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
-        params = SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            repetition_penalty=sampling.repetition_penalty,
-            seed=sampling.seed,
-            stop=sampling.stop or None,
-            output_kind=RequestOutputKind.DELTA,
-            structured_outputs=structured,
-            # Qwen's <tool_call> tags are added tokens: keep them so the tool parser sees them.
-            skip_special_tokens=not keep_special_tokens,
-        )
+        params = sampling_params(sampling, json_schema, keep_special_tokens)
         request_id = uuid.uuid4().hex
         completion_tokens = 0
         async for output in self._engine.generate(
@@ -400,7 +414,7 @@ class LLMServer:
         try:
             pending: list[str] = []
             everything: list[str] = []
-            last_sent = time.monotonic()
+            last_sent, sent_any = time.monotonic(), False
             lora = adapter.lora if adapter else None
             async for chunk in self._engine.stream(
                 prompt_ids, sampling, lora, request.json_schema, keep_special_tokens=bool(request.tools)
@@ -417,11 +431,14 @@ class LLMServer:
                     self._record(watch, label, request.tenant, len(prompt_ids))
                     yield chunk.model_copy(update=update)
                     return
-                if len(pending) >= self._config.stream_chunk_tokens or now - last_sent >= (
-                    self._config.stream_chunk_interval_s
+                # The first token goes out at once (time to first token); later ones are coalesced.
+                if (
+                    not sent_any
+                    or len(pending) >= self._config.stream_chunk_tokens
+                    or now - last_sent >= self._config.stream_chunk_interval_s
                 ):
                     yield GenerationChunk(text="".join(pending))
-                    pending, last_sent = [], now
+                    pending, last_sent, sent_any = [], now, True
         except ServiceError as err:
             span.record_exception(err)
             raise

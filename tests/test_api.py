@@ -118,3 +118,18 @@ def test_a_key_given_to_two_tenants_is_refused_even_as_digest_and_key() -> None:
     other = tenants[0].model_copy(update={"tenant": "other", "api_keys": []})
     with pytest.raises(ValueError, match="more than one tenant"):
         ApiKeyAuth.from_config([tenants[0], other], {key_digest("test-key"): "other"})
+
+
+def test_every_response_names_the_replica_that_served_it() -> None:
+    config = OrchestratorConfig.model_validate(orchestrator_args())
+
+    async def check() -> dict[str, str]:
+        return {"llm": "ok"}
+
+    auth = ApiKeyAuth.from_config(config.tenants, {})
+    app = create_api(config, FailingPipeline(), auth, check, served_by="replica-7")  # type: ignore[arg-type]
+    client = TestClient(app)
+    assert client.get("/healthz").headers["X-Served-By"] == "replica-7"
+    error = client.post("/v1/chat", json={"user_id": "u", "message": "hi"}, headers={"X-API-Key": "test-key"})
+    assert error.status_code == 503 and error.headers["X-Served-By"] == "replica-7"
+    assert "X-Served-By" not in make_client({}).get("/healthz").headers

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.adapters.admin import AdapterAdmin
 from services.api import admin, chat, health, openai_compat
@@ -16,6 +17,32 @@ from services.config import OrchestratorConfig
 if TYPE_CHECKING:
     from services.api.admin import KnowledgeAdmin
     from services.orchestrator import ChatPipeline
+
+
+class ServedByMiddleware:
+    """Adds ``X-Served-By: <replica>`` to every HTTP response.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) wraps
+    every response in a task and a memory stream, measurable per request and per streamed
+    chunk in the orchestrator's profile.
+    """
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self._app = app
+        self._header = (b"x-served-by", replica.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on; add the header to the response start."""
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self._header]
+            await send(message)
+
+        await self._app(scope, receive, send_with_header)
 
 
 def create_api(
@@ -53,12 +80,7 @@ def create_api(
     app.state.tenant_ids = {t.tenant for t in config.tenants}
     install_error_handlers(app)
     if served_by:
-
-        @app.middleware("http")
-        async def _served_by(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            response = await call_next(request)
-            response.headers["X-Served-By"] = served_by
-            return response
+        app.add_middleware(ServedByMiddleware, replica=served_by)
 
     app.include_router(chat.router)
     app.include_router(openai_compat.router)

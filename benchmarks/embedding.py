@@ -1,0 +1,128 @@
+"""Embedding: the Embedder deployment with and without dynamic batching, and one query in process.
+
+Run (after ``scripts/bootstrap.sh cpu,devmodels,dev,bench``)::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.embedding
+
+1. **Dynamic batching**: 64 concurrent callers (as 64 orchestrator requests would), each
+   embedding one shopper question per call, through Serve handles to the Embedder
+   deployment of the dev config (MiniLM on the CPU): once with ``@serve.batch`` as configured
+   (``max_batch_size`` 32) and once with batches of one. Texts/s and call latency.
+2. **One query in process**: the backend's own time for one query, through FlagEmbedding's
+   ``encode`` (which runs its first batch twice) and through the backend's one-pass path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from benchmarks.common import (
+    DEV_CONFIG,
+    median,
+    minilm_dir,
+    mixed_questions,
+    percentile,
+    ray_cluster,
+    table,
+    write_report,
+)
+
+
+def embedder_args(max_batch_size: int, wait_s: float) -> dict[str, Any]:
+    """The dev config's Embedder, with the given batching."""
+    args: dict[str, Any] = yaml.safe_load(DEV_CONFIG.read_text())["applications"][0]["args"]["embedder"]
+    return args | {"model": str(minilm_dir()), "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
+
+
+async def load(handle: Any, callers: int, calls_each: int) -> tuple[float, list[float]]:
+    """``callers`` concurrent callers, each sending ``calls_each`` one-text calls; (wall s, call latencies)."""
+    questions = mixed_questions()
+    latencies: list[float] = []
+
+    async def caller(n: int) -> None:
+        for i in range(calls_each):
+            started = time.monotonic()
+            await handle.embed.remote([questions[(n + i) % len(questions)]], "query")
+            latencies.append(time.monotonic() - started)
+
+    started = time.monotonic()
+    await asyncio.gather(*(caller(n) for n in range(callers)))
+    return time.monotonic() - started, latencies
+
+
+def in_process(repeats: int) -> list[list[Any]]:
+    """Milliseconds for one query: FlagEmbedding's encode vs the backend's one-pass path."""
+    import torch
+
+    from services.config import EmbedderConfig
+    from services.embedder import FlagEmbeddingBackend
+
+    torch.set_num_threads(1)  # as in a replica with num_cpus < 2 (Ray sets OMP_NUM_THREADS=1)
+    backend = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(32, 0.01)))
+    question = [mixed_questions()[0]]
+    timings: dict[str, list[float]] = {"FlagEmbedding encode_queries": [], "backend.encode (one pass)": []}
+    for _ in range(repeats):
+        for label, call in (
+            ("FlagEmbedding encode_queries", lambda: backend._model.encode_queries(question)),
+            ("backend.encode (one pass)", lambda: backend.encode(question, "query")),
+        ):
+            started = time.perf_counter()
+            call()
+            timings[label].append((time.perf_counter() - started) * 1000)
+    return [[label, median(values), percentile(values, 99)] for label, values in timings.items()]
+
+
+def main() -> None:
+    """Measure both ways and write the report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument("--calls-each", type=int, default=8)
+    args = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ray import serve
+
+    from services.config import EmbedderConfig
+    from services.embedder import build_embedder
+
+    single = in_process(50)
+    rows = []
+    with ray_cluster():
+        for label, batch, wait in (("dynamic batching (dev config)", 32, 0.01), ("batches of one", 1, 0.0)):
+            config = EmbedderConfig.model_validate(embedder_args(batch, wait))
+            handle = serve.run(build_embedder(config), name="embedder-bench", route_prefix=None)
+            asyncio.run(load(handle, 8, 2))  # warm-up
+            wall, latencies = asyncio.run(load(handle, args.callers, args.calls_each))
+            texts = args.callers * args.calls_each
+            rows.append(
+                [label, batch, texts / wall, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000]
+            )
+            print(f"{label}: {rows[-1]}", file=sys.stderr)
+            serve.delete("embedder-bench")
+    ratio = rows[0][2] / rows[1][2]
+    figure, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([r[0] for r in rows], [r[2] for r in rows], color=["tab:green", "tab:gray"])
+    ax.set_ylabel("texts/s")
+    ax.set_title(f"Embedder, {args.callers} concurrent callers (MiniLM, CPU): {ratio:.1f}x")
+    sections = [
+        f"## Dynamic batching\n\n{args.callers} concurrent callers x {args.calls_each} calls of one question each, "
+        "through Serve handles to one Embedder replica (MiniLM, CPU, dev config).\n\n"
+        + table(["Embedder", "max_batch_size", "texts/s", "call p50 ms", "call p99 ms"], rows)
+        + f"\n\nBatched / unbatched throughput: **{ratio:.2f}x**.",
+        "## One query in process (one thread)\n\n" + table(["path", "median ms", "p99 ms"], single),
+    ]
+    write_report(
+        "embedding", "Embedding: dynamic batching", "python -m benchmarks.embedding", sections, {"batching": figure}
+    )
+
+
+if __name__ == "__main__":
+    main()
