@@ -160,11 +160,11 @@ def _own_cpu_seconds() -> float:
 def engine_phase(workdir: Path) -> None:
     """Run the sweep against AsyncLLM alone; write ``engine.json``."""
     from services.config import AppConfig
-    from services.llm import engine_args, sampling_params
+    from services.llm import apply_engine_env, engine_args, sampling_params
 
     settings = json.loads((workdir / "settings.json").read_text())
     config = AppConfig.model_validate(settings["app_args"])
-    os.environ.update(config.llm.engine_env)  # as the LLM deployment does before its engine starts
+    apply_engine_env(config.llm.engine_env)  # as the LLM deployment does before its engine starts
     from vllm.v1.engine.async_llm import AsyncLLM
 
     # The rendered chat template as text: the engine tokenizes it, as it would for any client.
@@ -406,9 +406,12 @@ def report(model: str, settings: dict[str, Any], engine: dict[str, Any], app: di
     figure.suptitle(f"app vs bare vLLM engine ({model})")
     memory_gb = (app["memory_bytes"] / 1e9, engine["memory_bytes"] / 1e9)
     sections = [
-        f"Model `{model}`, {settings['max_tokens']} tokens at most per answer, greedy; "
+        f"Model `{model}`, {settings['max_tokens']} tokens at most per answer, greedy; engine environment "
+        f"`{settings['app_args']['llm']['engine_env']}` on both sides; "
         f"{len(settings['questions'])} questions (English and Chinese interleaved), each request a new "
         f"conversation. Requests per level: {settings['per_caller']} per caller, at least {settings['least']}. "
+        "vLLM's prefix caching is on (its default) on both sides, and each level repeats earlier questions, "
+        "so later levels prefill less: compare the sides within a level, not levels with each other. "
         "Questions whose prompt in the app (tokens it reported) differs from the engine's: "
         + (", ".join(f"{q!r} (app {a}, engine {e})" for q, a, e in mismatched) or "none")
         + ".",
@@ -423,7 +426,7 @@ def report(model: str, settings: dict[str, Any], engine: dict[str, Any], app: di
         f"{memory_gb[0]:.2f} GB PSS; bare engine process: {memory_gb[1]:.2f} GB PSS; "
         f"difference {memory_gb[0] - memory_gb[1]:.2f} GB.",
     ]
-    name = f"end_to_end-{Path(model).name}"
+    name = f"end_to_end-{Path(model).name}" + "".join(f"-{k}{v}" for k, v in settings["engine_env"].items())
     write_report(name, f"End to end: app vs bare engine ({model})", command, sections, {"sweep": figure})
 
 
@@ -435,6 +438,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--per-caller", type=int, default=2, help="requests per caller at each level")
     parser.add_argument("--least", type=int, default=32, help="fewest requests at a level")
+    parser.add_argument(
+        "--engine-env", action="append", default=[], metavar="KEY=VALUE", help="extra llm.engine_env, both sides"
+    )
     parser.add_argument("--engine-phase", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_phase:
@@ -446,6 +452,7 @@ def main() -> None:
         workdir = Path(tmp)
         model, dtype = resolve_model(args.model, workdir)
         app_args = bench_app_args(model, dtype, workdir / "kb-app.db", args.max_tokens)
+        app_args["llm"]["engine_env"] |= dict(item.split("=", 1) for item in args.engine_env)
         load_sample_kb(workdir / "kb-app.db", app_args)
         load_sample_kb(workdir / "kb-engine.db", app_args)
         settings: dict[str, Any] = {
@@ -455,6 +462,7 @@ def main() -> None:
             "per_caller": args.per_caller,
             "least": args.least,
             "max_tokens": args.max_tokens,
+            "engine_env": dict(item.split("=", 1) for item in args.engine_env),
         }
         settings["prompts"] = engine_prompts(settings, workdir / "kb-engine.db")
         (workdir / "prompts.json").write_text(json.dumps(settings["prompts"]))

@@ -148,6 +148,22 @@ def sampling_params(
     )
 
 
+def apply_engine_env(engine_env: dict[str, str]) -> None:
+    """Set the engine's environment in this process, before the engine (and its children) start.
+
+    vLLM reads ``VLLM_*`` variables when the engine starts; config sets them per deployment.
+    Ray sets ``OMP_NUM_THREADS`` in every worker to the whole CPUs the actor reserved (1 for
+    the fractional ``num_cpus`` of a replica), which pins vLLM's CPU engine to one thread:
+    measured on the dev box, the LLM replica's engine ran at 100% of one core while the bare
+    engine used both. vLLM sizes its threads itself (on CPU, every core but
+    ``VLLM_CPU_NUM_OF_RESERVED_CPU``; on GPU, one), so Ray's value is dropped unless the
+    config's ``engine_env`` sets one.
+    """
+    if "OMP_NUM_THREADS" not in engine_env:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    os.environ.update(engine_env)
+
+
 class VllmEngine:
     """The real engine: vLLM ``AsyncLLM``."""
 
@@ -321,8 +337,7 @@ class LLMServer:
         self._lora_ids = itertools.count(1)
         self._metrics = metrics or RayMetrics(names_for("LLM"))
         if engine is None:
-            # vLLM reads VLLM_* variables when the engine starts; config sets them per deployment.
-            os.environ.update(config.engine_env)
+            apply_engine_env(config.engine_env)
             try:
                 engine = await asyncio.wait_for(
                     asyncio.to_thread(VllmEngine, config, engine_metrics=observability.vllm_engine_metrics),

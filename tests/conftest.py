@@ -26,7 +26,9 @@ SAMPLE_KB = REPO_ROOT / "knowledge_sync" / "samples" / "lumen_home.json"
 DEV_MODEL_DIR = REPO_ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
 
 #: vLLM settings for tests: single engine process, small KV cache, no compilation.
-TINY_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+#: One OpenMP thread: the tiny model gains nothing from two, and spinning threads slow the
+#: other replicas of the test cluster on a 2-core box.
+TINY_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_NUM_THREADS": "1"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,12 +1,15 @@
-"""How the LLM deployment chunks a stream: the first token at once, later tokens coalesced."""
+"""The LLM deployment on its own: stream chunking and the engine environment."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from services.config import LLMConfig, SamplingConfig
-from services.llm import LLMServer
+from services.llm import LLMServer, apply_engine_env
 from services.schemas import ChatMessage, GenerationChunk, GenerationRequest
 from tests.conftest import RecordingMetrics
 
@@ -52,3 +55,14 @@ async def test_the_first_token_is_sent_alone_then_tokens_are_coalesced() -> None
 
 async def test_a_one_token_answer_is_one_final_chunk() -> None:
     assert await chunks_of(1, 4) == ["0"]
+
+
+def test_rays_one_thread_default_does_not_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets in a replica with num_cpus < 2
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")  # restored after the test
+    apply_engine_env({"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+    assert "OMP_NUM_THREADS" not in os.environ
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    apply_engine_env({"OMP_NUM_THREADS": "3"})  # an explicit choice in the config wins
+    assert os.environ["OMP_NUM_THREADS"] == "3"
