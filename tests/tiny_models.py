@@ -69,8 +69,8 @@ def build_tiny_qwen2(dest: Path) -> Path:
     return dest
 
 
-def build_tiny_lora(base_dir: Path, dest: Path, seed: int = 1, rank: int = 8) -> Path:
-    """Write a PEFT LoRA adapter for the tiny model with random, non-zero A and B."""
+def build_tiny_lora(base_dir: Path, dest: Path, seed: int = 1, rank: int = 8, std: float = 0.3) -> Path:
+    """Write a PEFT LoRA adapter for a Qwen2 model with random, non-zero A and B (normal, ``std``)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM
@@ -87,6 +87,6 @@ def build_tiny_lora(base_dir: Path, dest: Path, seed: int = 1, rank: int = 8) ->
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.normal_(0, 0.3)
+                param.normal_(0, std)
     peft_model.save_pretrained(dest)
     return dest
