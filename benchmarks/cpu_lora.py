@@ -97,6 +97,8 @@ def main() -> None:
         "adapter prompts only: the stock ops give base rows an adapter's delta).",
     ]
     name = f"cpu_lora-{Path(args.model).name}-{dtype}-reserved{args.reserved_cpu}"
+    if list(equal) != list(MIXES):
+        name += "-" + "-".join(mix.replace(" ", "_") for mix in equal)
     write_report(
         name,
         f"Multi-LoRA on the CPU ({args.model})",
