@@ -155,9 +155,10 @@ def apply_engine_env(engine_env: dict[str, str]) -> None:
     Ray sets ``OMP_NUM_THREADS`` in every worker to the whole CPUs the actor reserved (1 for
     the fractional ``num_cpus`` of a replica), which pins vLLM's CPU engine to one thread:
     measured on the dev box, the LLM replica's engine ran at 100% of one core while the bare
-    engine used both. vLLM sizes its threads itself (on CPU, every core but
-    ``VLLM_CPU_NUM_OF_RESERVED_CPU``; on GPU, one), so Ray's value is dropped unless the
-    config's ``engine_env`` sets one.
+    engine used both. vLLM sizes its threads itself when the variable is unset (on CPU, every
+    core but ``VLLM_CPU_NUM_OF_RESERVED_CPU``; on GPU, a small number per worker:
+    ``vllm/v1/engine/utils.py``, ``multiproc_executor.py``), so Ray's value is dropped unless
+    the config's ``engine_env`` sets one.
     """
     if "OMP_NUM_THREADS" not in engine_env:
         os.environ.pop("OMP_NUM_THREADS", None)
