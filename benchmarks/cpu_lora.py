@@ -58,7 +58,7 @@ def main() -> None:
             "VLLM_CPU_NUM_OF_RESERVED_CPU": args.reserved_cpu,
         }
     )
-    from tests.tiny_models import build_tiny_lora
+    from cs_testing.tiny_models import build_tiny_lora
 
     with tempfile.TemporaryDirectory(prefix="cs-lora-bench-") as tmp:
         workdir = Path(tmp)

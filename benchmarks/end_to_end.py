@@ -322,10 +322,10 @@ def engine_prompts(settings: dict[str, Any], milvus_path: Path) -> dict[str, str
     """The prompt the app builds for each question (same retrieval, grounding, chat template), as text."""
     from transformers import AutoTokenizer
 
+    from services.chat.grounding import build_messages, ground
     from services.config import AppConfig
-    from services.dialogue import build_messages, ground
     from services.embedder import FlagEmbeddingBackend
-    from services.knowledge_store import MilvusKnowledgeStore
+    from services.knowledge.store import MilvusKnowledgeStore
 
     config = AppConfig.model_validate(settings["app_args"])
     orchestrator = config.orchestrator

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 from benchmarks.common import table, write_report
+from cs_testing.crm_emulator import CrmState, create_crm_app, serve_in_thread
 from knowledge_sync.runner import RunOptions, StoreTarget, run_sources
 from knowledge_sync.sources import SourcesFile
 from services.config import EmbedderConfig, RetrieverConfig
 from services.embedder import FlagEmbeddingBackend
-from services.knowledge_store import MilvusKnowledgeStore
-from tests.crm_emulator import CrmState, create_crm_app, serve_in_thread
+from services.knowledge.store import MilvusKnowledgeStore
 
 _EN = [
     "Items can be returned within {n} days of delivery if unused and in the original packaging.",

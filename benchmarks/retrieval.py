@@ -75,7 +75,7 @@ def main() -> None:
 
     from services.config import EmbedderConfig, RetrieverConfig
     from services.embedder import FlagEmbeddingBackend
-    from services.knowledge_store import MilvusKnowledgeStore
+    from services.knowledge.store import MilvusKnowledgeStore
 
     dev = yaml.safe_load(DEV_CONFIG.read_text())["applications"][0]["args"]
     embedder = FlagEmbeddingBackend(EmbedderConfig.model_validate(dev["embedder"] | {"model": str(minilm_dir())}))

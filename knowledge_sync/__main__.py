@@ -143,7 +143,7 @@ def _run_direct(config: AppConfig, sources: SourcesFile, options: RunOptions) ->
     config = config.resolve_paths(ServiceSettings().config_base_dir or Path.cwd())
     # Heavy imports only once the arguments are known to be good.
     from services.embedder import FlagEmbeddingBackend
-    from services.knowledge_store import MilvusKnowledgeStore
+    from services.knowledge.store import MilvusKnowledgeStore
 
     embedder = FlagEmbeddingBackend(config.embedder)
     token = ServiceSettings().milvus_token

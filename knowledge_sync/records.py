@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from knowledge_sync.chunking import normalize_text
-from knowledge_sync.documents import KnowledgeDocument, validation_message
-from knowledge_sync.pipeline import SourceBatch
 from knowledge_sync.sources import FieldMap, SourceConfig
+from services.knowledge.chunking import normalize_text
+from services.knowledge.documents import KnowledgeDocument, validation_message
+from services.knowledge.ingest import SourceBatch
 
 _MISSING = object()
 

@@ -19,7 +19,6 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from knowledge_sync.connectors import Connector, SourceError
-from knowledge_sync.pipeline import PassageEncoder, SourceBatch, SyncReport, sync_source
 from knowledge_sync.records import RecordMapper, Reject
 from knowledge_sync.sources import (
     FilesSource,
@@ -31,7 +30,8 @@ from knowledge_sync.sources import (
 )
 from services.config import ChunkingConfig
 from services.errors import ServiceError
-from services.knowledge_store import MilvusKnowledgeStore, SourceState, TenantState
+from services.knowledge.ingest import PassageEncoder, SourceBatch, SyncReport, sync_source
+from services.knowledge.store import MilvusKnowledgeStore, SourceState, TenantState
 
 
 class ExitCode(IntEnum):

@@ -27,10 +27,27 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import AdapterRegistry
-from services.answer_cache import AnswerCache, cache_key, open_answer_cache
 from services.api import create_api
 from services.api.auth import ApiKeyAuth, admin_digests
 from services.api.models import ChatReply, ChatRequest, FeedbackRequest, Source, Usage
+from services.chat.answer_cache import AnswerCache, cache_key, open_answer_cache
+from services.chat.grounding import Grounding, build_messages, ground, sources_of
+from services.chat.intents import (
+    CHIT_CHAT,
+    COMPLAINT,
+    HUMAN_AGENT,
+    OUT_OF_SCOPE,
+    SENSITIVE,
+    Classification,
+    IntentClassifier,
+)
+from services.chat.structured_reply import (
+    CHARS_PER_TOKEN,
+    REPLY_INSTRUCTION,
+    ReplyStreamDecoder,
+    combined_confidence,
+    reply_schema,
+)
 from services.config import (
     ChunkingConfig,
     LLMConfig,
@@ -41,22 +58,12 @@ from services.config import (
     TenantConfig,
     ToolConfig,
 )
-from services.dialogue import Grounding, build_messages, ground, sources_of
 from services.errors import (
     DependencyUnavailableError,
     GenerationError,
     InvalidRequestError,
     NotFoundError,
     ServiceError,
-)
-from services.intents import (
-    CHIT_CHAT,
-    COMPLAINT,
-    HUMAN_AGENT,
-    OUT_OF_SCOPE,
-    SENSITIVE,
-    Classification,
-    IntentClassifier,
 )
 from services.observability.logs import configure_replica_logging
 from services.observability.metrics import Metrics, RayMetrics, names_for
@@ -70,19 +77,12 @@ from services.sessions import (
     open_session_memory,
     within_budget,
 )
-from services.structured_reply import (
-    CHARS_PER_TOKEN,
-    REPLY_INSTRUCTION,
-    ReplyStreamDecoder,
-    combined_confidence,
-    reply_schema,
-)
 from services.tools import ToolRunner, forced_call_schema, function_spec
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from knowledge_sync.pipeline import SourceBatch
+    from services.knowledge.ingest import SourceBatch
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ class AssistantQuestions:
 
     Questions about the assistant itself ("who are you?") have no answer in a policy
     knowledge base; the persona and the tenant's adapter, trained on the brand's identity,
-    answer them. Intents and frustration come from :class:`~services.intents.IntentClassifier`.
+    answer them. Intents and frustration come from :class:`~services.chat.intents.IntentClassifier`.
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """Retriever deployment: tenant-scoped hybrid search over Milvus, and in-app knowledge ingest.
 
 The collection, its atomic sync runs and the hybrid search live in
-:class:`~services.knowledge_store.MilvusKnowledgeStore`; this deployment holds one store
+:class:`~services.knowledge.store.MilvusKnowledgeStore`; this deployment holds one store
 per replica. It also runs the knowledge-sync pipeline for documents sent to the running
 app, because a Milvus Lite file admits one process: the app's.
 """
@@ -18,14 +18,14 @@ from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
 from services.config import ChunkingConfig, ObservabilityConfig, RetrieverConfig, ServiceSettings
-from services.knowledge_store import MilvusKnowledgeStore, tenant_filter
+from services.knowledge.store import MilvusKnowledgeStore, tenant_filter
 from services.observability.logs import configure_replica_logging
 from services.observability.metrics import Metrics, RayMetrics, names_for
 from services.observability.tracing import tracer
 from services.schemas import Embedding, RetrievedChunk
 
 if TYPE_CHECKING:
-    from knowledge_sync.pipeline import SourceBatch
+    from services.knowledge.ingest import SourceBatch
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,10 @@ class Retriever:
         serialized: the store's atomicity assumes one writer per tenant.
 
         Returns:
-            The run's :class:`~knowledge_sync.pipeline.SyncReport` as a dict.
+            The run's :class:`~services.knowledge.ingest.SyncReport` as a dict.
 
         """
-        from knowledge_sync.pipeline import sync_source
+        from services.knowledge.ingest import sync_source
 
         tenant_filter(tenant)  # refuse odd tenant ids before any work
         embedder = HandleEmbeddingBackend(self._embedder, await self._embedder.info.remote())

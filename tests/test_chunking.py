@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from knowledge_sync.chunking import chunk_documents, normalize_text, split_sentences
-from knowledge_sync.documents import KnowledgeDocument
 from services.config import ChunkingConfig
+from services.knowledge.chunking import chunk_documents, normalize_text, split_sentences
+from services.knowledge.documents import KnowledgeDocument
 
 _TOKEN = re.compile(r"[\u4e00-\u9fff]|\w+|[^\w\s]")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.dialogue import build_messages, ground, sources_of
+from services.chat.grounding import build_messages, ground, sources_of
 from services.schemas import KnowledgeChunk, RetrievedChunk
 from services.sessions import Turn
 

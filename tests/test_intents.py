@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from services.api.models import ChatRequest
+from services.chat.intents import IntentClassifier, frustration_signals
 from services.config import IntentConfig, OrchestratorConfig
-from services.intents import IntentClassifier, frustration_signals
 from services.orchestrator import AssistantQuestions, ChatPipeline
 from services.schemas import Embedding
 from services.sessions import Turn

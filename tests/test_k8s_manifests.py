@@ -28,7 +28,7 @@ K8S = REPO_ROOT / "k8s"
 KUBERAY_CRDS = REPO_ROOT.parent / "shared" / "schemas" / "kuberay"
 KUBERNETES_VERSION = "1.32"  # the oldest Kubernetes the manifests are written for (podFailurePolicy GA: 1.31)
 OVERLAYS = ["base", "overlays/dev", "overlays/prod"]
-#: Secrets the README tells the operator to create; everything else must be rendered.
+#: Secrets the deployment manual tells the operator to create; everything else must be rendered.
 HAND_MADE_SECRETS = {"customer-service-secrets", "redis-auth", "knowledge-sync-credentials"}
 
 # The PodMonitor fields these manifests use (monitoring.coreos.com/v1 API reference), closed
@@ -280,9 +280,9 @@ def test_references_resolve_and_no_secret_value_is_in_git(overlay: str) -> None:
                     if ref:
                         secrets.add(ref["name"])
     assert secrets == HAND_MADE_SECRETS
-    readme = (REPO_ROOT / "README.md").read_text()
+    manual = (REPO_ROOT / "docs" / "deploying.md").read_text()
     for secret in secrets:
-        assert f"kubectl create secret generic {secret}" in readme
+        assert f"kubectl create secret generic {secret}" in manual
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

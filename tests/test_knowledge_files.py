@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from knowledge_sync.documents import DocumentLoadError, load_documents
-from tests.conftest import SAMPLE_KB
+from cs_testing.knowledge import SAMPLE_KB
+from services.knowledge.documents import DocumentLoadError, load_documents
 
 
 def test_sample_kb_is_bilingual_and_large_enough() -> None:

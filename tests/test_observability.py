@@ -24,21 +24,21 @@ from tests.conftest import REPO_ROOT, RecordingMetrics, orchestrator_args
 from tests.test_pipeline import Generator, Retriever
 from tests.test_tools import ToolCallingGenerator, tools_config
 
-# --- the catalog and the README ------------------------------------------------------------
+# --- the catalog and its manual ------------------------------------------------------------
 
 
-def readme_metric_rows() -> dict[str, set[str]]:
-    """Metric name -> labels, from the README's table of metrics (rows like | `ray_x` | a, b | ...)."""
-    text = (REPO_ROOT / "README.md").read_text()
-    section = text[text.index("### Metrics") : text.index("### Tracing")]
+def documented_metric_rows() -> dict[str, set[str]]:
+    """Metric name -> labels, from the observability manual's table (rows like | `ray_x` | a, b | ...)."""
+    text = (REPO_ROOT / "docs" / "observability.md").read_text()
+    section = text[text.index("## Metrics") : text.index("## Tracing")]
     rows = {}
     for match in re.finditer(r"^\| `(ray_[a-z0-9_]+)` \| ([^|]*) \|", section, re.MULTILINE):
         rows[match.group(1)] = {label.strip() for label in match.group(2).split(",") if label.strip()}
     return rows
 
 
-def test_the_readme_documents_every_metric_with_its_labels() -> None:
-    documented = readme_metric_rows()
+def test_the_observability_manual_documents_every_metric_with_its_labels() -> None:
+    documented = documented_metric_rows()
     assert documented == {spec.exported: set(spec.labels) for spec in CATALOG}
 
 
@@ -277,7 +277,7 @@ async def test_one_request_is_one_span_tree_with_its_tool_calls(span_exporter: A
     ],
 )
 async def test_each_request_is_counted_once_by_outcome(message: str, dense: float, outcome: str) -> None:
-    from services.intents import IntentClassifier
+    from services.chat.intents import IntentClassifier
     from services.orchestrator import AssistantQuestions
     from tests.test_intents import KeywordEmbedder
 

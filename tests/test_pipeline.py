@@ -158,7 +158,7 @@ async def test_message_is_embedded_once_and_assistant_questions_skip_the_knowled
 
 
 async def test_answer_cache_serves_repeats_until_the_knowledge_changes() -> None:
-    from services.answer_cache import InProcessAnswerCache, normalize_question
+    from services.chat.answer_cache import InProcessAnswerCache, normalize_question
     from services.config import AnswerCacheConfig
 
     generation = {"lumen": 1}
@@ -229,7 +229,7 @@ async def test_structured_replies_stream_the_response_and_combine_confidences() 
 
 
 def test_reply_decoder_handles_escapes_split_across_pieces() -> None:
-    from services.structured_reply import ReplyStreamDecoder, combined_confidence
+    from services.chat.structured_reply import ReplyStreamDecoder, combined_confidence
 
     decoder = ReplyStreamDecoder()
     pieces = ['{ "response" :', ' "a\\', "nb \\ud83d", "\\ude00 \\u4f60", '好", "confidence": 1}']

@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
+from cs_testing.cluster import free_port
+from cs_testing.crm_emulator import CrmState, create_crm_app, serve_in_thread
 from knowledge_sync.connectors import SourceAuthError, SourceError
 from knowledge_sync.connectors.rest import RestConnector
 from knowledge_sync.records import RecordMapper, html_to_text
 from knowledge_sync.sources import RestSource, SourcesFileError
-from tests.crm_emulator import CrmState, create_crm_app, free_port, serve_in_thread
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
+from cs_testing.cluster import free_port
+from cs_testing.crm_emulator import serve_in_thread
 from examples.storefront.app import create_app
 from services.api.models import ChatRequest
 from services.config import OrchestratorConfig, SamplingConfig, ToolsConfig
@@ -16,7 +18,6 @@ from services.orchestrator import ChatPipeline
 from services.schemas import ChatMessage, GenerationChunk, ToolCall
 from services.tools import ToolRunner, forced_call_schema
 from tests.conftest import orchestrator_args
-from tests.crm_emulator import free_port, serve_in_thread
 from tests.test_pipeline import Retriever
 
 

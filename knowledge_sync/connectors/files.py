@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from knowledge_sync.connectors import SourceError
-from knowledge_sync.documents import DocumentLoadError, read_records, record_files
 from knowledge_sync.sources import FilesSource
+from services.knowledge.documents import DocumentLoadError, read_records, record_files
 
 
 class FilesConnector:

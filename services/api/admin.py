@@ -8,12 +8,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
-from knowledge_sync.pipeline import SourceBatch
 from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import NAME_PATTERN, AdapterVersion, TenantAdapters
 from services.api.auth import is_admin, presented_key
 from services.config import SOURCE_PATTERN, ChunkingConfig
 from services.errors import AuthenticationError, NotFoundError, ServiceError
+from services.knowledge.ingest import SourceBatch
 
 
 class AdminDisabledError(ServiceError):

@@ -1,22 +1,19 @@
-"""API keys: each key belongs to exactly one tenant; only their SHA-256 digests are kept.
+"""API keys as FastAPI dependencies: each key belongs to exactly one tenant; only digests are kept.
 
-``cs-api-key new`` issues a key and prints the digest to store (config or secret);
-``cs-api-key digest KEY`` prints the digest of an existing key.
+Keys are issued with ``cs-api-key`` (:mod:`cs_tools.api_key`); digests are computed in
+:mod:`services.security`.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import hmac
-import secrets
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from services.config import TenantConfig, key_digest
+from services.config import TenantConfig
 from services.errors import AuthenticationError, ForbiddenError
+from services.security import key_digest, matches_any, presented_key_digest
 
 
 def presented_key(request: Request) -> str:
@@ -62,7 +59,7 @@ class ApiKeyAuth:
 
     def tenant_for(self, presented: str) -> TenantConfig | None:
         """The tenant of a presented key (looked up by digest), or None."""
-        return self.digests.get(key_digest_of_presented(presented))
+        return self.digests.get(presented_key_digest(presented))
 
     def __call__(self, request: Request) -> TenantConfig:
         """FastAPI dependency: the caller's tenant from ``Authorization: Bearer`` or ``X-API-Key``."""
@@ -72,11 +69,6 @@ class ApiKeyAuth:
         return tenant
 
 
-def key_digest_of_presented(presented: str) -> str:
-    """Digest of a key a caller presents: always hashed, so a stolen digest is no key."""
-    return "sha256:" + hashlib.sha256(presented.encode()).hexdigest()
-
-
 def admin_digests(configured: list[str]) -> list[str]:
     """Stored digests of the admin keys (config and ``CS_ADMIN_KEYS``)."""
     return [key_digest(k) for k in configured]
@@ -84,8 +76,7 @@ def admin_digests(configured: list[str]) -> list[str]:
 
 def is_admin(presented: str, digests: list[str]) -> bool:
     """Whether a presented key is an admin key (compared by digest, in constant time per key)."""
-    digest = key_digest_of_presented(presented).encode()
-    return any(hmac.compare_digest(digest, d.encode()) for d in digests)
+    return matches_any(presented, digests)
 
 
 def caller_tenant(request: Request) -> TenantConfig:
@@ -106,24 +97,3 @@ def require_same_tenant(caller: TenantConfig, tenant: str) -> None:
     """
     if caller.tenant != tenant:
         raise ForbiddenError(f"this API key belongs to another tenant and cannot use {tenant!r}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``cs-api-key``: issue a new key, or print the digest of one."""
-    parser = argparse.ArgumentParser(prog="cs-api-key", description="Issue API keys and compute their digests.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("new", help="Print a new random key and the digest to store.")
-    digest = commands.add_parser("digest", help="Print the digest of an existing key.")
-    digest.add_argument("key")
-    args = parser.parse_args(argv)
-    if args.command == "new":
-        key = "cs_" + secrets.token_urlsafe(32)
-        print(f"key:    {key}    (give it to the storefront; it is not stored)")
-        print(f"digest: {key_digest(key)}    (put this in api_keys or CS_API_KEYS)")
-    else:
-        print(key_digest(args.key))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

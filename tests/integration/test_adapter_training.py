@@ -14,8 +14,8 @@ import pytest
 import yaml
 from ray import serve
 
+from cs_tools.train_adapter import chat_prompt, load_records, main
 from services.adapters.registry import AdapterRegistry
-from services.adapters.training import chat_prompt, load_records, main
 from services.app import build_app
 from services.config import LLMConfig, SamplingConfig
 from services.llm import build_llm

@@ -11,9 +11,10 @@ import httpx
 import pytest
 from ray import serve
 
+from cs_testing.knowledge import SAMPLE_KB
 from services.app import build_app
-from services.config import DEFAULT_INTENT_RULES
-from tests.conftest import SAMPLE_KB, embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
+from services.config import IntentConfig
+from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +32,8 @@ NORDIC_AUTH = {"Authorization": "Bearer nordic-key"}
 
 @pytest.fixture(scope="module")
 def storefront(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    from cs_testing.crm_emulator import serve_in_thread
     from examples.storefront.app import create_app
-    from tests.crm_emulator import serve_in_thread
 
     app = create_app(tmp_path_factory.mktemp("shop") / "shop.db")
     with serve_in_thread(app) as url:
@@ -73,7 +74,7 @@ def client(
             # The tiny model cannot choose tools: the call is forced through structured output.
             intents={
                 "examples": {},
-                "rules": DEFAULT_INTENT_RULES
+                "rules": IntentConfig().rules
                 | {
                     "order_status": [r"\border\s+LH-\d+"],
                     "chit_chat": [r"^hello there"],  # the persona (and the tenant's adapter) answers
@@ -283,8 +284,8 @@ def test_crm_erp_and_files_sync_into_the_running_app_and_edits_reach_the_answers
 
     import yaml
 
+    from cs_testing.crm_emulator import CrmState, create_crm_app, serve_in_thread
     from knowledge_sync.__main__ import main
-    from tests.crm_emulator import CrmState, create_crm_app, serve_in_thread
 
     crm = CrmState()
     crm.put("pets", "Pets in our showrooms", DOG_POLICY["text"])

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from knowledge_sync.documents import KnowledgeDocument
+from cs_testing.knowledge import sync_complete
 from services.config import EmbedderConfig, RetrieverConfig
 from services.embedder import FlagEmbeddingBackend
-from services.knowledge_store import MilvusKnowledgeStore
-from tests.conftest import embedder_args, retriever_args, sync_complete
+from services.knowledge.documents import KnowledgeDocument
+from services.knowledge.store import MilvusKnowledgeStore
+from tests.conftest import embedder_args, retriever_args
 
 pytestmark = pytest.mark.integration
 

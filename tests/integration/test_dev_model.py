@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def client(ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Iterator[Any]:
+    from cs_testing.crm_emulator import serve_in_thread
     from examples.storefront.app import create_app
-    from tests.crm_emulator import serve_in_thread
 
     if not (DEV_MODEL_DIR / "config.json").exists():
         pytest.skip("dev model missing: run `cs-fetch-models --dest models` (scripts/test.sh does)")

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cs_testing.knowledge import SAMPLE_KB
 from knowledge_sync.__main__ import main
-from tests.conftest import SAMPLE_KB, embedder_args, llm_args, orchestrator_args, retriever_args
+from tests.conftest import embedder_args, llm_args, orchestrator_args, retriever_args
 
 pytestmark = pytest.mark.integration
 

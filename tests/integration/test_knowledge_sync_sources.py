@@ -12,17 +12,18 @@ import sqlalchemy as sa
 import yaml
 from fastapi import FastAPI, Request
 
+from cs_testing.crm_emulator import CrmState, create_crm_app, serve_in_thread
+from cs_testing.knowledge import sync_complete
 from knowledge_sync.__main__ import main
-from knowledge_sync.documents import KnowledgeDocument
-from knowledge_sync.pipeline import SourceBatch, sync_source
 from knowledge_sync.runner import ExitCode, RunOptions, SourceOutcome, StoreTarget, run_sources
 from knowledge_sync.sources import SourcesFile
 from services.config import ChunkingConfig, EmbedderConfig, RetrieverConfig
 from services.embedder import FlagEmbeddingBackend
-from services.knowledge_store import MilvusKnowledgeStore
+from services.knowledge.documents import KnowledgeDocument
+from services.knowledge.ingest import SourceBatch, sync_source
+from services.knowledge.store import MilvusKnowledgeStore
 from services.schemas import Embedding
-from tests.conftest import embedder_args, llm_args, orchestrator_args, retriever_args, sync_complete
-from tests.crm_emulator import CrmState, create_crm_app, serve_in_thread
+from tests.conftest import embedder_args, llm_args, orchestrator_args, retriever_args
 from tests.postgres_server import postgres_server
 
 pytestmark = pytest.mark.integration
@@ -166,7 +167,7 @@ def test_an_interrupted_run_leaves_the_previous_knowledge_searchable(
     backend: FlagEmbeddingBackend,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from knowledge_sync import pipeline
+    from services.knowledge import ingest as pipeline
 
     monkeypatch.setattr(pipeline, "EMBED_BATCH", 32)
     sync_complete(store, encoder, "lumen", "kb", policies("A"))

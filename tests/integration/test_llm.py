@@ -181,7 +181,7 @@ async def test_health(llm: Any) -> None:
 async def test_structured_output_gives_valid_json_even_from_a_random_model(llm: Any) -> None:
     import json
 
-    from services.structured_reply import ReplyStreamDecoder, reply_schema
+    from services.chat.structured_reply import ReplyStreamDecoder, reply_schema
 
     sampling = SamplingConfig(temperature=0, max_tokens=200)
     req = request("Returns?", sampling).model_copy(update={"json_schema": reply_schema(60)})

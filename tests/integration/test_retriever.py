@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 from ray import serve
 
-from knowledge_sync.documents import KnowledgeDocument
+from cs_testing.knowledge import sync_complete
 from services.config import EmbedderConfig, RetrieverConfig
 from services.embedder import FlagEmbeddingBackend, build_embedder
 from services.errors import InvalidRequestError, KnowledgeBaseUnavailableError
-from services.knowledge_store import MilvusKnowledgeStore
+from services.knowledge.documents import KnowledgeDocument
+from services.knowledge.store import MilvusKnowledgeStore
 from services.retriever import build_retriever
-from tests.conftest import embedder_args, retriever_args, sync_complete
+from tests.conftest import embedder_args, retriever_args
 
 pytestmark = pytest.mark.integration
 

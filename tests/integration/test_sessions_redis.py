@@ -7,13 +7,13 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from cs_testing.cluster import free_port
 from services.api.models import ChatRequest
 from services.config import OrchestratorConfig, SessionConfig
 from services.errors import DependencyUnavailableError
 from services.orchestrator import ChatPipeline
 from services.sessions import RedisSessionMemory, Turn
 from tests.conftest import orchestrator_args
-from tests.crm_emulator import free_port
 from tests.redis_server import redis_server
 from tests.test_pipeline import Generator, Retriever
 

@@ -4,7 +4,7 @@ Documents are chunked with the embedder's tokenizer and embedded with the Embedd
 deployment's own backend, so stored passages and live queries are always encoded by the
 same code. Chunk ids carry their content hash, so an unchanged chunk keeps its row and is
 not embedded again; changed chunks get new rows. Everything becomes visible at once when
-the run commits (see :mod:`services.knowledge_store`).
+the run commits (see :mod:`services.knowledge.store`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from knowledge_sync.chunking import chunk_documents
-from knowledge_sync.documents import KnowledgeDocument
 from services.config import SOURCE_PATTERN, ChunkingConfig
-from services.knowledge_store import MilvusKnowledgeStore, SourceState
+from services.knowledge.chunking import chunk_documents
+from services.knowledge.documents import KnowledgeDocument
+from services.knowledge.store import MilvusKnowledgeStore, SourceState
 from services.schemas import Embedding
 
 logger = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from knowledge_sync.documents import KnowledgeDocument
 from services.config import ChunkingConfig
+from services.knowledge.documents import KnowledgeDocument
 from services.schemas import KnowledgeChunk
 
 TokenCounter = Callable[[list[str]], list[int]]
@@ -46,7 +46,7 @@ def chunk_id(tenant: str, source: str, doc_id: str, chunk_no: int, digest: str) 
     """Stable id of one version of a chunk.
 
     The content hash is part of the id: a changed chunk is a new row, written next to the
-    old one until the run commits (see :mod:`services.knowledge_store`).
+    old one until the run commits (see :mod:`services.knowledge.store`).
     """
     return f"{tenant}:{source}:{doc_id}:{chunk_no}:{digest[:16]}"
 

@@ -2,7 +2,7 @@
 
 Records are ``{"instruction", "input", "output"}``. Each becomes the chat the assistant
 will see when it answers without knowledge entries: the tenant's persona and grounding
-rules as the system message (built by the same :func:`services.dialogue.build_messages`
+rules as the system message (built by the same :func:`services.chat.grounding.build_messages`
 the orchestrator uses), the instruction (plus input) as the user message, and the output
 as the assistant reply. Loss is computed on the reply tokens only.
 
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.adapters.registry import NAME_PATTERN, AdapterRegistry, AdapterVersion
 from services.adapters.validation import QWEN2_LORA_MODULES, validate_adapter_folder
-from services.dialogue import Grounding, build_messages
+from services.chat.grounding import Grounding, build_messages
 from services.errors import ServiceError
 
 logger = logging.getLogger(__name__)

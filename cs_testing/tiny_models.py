@@ -7,6 +7,7 @@ through exactly the same vLLM code paths (chat template, streaming, LoRA) in sec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -22,6 +23,14 @@ CORPUS = [
     "七天无理由退货，退款原路退回，忘记密码可以重置。",
     "system user assistant customer service knowledge entries answer politely",
 ] * 20
+
+
+def _token_id(tokenizer: Any, token: str) -> int:
+    """The id of one special token."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int):
+        raise ValueError(f"{token!r} is not a single token")
+    return token_id
 
 
 def build_tiny_qwen2(dest: Path) -> Path:
@@ -52,11 +61,11 @@ def build_tiny_qwen2(dest: Path) -> Path:
         num_attention_heads=4,  # head_dim 32: CPU attention needs >= 32
         num_key_value_heads=2,
         max_position_embeddings=4096,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=_token_id(tokenizer, "<|im_end|>"),
+        bos_token_id=_token_id(tokenizer, "<|endoftext|>"),
+        pad_token_id=_token_id(tokenizer, "<|endoftext|>"),
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     model = Qwen2ForCausalLM(config)
     # A random init with std 0.02 yields near-uniform logits; larger weights make outputs
@@ -88,5 +97,5 @@ def build_tiny_lora(base_dir: Path, dest: Path, seed: int = 1, rank: int = 8, st
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.normal_(0, std)
-    peft_model.save_pretrained(dest)
+    peft_model.save_pretrained(str(dest))
     return dest

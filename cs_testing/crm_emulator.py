@@ -8,7 +8,6 @@ token, and can be told to fail the next N requests with 503 (a burst) or to stal
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Query
+
+from cs_testing.cluster import free_port
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -94,13 +95,6 @@ def create_crm_app(state: CrmState) -> FastAPI:
         return {"data": chunk, "meta": meta}
 
     return app
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextmanager

@@ -1,0 +1,1 @@
+"""What the tests and the benchmarks share: tiny models, a CRM emulator, a local cluster, sample knowledge."""

