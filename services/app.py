@@ -9,8 +9,8 @@ from ray.serve.deployment import Application
 
 from services.config import AppConfig, ServiceSettings
 from services.embedder import build_embedder
+from services.ingress import build_orchestrator
 from services.llm import build_llm
-from services.orchestrator import build_orchestrator
 from services.retriever import build_retriever
 
 

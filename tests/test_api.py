@@ -8,8 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cs_tools.api_key import main as api_key_main
-from services.api import create_api
 from services.api.auth import ApiKeyAuth, admin_digests
+from services.api.factory import create_api
 from services.config import OrchestratorConfig
 from services.errors import KnowledgeBaseUnavailableError
 from tests.conftest import orchestrator_args

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from services.api.models import ChatRequest
+from services.chat.analysis import MessageAnalyzer
+from services.chat.contracts import ChatRequest
 from services.chat.intents import IntentClassifier, frustration_signals
+from services.chat.pipeline import ChatPipeline
 from services.config import IntentConfig, OrchestratorConfig
-from services.orchestrator import AssistantQuestions, ChatPipeline
 from services.schemas import Embedding
 from services.sessions import Turn
 from tests.conftest import orchestrator_args
@@ -38,9 +39,9 @@ INTENTS = IntentConfig(
 def pipeline(**overrides: object) -> tuple[ChatPipeline, Generator]:
     config = OrchestratorConfig.model_validate(orchestrator_args(**overrides))
     intents = config.intents if "intents" in overrides else INTENTS
-    analyzer = AssistantQuestions([], 1.0, KeywordEmbedder(), IntentClassifier(intents))
+    analyzer = MessageAnalyzer([], 1.0, KeywordEmbedder(), IntentClassifier(intents))
     generator = Generator()
-    return ChatPipeline(config, Retriever(0.8), generator, assistant_questions=analyzer), generator
+    return ChatPipeline(config, Retriever(0.8), generator, analyzer=analyzer), generator
 
 
 async def ask(chat: ChatPipeline, message: str, session_id: str | None = None) -> dict[str, object]:

@@ -14,11 +14,11 @@ from typing import Any, Literal
 import httpx
 import pytest
 
-from services.api.models import ChatRequest
+from services.chat.contracts import ChatRequest
+from services.chat.pipeline import ChatPipeline
 from services.config import OrchestratorConfig
 from services.observability.gpu import GpuSampler
 from services.observability.metrics import CATALOG, REQUEST_OUTCOMES, GaugeKeeper, Metrics
-from services.orchestrator import ChatPipeline
 from services.tools import ToolRunner
 from tests.conftest import REPO_ROOT, RecordingMetrics, orchestrator_args
 from tests.test_pipeline import Generator, Retriever
@@ -277,14 +277,14 @@ async def test_one_request_is_one_span_tree_with_its_tool_calls(span_exporter: A
     ],
 )
 async def test_each_request_is_counted_once_by_outcome(message: str, dense: float, outcome: str) -> None:
+    from services.chat.analysis import MessageAnalyzer
     from services.chat.intents import IntentClassifier
-    from services.orchestrator import AssistantQuestions
     from tests.test_intents import KeywordEmbedder
 
     config = OrchestratorConfig.model_validate(orchestrator_args())
     metrics = RecordingMetrics()
-    analyzer = AssistantQuestions([], 1.0, KeywordEmbedder(), IntentClassifier(config.intents))
-    chat = ChatPipeline(config, Retriever(dense), Generator(), assistant_questions=analyzer, metrics=metrics)
+    analyzer = MessageAnalyzer([], 1.0, KeywordEmbedder(), IntentClassifier(config.intents))
+    chat = ChatPipeline(config, Retriever(dense), Generator(), analyzer=analyzer, metrics=metrics)
     await chat.answer(config.tenants[0], ChatRequest(user_id="u", message=message))
     assert metrics.tags("cs_requests") == [{"tenant": "lumen", "outcome": outcome}]
     assert metrics.tags("cs_request_seconds") == [{"tenant": "lumen", "outcome": outcome}]
@@ -312,7 +312,7 @@ async def test_an_abandoned_stream_is_counted_as_cancelled() -> None:
     metrics = RecordingMetrics()
     chat = ChatPipeline(config, Retriever(0.8), Generator(), metrics=metrics)
     prepared = await chat.prepare(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))
-    stream = chat.stream(prepared)
+    stream = aiter(prepared)
     assert isinstance(await anext(stream), str)
     await stream.aclose()  # the client went away mid-answer
     assert metrics.tags("cs_requests") == [{"tenant": "lumen", "outcome": "cancelled"}]

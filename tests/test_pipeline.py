@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from services.api.models import ChatReply, ChatRequest
+from services.chat.contracts import ChatReply, ChatRequest
+from services.chat.pipeline import ChatPipeline
 from services.config import OrchestratorConfig, SamplingConfig
-from services.orchestrator import ChatPipeline
 from services.schemas import ChatMessage, Embedding, GenerationChunk, KnowledgeChunk, RetrievedChunk
 from tests.conftest import orchestrator_args
 
@@ -74,10 +74,7 @@ async def test_relevant_knowledge_is_answered_and_history_feeds_the_next_prompt(
     assert (first.response, first.confidence) == ("Within 7 days.", 0.8)
     assert [s.doc_id for s in first.sources] == ["returns"]
     items = [
-        i
-        async for i in chat.stream(
-            await chat.prepare(tenant, ChatRequest(user_id="u", message="And refunds?", session_id="s1"))
-        )
+        i async for i in await chat.prepare(tenant, ChatRequest(user_id="u", message="And refunds?", session_id="s1"))
     ]
     assert items[:2] == ["Within ", "7 days."] and isinstance(items[-1], ChatReply)
     second_prompt = generator.calls[1]
@@ -137,12 +134,12 @@ class RecordingRetriever(Retriever):
 
 
 async def test_message_is_embedded_once_and_assistant_questions_skip_the_knowledge_base() -> None:
-    from services.orchestrator import AssistantQuestions
+    from services.chat.analysis import MessageAnalyzer
 
     config = OrchestratorConfig.model_validate(orchestrator_args())
     embedder, retriever, generator = CountingEmbedder(), RecordingRetriever(), Generator()
-    questions = AssistantQuestions(["Who are you?"], 0.9, embedder)
-    chat = ChatPipeline(config, retriever, generator, assistant_questions=questions)
+    questions = MessageAnalyzer(["Who are you?"], 0.9, embedder)
+    chat = ChatPipeline(config, retriever, generator, analyzer=questions)
     tenant = config.tenants[0]
 
     policy = await chat.answer(tenant, ChatRequest(user_id="u", message="Returns?"))
@@ -190,7 +187,7 @@ async def test_answer_cache_serves_repeats_until_the_knowledge_changes() -> None
 async def test_feedback_names_a_recent_reply_of_the_callers_own_session() -> None:
     import pytest
 
-    from services.api.models import FeedbackRequest
+    from services.chat.contracts import FeedbackRequest
     from services.errors import NotFoundError
     from tests.conftest import RecordingMetrics
 
@@ -218,7 +215,7 @@ async def test_structured_replies_stream_the_response_and_combine_confidences() 
     generator = Generator()
     chat = ChatPipeline(config, Retriever(0.8), generator)
     prepared = await chat.prepare(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))
-    items = [item async for item in chat.stream(prepared)]
+    items = [item async for item in prepared]
     text = "".join(i for i in items if isinstance(i, str))
     assert text == 'Within 7 days \u2014 see "Returns".'
     reply = items[-1]
@@ -236,3 +233,43 @@ def test_reply_decoder_handles_escapes_split_across_pieces() -> None:
     assert "".join(decoder.feed(p) for p in pieces) == "a\nb \U0001f600 你好"
     assert decoder.model_confidence() == 1.0
     assert combined_confidence(0.7, None) == 0.7 and combined_confidence(0.7, 0.0) == 0.35
+
+
+class CutShortGenerator(Generator):
+    """A generation the token budget ends: vLLM's finish reason is ``length``."""
+
+    async def stream(
+        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None, **kwargs: Any
+    ) -> AsyncIterator[GenerationChunk]:
+        self.calls.append(messages)
+        yield GenerationChunk(text="Within 7")
+        yield GenerationChunk(text="", finish_reason="length", prompt_tokens=30, completion_tokens=24)
+
+
+async def test_the_reply_says_how_generation_ended_and_the_openai_route_reports_it() -> None:
+    from fastapi.testclient import TestClient
+
+    from services.api.auth import ApiKeyAuth
+    from services.api.factory import create_api
+
+    config = OrchestratorConfig.model_validate(orchestrator_args())
+    chat = ChatPipeline(config, Retriever(0.8), CutShortGenerator())
+    reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))
+    assert (reply.finish_reason, reply.usage and reply.usage.completion_tokens) == ("length", 24)
+    fallback = await ChatPipeline(config, Retriever(0.1), CutShortGenerator()).answer(
+        config.tenants[0], ChatRequest(user_id="u", message="Capital of France?")
+    )
+    assert fallback.finish_reason == "stop"  # given without the model
+
+    async def healthy() -> dict[str, str]:
+        return {}
+
+    app = create_api(config, chat, ApiKeyAuth.from_config(config.tenants, {}), healthy)
+    body = {"model": "lumen", "messages": [{"role": "user", "content": "Returns?"}]}
+    with TestClient(app) as client:
+        completion = client.post("/v1/chat/completions", json=body, headers={"X-API-Key": "test-key"}).json()
+        streamed = client.post(
+            "/v1/chat/completions", json=body | {"stream": True}, headers={"X-API-Key": "test-key"}
+        ).text
+    assert completion["choices"][0]["finish_reason"] == "length"
+    assert '"finish_reason": "length"' in streamed.split("data: [DONE]")[0].strip().splitlines()[-1]

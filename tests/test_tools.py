@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from cs_testing.cluster import free_port
 from cs_testing.crm_emulator import serve_in_thread
 from examples.storefront.app import create_app
-from services.api.models import ChatRequest
+from services.chat.contracts import ChatRequest
+from services.chat.pipeline import ChatPipeline
 from services.config import OrchestratorConfig, SamplingConfig, ToolsConfig
-from services.orchestrator import ChatPipeline
 from services.schemas import ChatMessage, GenerationChunk, ToolCall
 from services.tools import ToolRunner, forced_call_schema
 from tests.conftest import orchestrator_args

@@ -11,11 +11,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from services.api.auth import Caller
-from services.api.models import ChatReply, ChatRequest, ErrorBody, FeedbackRequest
+from services.api.models import ErrorBody
+from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest
 from services.errors import ServiceError
 
 if TYPE_CHECKING:
-    from services.orchestrator import ChatPipeline, PreparedAnswer
+    from services.chat.pipeline import ChatPipeline, ReplyStream
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,9 @@ def sse_event(event: str, payload: object) -> str:
     return f"event: {event}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _events(pipeline: ChatPipeline, prepared: PreparedAnswer) -> AsyncIterator[str]:
+async def _events(stream: ReplyStream) -> AsyncIterator[str]:
     try:
-        async for item in pipeline.stream(prepared):
+        async for item in stream:
             if isinstance(item, ChatReply):
                 yield sse_event("final", item.model_dump(mode="json"))
             else:
@@ -65,9 +66,9 @@ async def chat(
     pipeline: ChatPipeline = request.app.state.pipeline
     if not body.stream:
         return await pipeline.answer(tenant, body)
-    prepared = await pipeline.prepare(tenant, body)
+    stream = await pipeline.prepare(tenant, body)
     return StreamingResponse(
-        _events(pipeline, prepared),
+        _events(stream),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -1,88 +1,11 @@
-"""Request and reply bodies of the public REST API."""
+"""Bodies of the public REST API that belong to HTTP alone (the chat's contracts are in services.chat)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-
-class ChatRequest(BaseModel):
-    """A shopper's message. The tenant comes from the API key, never from the body."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    session_id: str | None = Field(
-        None,
-        min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9._:-]+$",
-        description="Conversation id; omit it to start a new conversation (the reply carries the new id).",
-    )
-    user_id: str = Field(min_length=1, max_length=128, description="The storefront's id of the shopper.")
-    message: str = Field(description="The shopper's message.")
-    stream: bool = Field(False, description="Answer as Server-Sent Events instead of one JSON body.")
-
-    @field_validator("message")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("message must not be empty")
-        return value.strip()
-
-
-class Source(BaseModel):
-    """A knowledge document the answer is based on."""
-
-    doc_id: str
-    title: str
-    score: float = Field(description="Dense similarity of the document's best chunk to the question (0..1).")
-
-
-class Usage(BaseModel):
-    """Tokens the engine read and wrote for a reply."""
-
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class ChatReply(BaseModel):
-    """The answer to one message."""
-
-    reply_id: str = Field("", description="Id of this reply, for POST /v1/feedback.")
-    response: str
-    confidence: float = Field(ge=0, le=1, description="0 when the knowledge base held nothing relevant.")
-    sources: list[Source]
-    actions: list[dict[str, Any]] = Field(default_factory=list, description="Actions taken (tickets, handover).")
-    session_id: str
-    adapter: str | None = Field(None, description="LoRA adapter that voiced the answer; null for the base model.")
-    usage: Usage | None = Field(None, description="Engine tokens; null when no model was called (fallback).")
-    cached: bool = Field(False, description="Served from the answer cache.")
-    intent: str | None = Field(
-        None,
-        description="policy_question, order_status, complaint, human_agent, chit_chat, out_of_scope or sensitive.",
-    )
+from pydantic import BaseModel, Field
 
 
 class ErrorBody(BaseModel):
     """Body of every 4xx/5xx reply."""
 
     error: dict[str, str] = Field(description="{'code': machine-readable code, 'message': what went wrong}")
-
-
-class FeedbackRequest(BaseModel):
-    """The shopper's verdict on one reply."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    session_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
-    reply_id: str = Field(min_length=1, max_length=64)
-    helpful: bool | None = Field(None, description="Was the answer helpful (accurate)?")
-    resolved: bool | None = Field(None, description="Was the shopper's issue resolved?")
-    comment: str | None = Field(None, max_length=1000)
-
-    @model_validator(mode="after")
-    def _some_verdict(self) -> FeedbackRequest:
-        if self.helpful is None and self.resolved is None:
-            raise ValueError("give helpful, resolved or both")
-        return self

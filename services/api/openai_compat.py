@@ -21,13 +21,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.auth import Caller, require_same_tenant
-from services.api.models import ChatReply, ChatRequest, ErrorBody
+from services.api.models import ErrorBody
+from services.chat.contracts import ChatReply, ChatRequest
 from services.config import TenantConfig
 from services.errors import InvalidRequestError, NotFoundError, ServiceError
 from services.sessions import Turn
 
 if TYPE_CHECKING:
-    from services.orchestrator import ChatPipeline, PreparedAnswer
+    from services.chat.pipeline import ChatPipeline, ReplyStream
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
 
@@ -115,19 +116,15 @@ async def chat_completions(body: CompletionRequest, caller: Caller, request: Req
     history, question = _split(body.messages)
     pipeline: ChatPipeline = request.app.state.pipeline
     chat = ChatRequest(user_id=body.user or "openai-client", message=question)
-    prepared = await pipeline.prepare(caller, chat, history=history)
+    stream = await pipeline.prepare(caller, chat, history=history)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return StreamingResponse(
-            _chunks(pipeline, prepared, completion_id, created, body.model),
+            _chunks(stream, completion_id, created, body.model),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    reply = None
-    async for item in pipeline.stream(prepared):
-        if isinstance(item, ChatReply):
-            reply = item
-    assert reply is not None
+    reply = await stream.reply()
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -137,7 +134,7 @@ async def chat_completions(body: CompletionRequest, caller: Caller, request: Req
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": reply.response},
-                "finish_reason": prepared.finish_reason if prepared.chunks else "stop",
+                "finish_reason": reply.finish_reason,
             }
         ],
         "usage": _usage(reply),
@@ -145,9 +142,7 @@ async def chat_completions(body: CompletionRequest, caller: Caller, request: Req
     }
 
 
-async def _chunks(
-    pipeline: ChatPipeline, prepared: PreparedAnswer, completion_id: str, created: int, model: str
-) -> AsyncIterator[str]:
+async def _chunks(stream: ReplyStream, completion_id: str, created: int, model: str) -> AsyncIterator[str]:
     def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         chunk = {
             "id": completion_id,
@@ -160,10 +155,9 @@ async def _chunks(
 
     yield event({"role": "assistant", "content": ""})
     try:
-        async for item in pipeline.stream(prepared):
+        async for item in stream:
             if isinstance(item, ChatReply):
-                finish = prepared.finish_reason if prepared.chunks else "stop"
-                yield event({}, finish, usage=_usage(item), cs=_cs_fields(item))
+                yield event({}, item.finish_reason, usage=_usage(item), cs=_cs_fields(item))
             else:
                 yield event({"content": item})
     except ServiceError as err:

@@ -16,7 +16,7 @@ import unicodedata
 from collections import OrderedDict
 from typing import Protocol
 
-from services.api.models import ChatReply
+from services.chat.contracts import ChatReply
 from services.config import AnswerCacheConfig
 
 _TRAILING = re.compile(r"[\s?？!！。.,，~～]+$")

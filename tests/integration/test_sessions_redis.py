@@ -8,10 +8,10 @@ import pytest
 import redis
 
 from cs_testing.cluster import free_port
-from services.api.models import ChatRequest
+from services.chat.contracts import ChatRequest
+from services.chat.pipeline import ChatPipeline
 from services.config import OrchestratorConfig, SessionConfig
 from services.errors import DependencyUnavailableError
-from services.orchestrator import ChatPipeline
 from services.sessions import RedisSessionMemory, Turn
 from tests.conftest import orchestrator_args
 from tests.redis_server import redis_server

@@ -1,0 +1,89 @@
+"""The FastAPI app factory: one app per orchestrator replica, over that replica's pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.adapters.admin import AdapterAdmin
+from services.api import admin, chat, health, openai_compat
+from services.api.auth import ApiKeyAuth
+from services.api.errors import install_error_handlers
+from services.config import OrchestratorConfig
+
+if TYPE_CHECKING:
+    from services.api.admin import KnowledgeAdmin
+    from services.chat.pipeline import ChatPipeline
+
+
+class ServedByMiddleware:
+    """Adds ``X-Served-By: <replica>`` to every HTTP response.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs the
+    app in a task of its own and passes every response, and every streamed chunk, through a
+    memory stream; on the orchestrator's hot path that is work for nothing.
+    """
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self._app = app
+        self._header = (b"x-served-by", replica.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on; add the header to the response start."""
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self._header]
+            await send(message)
+
+        await self._app(scope, receive, send_with_header)
+
+
+def create_api(
+    config: OrchestratorConfig,
+    pipeline: ChatPipeline,
+    auth: ApiKeyAuth,
+    check_dependencies: Callable[[], Awaitable[dict[str, str]]],
+    *,
+    adapter_admin: AdapterAdmin | None = None,
+    admin_keys: list[str] | None = None,
+    knowledge: KnowledgeAdmin | None = None,
+    served_by: str | None = None,
+) -> FastAPI:
+    """Build the FastAPI app around one pipeline.
+
+    Args:
+        config: Orchestrator settings.
+        pipeline: The dialogue pipeline answering chats.
+        auth: API key to tenant mapping.
+        check_dependencies: Returns each deployment's health ("ok" or "error: ...").
+        adapter_admin: The adapter lifecycle; None when no adapter store is configured.
+        admin_keys: Keys of the admin API; none disables it.
+        knowledge: Syncs a tenant's knowledge source in the running app and reports its state.
+        served_by: This replica's id, sent as ``X-Served-By`` (tracing a request to a replica).
+
+    """
+    app = FastAPI(title="Customer-service LLM platform", version="0.1.0")
+    app.state.config = config
+    app.state.pipeline = pipeline
+    app.state.auth = auth
+    app.state.check_dependencies = check_dependencies
+    app.state.adapter_admin = adapter_admin
+    app.state.admin_keys = admin_keys or []
+    app.state.knowledge = knowledge
+    app.state.tenant_ids = {t.tenant for t in config.tenants}
+    install_error_handlers(app)
+    if served_by:
+        app.add_middleware(ServedByMiddleware, replica=served_by)
+
+    app.include_router(chat.router)
+    app.include_router(openai_compat.router)
+    app.include_router(health.router)
+    app.include_router(admin.router)
+    return app

@@ -1,0 +1,428 @@
+"""The dialogue pipeline of one orchestrator replica: a message in, an answer's stream out.
+
+``prepare`` runs the steps that decide the answer, in order, each a small method:
+check the message and load the conversation; analyze it (intent, "about the assistant");
+give a standard reply when the model must not answer; serve the cache; retrieve and
+ground; give the fallback when nothing is relevant; let tools act; start the generation.
+Every step before the first token still fails as a clean HTTP error. The returned
+:class:`ReplyStream` then delivers the text and the final reply, and saves the turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from opentelemetry import trace
+
+from services.chat.accounting import RequestRecord
+from services.chat.analysis import Analysis, MessageAnalyzer
+from services.chat.answer_cache import AnswerCache, cache_key
+from services.chat.answers import (
+    NO_GROUNDING,
+    Answer,
+    CachedAnswer,
+    Conversation,
+    FixedAnswer,
+    GeneratedAnswer,
+    Outcome,
+    fallback,
+)
+from services.chat.clients import AdapterResolver, AnswerGenerator, KnowledgeSearch
+from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest, Source, Usage
+from services.chat.grounding import Grounding, build_messages, ground, sources_of
+from services.chat.intents import CHIT_CHAT, COMPLAINT, HUMAN_AGENT, OUT_OF_SCOPE, SENSITIVE, Classification
+from services.chat.structured_reply import (
+    CHARS_PER_TOKEN,
+    REPLY_INSTRUCTION,
+    ReplyStreamDecoder,
+    combined_confidence,
+    reply_schema,
+)
+from services.chat.tool_rounds import TOOL_CONFIDENCE, RoundsResult, ToolRounds
+from services.config import OrchestratorConfig, StandardReplies, TenantConfig, ToolConfig
+from services.errors import GenerationError, InvalidRequestError, NotFoundError
+from services.observability.metrics import Metrics
+from services.observability.tracing import tracer
+from services.schemas import ChatMessage, GenerationChunk
+from services.sessions import InProcessSessionMemory, SessionMemory, Turn, within_budget
+from services.tools import ToolRunner
+
+logger = logging.getLogger(__name__)
+
+
+class ReplyStream:
+    """One request's answer as it is delivered: text pieces, then the final :class:`ChatReply`.
+
+    It owns the request's :class:`RequestRecord` and closes it exactly once: just before the
+    reply is yielded, or when the stream fails or is abandoned (the client left).
+    """
+
+    def __init__(self, pipeline: ChatPipeline, answer: Answer, record: RequestRecord) -> None:
+        self._pipeline = pipeline
+        self._answer = answer
+        self._record = record
+
+    async def __aiter__(self) -> AsyncIterator[str | ChatReply]:
+        """Yield the text pieces, then the reply."""
+        try:
+            async for item in self._pipeline.deliver(self._answer, self._record):
+                if isinstance(item, ChatReply):
+                    self._record.close(self._answer.outcome, self._answer, item)
+                yield item
+        except BaseException as err:
+            self._record.close("error" if isinstance(err, Exception) else "cancelled", self._answer)
+            raise
+
+    async def reply(self) -> ChatReply:
+        """The whole reply at once."""
+        async for item in self:
+            if isinstance(item, ChatReply):
+                return item
+        raise GenerationError("the answer stream ended without a reply")
+
+
+class ChatPipeline:
+    """The dialogue pipeline of one orchestrator replica."""
+
+    def __init__(
+        self,
+        config: OrchestratorConfig,
+        retriever: KnowledgeSearch,
+        generator: AnswerGenerator,
+        adapter_resolver: AdapterResolver | None = None,
+        analyzer: MessageAnalyzer | None = None,
+        sessions: SessionMemory | None = None,
+        cache: AnswerCache | None = None,
+        knowledge_version: Callable[[str], Awaitable[int]] | None = None,
+        metrics: Metrics | None = None,
+        tools: ToolRunner | None = None,
+    ) -> None:
+        self._config = config
+        self._retriever = retriever
+        self._generator = generator
+        self._resolve_adapter = adapter_resolver
+        self._analyzer = analyzer
+        self._sessions = sessions or InProcessSessionMemory(config.session)
+        self._cache = cache
+        self._knowledge_version = knowledge_version
+        self._metrics = metrics or Metrics()
+        self._tool_rounds = ToolRounds(config.tools, config.sampling, generator, tools) if tools else None
+
+    async def prepare(
+        self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None
+    ) -> ReplyStream:
+        """Decide the answer and start generating it; every failure here is still a clean HTTP error.
+
+        The first generated chunk is awaited here so that an engine error, an unknown
+        adapter or an over-long prompt is reported as a status code, not mid-stream.
+        The request's span and clock start here and stop when the stream has given the
+        reply (or failed).
+
+        Args:
+            tenant: The caller's tenant.
+            request: The message.
+            history: Earlier turns sent by the caller (OpenAI-style); then session memory is
+                neither read nor written.
+
+        """
+        span = tracer().start_span("cs.chat", attributes={"tenant": tenant.tenant})
+        record = RequestRecord(tenant.tenant, self._metrics, span)
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                answer = await self._decide(tenant, request, history)
+        except BaseException as err:
+            record.close("error" if isinstance(err, Exception) else "cancelled")
+            raise
+        return ReplyStream(self, answer, record)
+
+    async def answer(self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None) -> ChatReply:
+        """The whole reply at once."""
+        return await (await self.prepare(tenant, request, history)).reply()
+
+    # --- the steps that decide the answer -----------------------------------------------------
+
+    async def _decide(self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None) -> Answer:
+        conversation = await self._conversation(tenant, request, history)
+        # Resolved once per request: a swap while this answer streams does not touch it.
+        adapter = self._adapter_of(conversation)
+        analysis = await self._analyzer.analyze(request.message, conversation.history) if self._analyzer else None
+        intent = analysis.intent if analysis else None
+        if intent is not None and (standard := self._standard_reply(conversation, intent)) is not None:
+            return standard
+        about_assistant = self._about_assistant(analysis)
+        cache_slot = await self._cache_slot(conversation, adapter)
+        if cache_slot and (cached := await self._cached(conversation, cache_slot)) is not None:
+            return cached
+        grounding = NO_GROUNDING if about_assistant else await self._ground(conversation, analysis)
+        confidence = about_assistant or grounding.confidence
+        intent_name = intent.intent if intent else None
+        offered = self._tool_rounds.offered(intent_name, request.message) if self._tool_rounds else []
+        if grounding.is_empty and not about_assistant and not offered:
+            return fallback(conversation, self._fallback_text(tenant), intent_name)
+        messages = build_messages(tenant.persona, grounding, conversation.history, request.message)
+        # What every answer from here on rests on.
+        basis: dict[str, Any] = {"conversation": conversation, "grounding": grounding, "adapter": adapter}
+        basis["intent"] = intent_name
+        if not offered:
+            return await self._generate(messages, basis, confidence, cache_slot=cache_slot)
+        # Answers that called tools depend on live data: never cached.
+        rounds = await self._run_tools(messages, offered, conversation, adapter, intent_name)
+        if rounds.tool_answered:
+            confidence = max(confidence, TOOL_CONFIDENCE)
+        if rounds.stopped_by is not None:
+            return self._tools_stopped(rounds, basis, confidence)
+        if rounds.text is not None:
+            first = await _first_chunk(rounds.text)
+            return GeneratedAnswer(
+                first_chunk=first, rest=rounds.text, confidence=confidence, actions=rounds.actions, **basis
+            )
+        return await self._generate(messages, basis, confidence, actions=rounds.actions)
+
+    async def _conversation(
+        self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None
+    ) -> Conversation:
+        """Check the message and load the turns before it (from session memory, or as the caller sent them)."""
+        if len(request.message) > self._config.max_message_chars:
+            raise InvalidRequestError(
+                f"message has {len(request.message)} characters; the limit is {self._config.max_message_chars}"
+            )
+        session_id = request.session_id or uuid.uuid4().hex
+        # Shoppers' words and ids only at DEBUG: INFO logs carry no personal data.
+        logger.debug("message from user %r in session %r: %r", request.user_id, session_id, request.message)
+        remember = history is None
+        if history is None:
+            history = await self._sessions.history(tenant.tenant, session_id)
+        else:
+            session = self._config.session
+            history = within_budget(history[-session.max_turns :], session.max_history_tokens)
+        return Conversation(tenant, session_id, request.user_id, request.message, history, remember)
+
+    def _adapter_of(self, conversation: Conversation) -> str | None:
+        """The adapter registered for the tenant now (a canary may pick per session), else the configured one."""
+        tenant = conversation.tenant
+        registered = self._resolve_adapter(tenant.tenant, conversation.session_id) if self._resolve_adapter else None
+        return registered or tenant.adapter
+
+    def _standard_reply(self, conversation: Conversation, intent: Classification) -> FixedAnswer | None:
+        """A reply the model must not give: handover, sensitive topics, out-of-scope requests."""
+        replies = self._replies(conversation.tenant)
+        signals = intent.frustration
+        reason = None
+        outcome: Outcome
+        if intent.intent == HUMAN_AGENT:
+            reason = "the shopper asked for a human agent"
+        elif len(signals) >= self._config.intents.frustration_handoff or (intent.intent == COMPLAINT and signals):
+            reason = "frustration: " + "; ".join(signals)
+        if reason is not None:
+            text, action, outcome = replies.handoff, {"type": "handoff", "reason": reason}, "handover"
+        elif intent.intent == SENSITIVE:
+            text, action, outcome = replies.sensitive, {"type": "guardrail", "reason": "sensitive topic"}, "guardrail"
+        elif intent.intent == OUT_OF_SCOPE:
+            text, action, outcome = replies.out_of_scope, {"type": "guardrail", "reason": "out of scope"}, "guardrail"
+        else:
+            return None
+        return FixedAnswer(
+            conversation=conversation, outcome=outcome, confidence=intent.score,
+            intent=intent.intent, actions=[action], text=text,
+        )  # fmt: skip
+
+    @staticmethod
+    def _about_assistant(analysis: Analysis | None) -> float:
+        """Similarity to a question about the assistant; greetings and thanks count too (the persona answers)."""
+        if analysis is None:
+            return 0.0
+        if analysis.about_assistant:
+            return analysis.about_assistant
+        if analysis.intent is not None and analysis.intent.intent == CHIT_CHAT:
+            return analysis.intent.score
+        return 0.0
+
+    async def _cache_slot(self, conversation: Conversation, adapter: str | None) -> str | None:
+        """Where the answer to a conversation's first message is cached, for this knowledge and adapter."""
+        if self._cache is None or self._knowledge_version is None or conversation.history:
+            return None
+        generation = await self._knowledge_version(conversation.tenant.tenant)
+        return cache_key(conversation.tenant.tenant, generation, adapter, conversation.question)
+
+    async def _cached(self, conversation: Conversation, slot: str) -> CachedAnswer | None:
+        assert self._cache is not None  # a slot exists only with a cache
+        cached = await self._cache.get(slot)
+        lookup = {"tenant": conversation.tenant.tenant, "result": "miss" if cached is None else "hit"}
+        self._metrics.inc("cs_answer_cache_lookups", lookup)
+        if cached is None:
+            return None
+        reply = cached.model_copy(update={"session_id": conversation.session_id, "cached": True})
+        return CachedAnswer(
+            conversation=conversation,
+            confidence=cached.confidence,
+            grounding=Grounding([], cached.confidence),
+            adapter=cached.adapter,
+            reply=reply,
+        )
+
+    async def _ground(self, conversation: Conversation, analysis: Analysis | None) -> Grounding:
+        """Retrieve candidates (with the message's embedding, when analyzed) and keep the relevant ones."""
+        embedding = analysis.embedding if analysis else None
+        tenant = conversation.tenant.tenant
+        hits = await self._retriever.search(tenant, conversation.question, self._config.retrieval_candidates, embedding)
+        return ground(hits, self._config.relevance_threshold, self._config.retrieval_top_k)
+
+    async def _run_tools(
+        self,
+        messages: list[ChatMessage],
+        offered: list[ToolConfig],
+        conversation: Conversation,
+        adapter: str | None,
+        intent: str | None,
+    ) -> RoundsResult:
+        assert self._tool_rounds is not None  # tools are offered only with a runner
+        return await self._tool_rounds.run(
+            messages,
+            offered,
+            adapter=adapter,
+            tenant=conversation.tenant.tenant,
+            user_id=conversation.user_id,
+            intent=intent,
+        )
+
+    def _tools_stopped(self, rounds: RoundsResult, basis: dict[str, Any], confidence: float) -> FixedAnswer:
+        """The standard reply after a tool failed or handed the conversation over."""
+        replies = self._replies(basis["conversation"].tenant)
+        handoff = rounds.stopped_by == "handoff"
+        return FixedAnswer(
+            outcome="handover" if handoff else "tool_failed",
+            confidence=confidence,
+            actions=rounds.actions,
+            text=replies.handoff if handoff else replies.tool_failure,
+            **basis,
+        )
+
+    async def _generate(
+        self,
+        messages: list[ChatMessage],
+        basis: dict[str, Any],
+        confidence: float,
+        *,
+        cache_slot: str | None = None,
+        actions: list[dict[str, Any]] | None = None,
+    ) -> GeneratedAnswer:
+        """Start the answer's generation (structured replies: under the reply schema) and await its first chunk."""
+        schema, decoder = None, None
+        if self._config.structured_replies:
+            messages[0] = ChatMessage(role="system", content=f"{messages[0].content}\n\n{REPLY_INSTRUCTION}")
+            schema = reply_schema(self._config.sampling.max_tokens * CHARS_PER_TOKEN)
+            decoder = ReplyStreamDecoder()
+        tenant = basis["conversation"].tenant.tenant
+        chunks = aiter(
+            self._generator.stream(messages, self._config.sampling, basis["adapter"], json_schema=schema, tenant=tenant)
+        )
+        first = await _first_chunk(chunks)
+        return GeneratedAnswer(
+            **basis,
+            confidence=confidence,
+            actions=list(actions or []),
+            first_chunk=first,
+            rest=chunks,
+            decoder=decoder,
+            cache_slot=cache_slot,
+        )
+
+    def _replies(self, tenant: TenantConfig) -> StandardReplies:
+        return tenant.standard_replies or self._config.standard_replies
+
+    def _fallback_text(self, tenant: TenantConfig) -> str:
+        return tenant.fallback_message or self._config.fallback_message
+
+    # --- delivering the answer ------------------------------------------------------------------
+
+    async def deliver(self, answer: Answer, record: RequestRecord) -> AsyncIterator[str | ChatReply]:
+        """Text pieces of the answer, then its reply; the turn is saved before the reply is given."""
+        if isinstance(answer, CachedAnswer):
+            reply = answer.reply.model_copy(update={"reply_id": uuid.uuid4().hex})
+            yield reply.response
+            await self._remember(answer.conversation, reply.response, reply.reply_id)
+            yield reply
+        elif isinstance(answer, FixedAnswer):
+            yield answer.text
+            yield await self._finish(answer, record, answer.text, answer.confidence)
+        elif isinstance(answer, GeneratedAnswer):
+            async for item in self._deliver_generated(answer, record):
+                yield item
+        else:
+            raise TypeError(f"unknown answer kind {type(answer).__name__}")
+
+    async def _deliver_generated(
+        self, answer: GeneratedAnswer, record: RequestRecord
+    ) -> AsyncIterator[str | ChatReply]:
+        parts: list[str] = []
+        chunk: GenerationChunk | None = answer.first_chunk
+        decoder = answer.decoder
+        while chunk is not None:
+            text = decoder.feed(chunk.text) if decoder else chunk.text
+            if text:
+                parts.append(text)
+                yield text
+            if chunk.finish_reason is not None:
+                record.finish_reason = chunk.finish_reason
+                if chunk.prompt_tokens is not None and chunk.completion_tokens is not None:
+                    record.usage = Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
+            chunk = await anext(answer.rest, None)
+        confidence = answer.confidence
+        if decoder is not None:
+            confidence = combined_confidence(confidence, decoder.model_confidence())
+        reply = await self._finish(answer, record, "".join(parts).strip(), confidence)
+        if answer.cache_slot and self._cache is not None:
+            await self._cache.put(answer.cache_slot, reply)
+        yield reply
+
+    async def _finish(self, answer: Answer, record: RequestRecord, text: str, confidence: float) -> ChatReply:
+        reply_id = uuid.uuid4().hex
+        await self._remember(answer.conversation, text, reply_id)
+        return ChatReply(
+            reply_id=reply_id,
+            response=text,
+            confidence=confidence,
+            sources=[Source.model_validate(s) for s in sources_of(answer.grounding)],
+            session_id=answer.conversation.session_id,
+            adapter=answer.adapter,
+            usage=record.usage,
+            actions=answer.actions,
+            intent=answer.intent,
+            finish_reason=record.finish_reason,
+        )
+
+    async def _remember(self, conversation: Conversation, text: str, reply_id: str) -> None:
+        if conversation.remember:
+            turn = Turn(user=conversation.question, assistant=text, reply_id=reply_id)
+            await self._sessions.append(conversation.tenant.tenant, conversation.session_id, turn)
+
+    # --- feedback -------------------------------------------------------------------------------
+
+    async def feedback(self, tenant: TenantConfig, request: FeedbackRequest) -> None:
+        """Record the shopper's verdict on one of the session's recent replies.
+
+        Raises:
+            NotFoundError: no such reply in this tenant's session (another tenant's is invisible).
+
+        """
+        turns = await self._sessions.history(tenant.tenant, request.session_id)
+        if not any(t.reply_id == request.reply_id for t in turns):
+            raise NotFoundError(
+                f"reply {request.reply_id!r} is not among the recent replies of session {request.session_id!r}"
+            )
+        if request.helpful is not None:
+            verdict = "helpful" if request.helpful else "not_helpful"
+            self._metrics.inc("cs_feedback", {"tenant": tenant.tenant, "verdict": verdict})
+        if request.resolved is not None:
+            verdict = "resolved" if request.resolved else "unresolved"
+            self._metrics.inc("cs_feedback", {"tenant": tenant.tenant, "verdict": verdict})
+
+
+async def _first_chunk(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
+    try:
+        return await anext(chunks)
+    except StopAsyncIteration as err:
+        raise GenerationError("the LLM returned no output") from err

@@ -1,0 +1,131 @@
+"""The Orchestrator: the Serve ingress deployment, and the wiring of one replica.
+
+A replica builds its dialogue pipeline (clients of the other three deployments, session
+memory, answer cache, tools, adapter registry) once, then serves the FastAPI app from
+:func:`services.api.factory.create_api` over it. Requests travel down from here:
+api -> chat -> the other deployments -> the domain packages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.deployment import Application
+from ray.serve.handle import DeploymentHandle
+
+from services.adapters.admin import AdapterAdmin
+from services.adapters.registry import AdapterRegistry
+from services.api.auth import ApiKeyAuth, admin_digests
+from services.api.factory import create_api
+from services.chat.analysis import MessageAnalyzer
+from services.chat.answer_cache import open_answer_cache
+from services.chat.clients import AdapterResolver, EmbedderClient, LLMClient, RetrieverClient, call_dependency
+from services.chat.intents import IntentClassifier
+from services.chat.pipeline import ChatPipeline
+from services.config import LLMConfig, ObservabilityConfig, OrchestratorConfig, ServiceSettings
+from services.errors import ServiceError
+from services.observability.logs import configure_replica_logging
+from services.observability.metrics import RayMetrics, names_for
+from services.sessions import RedisSessionMemory, open_session_memory
+from services.tools import ToolRunner
+
+
+@serve.ingress()
+class Orchestrator:
+    """Ray Serve ingress deployment: REST API over the dialogue pipeline."""
+
+    def __init__(
+        self,
+        config: OrchestratorConfig,
+        embedder: DeploymentHandle,
+        retriever: DeploymentHandle,
+        llm: DeploymentHandle,
+        llm_config: LLMConfig,
+        observability: ObservabilityConfig | None = None,
+    ) -> None:
+        observability = observability or ObservabilityConfig()
+        configure_replica_logging(observability.log_level, observability.log_format)
+        metrics = RayMetrics(names_for("Orchestrator"))
+        self._config = config
+        settings = ServiceSettings()
+        self._auth = ApiKeyAuth.from_config(config.tenants, settings.api_keys)
+        self._admin_keys = admin_digests([k.get_secret_value() for k in config.admin_api_keys] + settings.admin_keys)
+        self._adapter_admin: AdapterAdmin | None = None
+        resolver: AdapterResolver | None = None
+        if llm_config.adapters_dir:
+            registry = AdapterRegistry(Path(llm_config.adapters_dir))
+            resolver = registry.resolve
+
+            async def load_check(adapter: str) -> None:
+                await call_dependency("LLM", lambda: llm.check_adapter.remote(adapter), config.dependency_timeout_s)
+
+            self._adapter_admin = AdapterAdmin(registry, llm_config.model, llm_config.max_lora_rank, load_check)
+        self._knowledge = RetrieverClient(retriever, config.dependency_timeout_s, config.ingest_timeout_s, metrics)
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        self._sessions = open_session_memory(config.session, redis_url)
+        self._pipeline = ChatPipeline(
+            config,
+            self._knowledge,
+            LLMClient(llm, config.dependency_timeout_s, metrics),
+            resolver,
+            MessageAnalyzer(
+                config.assistant_questions,
+                config.assistant_question_threshold,
+                EmbedderClient(embedder, config.dependency_timeout_s, metrics),
+                IntentClassifier(config.intents),
+            ),
+            self._sessions,
+            open_answer_cache(config.answer_cache, redis_url),
+            self._knowledge.generation,
+            metrics,
+            ToolRunner(config.tools, metrics=metrics) if config.tools.enabled else None,
+        )
+        self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
+
+    def __serve_build_asgi_app__(self) -> Any:
+        # Serve calls this after __init__: the app is built from this replica's state.
+        return create_api(
+            self._config,
+            self._pipeline,
+            self._auth,
+            self._check_dependencies,
+            adapter_admin=self._adapter_admin,
+            admin_keys=self._admin_keys,
+            knowledge=self._knowledge,
+            served_by=serve.get_replica_context().replica_id.unique_id,
+        )
+
+    async def _check_dependencies(self) -> dict[str, str]:
+        async def one(handle: DeploymentHandle) -> str:
+            try:
+                await call_dependency("health", lambda: handle.check_health.remote(), 10)
+                return "ok"
+            except ServiceError as err:
+                return f"error: {err.message}"
+
+        names = list(self._dependencies)
+        results = dict(zip(names, await asyncio.gather(*(one(self._dependencies[n]) for n in names)), strict=True))
+        if isinstance(self._sessions, RedisSessionMemory):
+            try:
+                await self._sessions.ping()
+                results["session_memory"] = "ok"
+            except ServiceError as err:
+                results["session_memory"] = f"error: {err.message}"
+        return results
+
+
+def build_orchestrator(
+    config: OrchestratorConfig,
+    *,
+    embedder: Application,
+    retriever: Application,
+    llm: Application,
+    llm_config: LLMConfig,
+    observability: ObservabilityConfig | None = None,
+) -> Application:
+    """Bind the ingress to the three deployments it calls (``llm_config`` locates the adapter store)."""
+    deployment = serve.deployment(name="Orchestrator", **config.deployment.to_serve_options())(Orchestrator)
+    return deployment.bind(config, embedder, retriever, llm, llm_config, observability or ObservabilityConfig())
