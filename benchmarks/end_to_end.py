@@ -160,7 +160,7 @@ def _own_cpu_seconds() -> float:
 def engine_phase(workdir: Path) -> None:
     """Run the sweep against AsyncLLM alone; write ``engine.json``."""
     from services.config import AppConfig
-    from services.llm import apply_engine_env, engine_args, sampling_params
+    from services.vllm_engine import apply_engine_env, engine_args, sampling_params
 
     settings = json.loads((workdir / "settings.json").read_text())
     config = AppConfig.model_validate(settings["app_args"])

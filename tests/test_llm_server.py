@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from services.config import LLMConfig, SamplingConfig
-from services.llm import LLMServer, apply_engine_env
+from services.llm import LLMServer
 from services.schemas import ChatMessage, GenerationChunk, GenerationRequest
+from services.vllm_engine import apply_engine_env
 from tests.conftest import RecordingMetrics
 
 

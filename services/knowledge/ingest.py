@@ -22,7 +22,7 @@ from services.config import SOURCE_PATTERN, ChunkingConfig
 from services.knowledge.chunking import chunk_documents
 from services.knowledge.documents import KnowledgeDocument
 from services.knowledge.store import MilvusKnowledgeStore, SourceState
-from services.schemas import Embedding
+from services.schemas import Embedding, KnowledgeChunk
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +124,7 @@ def sync_source(
     for row in store.live_chunks(tenant, source):
         live[row.doc_id].add(row.id)
     live_ids = {i for ids in live.values() for i in ids}
-
-    max_tokens = min(chunking.max_tokens, embedder.max_length - _SPECIAL_TOKENS)
-    chunking = chunking.model_copy(
-        update={"max_tokens": max_tokens, "overlap_tokens": min(chunking.overlap_tokens, max_tokens // 2 - 1)}
-    )
-    chunks = chunk_documents(tenant, source, batch.documents, embedder.count_tokens, chunking)
+    chunks = chunk_documents(tenant, source, batch.documents, embedder.count_tokens, _fitted(chunking, embedder))
     new: dict[str, set[str]] = defaultdict(set)
     for chunk in chunks:
         new[chunk.doc_id].add(chunk.id)
@@ -138,32 +133,15 @@ def sync_source(
     in_scope -= set(batch.kept_doc_ids) - set(new)
     to_stage = [c for c in chunks if c.id not in live_ids]
     to_retire = sorted(i for doc in in_scope for i in live.get(doc, set()) - new.get(doc, set()))
-    report = SyncReport(tenant=tenant, source=source, chunks_embedded=len(to_stage), chunks_retired=len(to_retire))
-    for doc in in_scope:
-        if doc not in new:
-            report.deleted += doc in live
-        elif doc not in live:
-            report.added += 1
-        elif live[doc] == new[doc]:
-            report.unchanged += 1
-        else:
-            report.updated += 1
-
-    for start in range(0, len(to_stage), EMBED_BATCH):
-        part = to_stage[start : start + EMBED_BATCH]
-        store.stage(part, embedder.encode([f"{c.title}\n{c.text}" for c in part], "passage"), generation)
-        if on_embedded:
-            on_embedded(start + len(part), len(to_stage))
+    report = _count_documents(
+        SyncReport(tenant=tenant, source=source, chunks_embedded=len(to_stage), chunks_retired=len(to_retire)),
+        in_scope, live, new,
+    )  # fmt: skip
+    _stage(store, embedder, to_stage, generation, on_embedded)
     store.retire(to_retire, generation)
 
-    now = time.time()
-    previous = state.sources.get(source, SourceState())
-    state.sources[source] = SourceState(
-        cursor=batch.cursor if batch.cursor is not None else previous.cursor,
-        cursor_is_datetime=batch.cursor_is_datetime if batch.cursor is not None else previous.cursor_is_datetime,
-        last_success=now,
-        last_full_sync=now if batch.complete else previous.last_full_sync,
-        documents=len(set(live) - in_scope) + len(new),
+    state.sources[source] = _next_source_state(
+        state.sources.get(source, SourceState()), batch, documents=len(set(live) - in_scope) + len(new)
     )
     changed = bool(to_stage or to_retire)
     store.commit(tenant, generation, state, data_changed=changed)
@@ -175,3 +153,54 @@ def sync_source(
         report.chunks_embedded, report.generation,
     )  # fmt: skip
     return report
+
+
+def _fitted(chunking: ChunkingConfig, embedder: PassageEncoder) -> ChunkingConfig:
+    """The chunking capped to what the embedder reads (its max length less the special tokens)."""
+    max_tokens = min(chunking.max_tokens, embedder.max_length - _SPECIAL_TOKENS)
+    overlap = min(chunking.overlap_tokens, max_tokens // 2 - 1)
+    return chunking.model_copy(update={"max_tokens": max_tokens, "overlap_tokens": overlap})
+
+
+def _count_documents(
+    report: SyncReport, in_scope: set[str], live: dict[str, set[str]], new: dict[str, set[str]]
+) -> SyncReport:
+    """Count the run's documents as added, updated, deleted or unchanged (by their chunk ids)."""
+    for doc in in_scope:
+        if doc not in new:
+            report.deleted += doc in live
+        elif doc not in live:
+            report.added += 1
+        elif live[doc] == new[doc]:
+            report.unchanged += 1
+        else:
+            report.updated += 1
+    return report
+
+
+def _stage(
+    store: MilvusKnowledgeStore,
+    embedder: PassageEncoder,
+    chunks: list[KnowledgeChunk],
+    generation: int,
+    on_embedded: Callable[[int, int], None] | None,
+) -> None:
+    """Embed and write the new chunk versions (invisible until the commit), in embedding batches."""
+    for start in range(0, len(chunks), EMBED_BATCH):
+        part = chunks[start : start + EMBED_BATCH]
+        store.stage(part, embedder.encode([f"{c.title}\n{c.text}" for c in part], "passage"), generation)
+        if on_embedded:
+            on_embedded(start + len(part), len(chunks))
+
+
+def _next_source_state(previous: SourceState, batch: SourceBatch, *, documents: int) -> SourceState:
+    """The source's state after this run: the new cursor (or the old one), times, document count."""
+    now = time.time()
+    has_cursor = batch.cursor is not None
+    return SourceState(
+        cursor=batch.cursor if has_cursor else previous.cursor,
+        cursor_is_datetime=batch.cursor_is_datetime if has_cursor else previous.cursor_is_datetime,
+        last_success=now,
+        last_full_sync=now if batch.complete else previous.last_full_sync,
+        documents=documents,
+    )

@@ -41,26 +41,18 @@ from pydantic import BaseModel, Field
 
 from services.config import TENANT_PATTERN, RetrieverConfig
 from services.errors import ConflictError, InvalidRequestError, KnowledgeBaseUnavailableError
+from services.knowledge.collections import (
+    BM25_FIELD,
+    DENSE_FIELD,
+    SCALAR_FIELDS,
+    SPARSE_FIELD,
+    ensure_chunk_collection,
+    ensure_state_collection,
+)
 from services.schemas import Embedding, KnowledgeChunk, RetrievedChunk
 
 logger = logging.getLogger(__name__)
 
-DENSE_FIELD = "dense_vector"
-SPARSE_FIELD = "sparse_vector"
-BM25_FIELD = "bm25_vector"
-SCALAR_FIELDS = [
-    "id",
-    "tenant",
-    "source",
-    "doc_id",
-    "chunk_no",
-    "title",
-    "text",
-    "category",
-    "updated_at",
-    "content_hash",
-]
-MAX_TEXT_CHARS = 8192
 LIVE = 2**62
 """``gen_to`` of a row no run has retired."""
 
@@ -136,96 +128,12 @@ class MilvusKnowledgeStore:
             Path(config.milvus_uri).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._client = MilvusClient(uri=config.milvus_uri, token=token or "", timeout=config.timeout_s)
-            self._ensure_collection(dimension)
-            self._ensure_state_collection()
+            ensure_chunk_collection(self._client, config, dimension=dimension, has_sparse=has_sparse)
+            ensure_state_collection(self._client, self._state_collection)
         except KnowledgeBaseUnavailableError:
             raise
         except Exception as err:
             raise KnowledgeBaseUnavailableError(f"Milvus at {config.milvus_uri} is unavailable: {err}") from err
-
-    # -- schema ---------------------------------------------------------------------------
-
-    def _ensure_collection(self, dimension: int) -> None:
-        from pymilvus import DataType, Function, FunctionType
-
-        client, name = self._client, self._collection
-        if client.has_collection(name):
-            self._check_existing(dimension)
-            client.load_collection(name)
-            return
-        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
-        schema.add_field("tenant", DataType.VARCHAR, max_length=64)
-        schema.add_field("source", DataType.VARCHAR, max_length=256)
-        schema.add_field("doc_id", DataType.VARCHAR, max_length=256)
-        schema.add_field("chunk_no", DataType.INT64)
-        schema.add_field("title", DataType.VARCHAR, max_length=1024)
-        schema.add_field(
-            "text",
-            DataType.VARCHAR,
-            max_length=MAX_TEXT_CHARS * 4,  # bytes: a CJK character is 3 in UTF-8
-            enable_analyzer=self._config.enable_bm25,
-            analyzer_params=self._config.bm25_analyzer if self._config.enable_bm25 else None,
-        )
-        schema.add_field("category", DataType.VARCHAR, max_length=128)
-        schema.add_field("updated_at", DataType.INT64)
-        schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
-        schema.add_field("gen_from", DataType.INT64)
-        schema.add_field("gen_to", DataType.INT64)
-        schema.add_field(DENSE_FIELD, DataType.FLOAT_VECTOR, dim=dimension)
-        index = client.prepare_index_params()
-        index.add_index(DENSE_FIELD, index_type=self._config.dense_index_type, metric_type="COSINE")
-        if self._has_sparse:
-            schema.add_field(SPARSE_FIELD, DataType.SPARSE_FLOAT_VECTOR)
-            index.add_index(SPARSE_FIELD, index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
-        if self._config.enable_bm25:
-            schema.add_field(BM25_FIELD, DataType.SPARSE_FLOAT_VECTOR)
-            schema.add_function(
-                Function(
-                    name="text_bm25",
-                    function_type=FunctionType.BM25,
-                    input_field_names=["text"],
-                    output_field_names=[BM25_FIELD],
-                )
-            )
-            index.add_index(BM25_FIELD, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-        client.create_collection(name, schema=schema, index_params=index)
-        logger.info("created collection %s (dim %d, sparse %s)", name, dimension, self._has_sparse)
-
-    def _ensure_state_collection(self) -> None:
-        from pymilvus import DataType
-
-        client, name = self._client, self._state_collection
-        if client.has_collection(name):
-            client.load_collection(name)
-            return
-        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("tenant", DataType.VARCHAR, is_primary=True, max_length=64)
-        schema.add_field("state", DataType.JSON)
-        # Milvus requires a vector field in every collection; this one is never searched.
-        schema.add_field("unused_vector", DataType.FLOAT_VECTOR, dim=2)
-        index = client.prepare_index_params()
-        index.add_index("unused_vector", index_type="FLAT", metric_type="L2")
-        client.create_collection(name, schema=schema, index_params=index)
-
-    def _check_existing(self, dimension: int) -> None:
-        fields = {f["name"]: f for f in self._client.describe_collection(self._collection)["fields"]}
-        existing_dim = int(fields.get(DENSE_FIELD, {}).get("params", {}).get("dim", -1))
-        if existing_dim != dimension:
-            raise KnowledgeBaseUnavailableError(
-                f"collection {self._collection} holds {existing_dim}-dim vectors but the embedder gives {dimension}; "
-                "use another collection name or re-sync the knowledge base"
-            )
-        for field, wanted in (
-            (SPARSE_FIELD, self._has_sparse),
-            (BM25_FIELD, self._config.enable_bm25),
-            ("gen_to", True),
-        ):
-            if wanted and field not in fields:
-                raise KnowledgeBaseUnavailableError(
-                    f"collection {self._collection} lacks {field}; it was created by another version or with other "
-                    "settings: drop it (or use another collection name) and sync the knowledge base again"
-                )
 
     # -- sync runs ------------------------------------------------------------------------
 
