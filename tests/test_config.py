@@ -115,3 +115,46 @@ def test_relative_paths_resolve_against_base(tmp_path: Path) -> None:
 def test_env_api_keys_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CS_API_KEYS", '{"k1": "lumen"}')
     assert ServiceSettings().api_keys == {"k1": "lumen"}
+
+
+# --- the generated reference and the default data ------------------------------------------
+
+
+def test_the_configuration_reference_matches_the_current_models() -> None:
+    from scripts.config_reference import PAGE, render
+
+    assert PAGE.read_text(encoding="utf-8") == render(), "stale: run `python scripts/config_reference.py`"
+
+
+def test_every_configuration_key_is_described() -> None:
+    from scripts.config_reference import _models_by_path
+
+    undescribed = [
+        f"{model.__name__}.{name}"
+        for model in [*_models_by_path(), ServiceSettings]
+        for name, field in model.model_fields.items()
+        if not field.description
+    ]
+    assert undescribed == []
+
+
+def test_default_texts_are_data_files_loaded_into_fresh_copies() -> None:
+    from services.config import IntentConfig, OrchestratorConfig, StandardReplies, ToolsConfig
+
+    defaults_dir = REPO_ROOT / "services" / "config" / "defaults"
+    assert sorted(p.stem for p in defaults_dir.glob("*.yaml")) == [
+        "assistant_questions",
+        "intents",
+        "standard_replies",
+        "tools",
+    ]
+    first, second = IntentConfig(), IntentConfig()
+    first.rules["human_agent"].append("changed")
+    assert "changed" not in second.rules["human_agent"]  # one config's edit never leaks into another's
+    assert "转人工" in second.rules["human_agent"] and "你是谁？" in OrchestratorConfig.model_fields[
+        "assistant_questions"
+    ].get_default(call_default_factory=True)
+    assert "人工客服" in StandardReplies().handoff
+    tools = {t.name: t for t in ToolsConfig().definitions}
+    assert sorted(tools) == ["check_coupon_rules", "create_support_ticket", "get_order_status", "transfer_to_human"]
+    assert tools["get_order_status"].parameters["properties"]["order_id"]["pattern"] == "^[A-Za-z0-9-]{1,40}$"

@@ -18,10 +18,10 @@ from services.config.retriever import RetrieverConfig
 class AppConfig(StrictModel):
     """The whole application: the ``args`` of the app builder."""
 
-    embedder: EmbedderConfig
-    retriever: RetrieverConfig
-    llm: LLMConfig
-    orchestrator: OrchestratorConfig
+    embedder: EmbedderConfig = Field(description="The Embedder deployment: the embedding model.")
+    retriever: RetrieverConfig = Field(description="The Retriever deployment: Milvus and hybrid search.")
+    llm: LLMConfig = Field(description="The LLM deployment: the vLLM engine and its adapters.")
+    orchestrator: OrchestratorConfig = Field(description="The ingress: tenants, dialogue, tools, sessions.")
     observability: ObservabilityConfig = Field(
         default_factory=lambda: ObservabilityConfig(), description="Logs and GPU sampling of every deployment."
     )
