@@ -7,7 +7,7 @@ knowledge-sync CLI runs outside Ray and uses prometheus-client instead
 (``knowledge_sync/runner.py``). vLLM's own engine metrics are exported next to ours
 through vLLM's Ray stat logger.
 
-Every metric is declared once in :data:`CATALOG`; the README's metric table and the scrape
+Every metric is declared once in :data:`CATALOG`; the metric table of docs/observability.md and the scrape
 test are checked against it, and recording a metric that is not in it, or with other
 labels, is an error.
 """
