@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 from ray.serve.deployment import Application
 
-from services.config import LLMConfig, ObservabilityConfig
+from services.config import LLMConfig, ObservabilityConfig, SamplingConfig
 from services.errors import GenerationError, InvalidAdapterError, InvalidRequestError, NotFoundError, ServiceError
 from services.observability.gpu import start_gpu_sampling
 from services.observability.logs import configure_replica_logging
@@ -202,13 +202,7 @@ class LLMServer:
         """
         adapter_name = serve.get_multiplexed_model_id()
         adapter = await self._get_adapter(adapter_name) if adapter_name else None
-        prompt_ids = self._engine.render_prompt(request.messages, request.tools)
-        room = self._engine.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt_ids)} tokens; the model's context is {self._engine.max_model_len}"
-            )
-        sampling = request.sampling.model_copy(update={"max_tokens": min(request.sampling.max_tokens, room)})
+        prompt_ids, sampling = self._fit_prompt(request)
         label = adapter_label(adapter_name)
         # Not made current: nothing is called from here, and a context attached in one step
         # of a generator cannot be detached safely in another.
@@ -255,6 +249,21 @@ class LLMServer:
             span.end()
             if adapter is not None:
                 adapter.release()
+
+    def _fit_prompt(self, request: GenerationRequest) -> tuple[list[int], SamplingConfig]:
+        """The prompt's tokens, and the sampling with its token budget capped to the context left.
+
+        Raises:
+            InvalidRequestError: the prompt alone fills the model's context.
+
+        """
+        prompt_ids = self._engine.render_prompt(request.messages, request.tools)
+        room = self._engine.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_ids)} tokens; the model's context is {self._engine.max_model_len}"
+            )
+        return prompt_ids, request.sampling.model_copy(update={"max_tokens": min(request.sampling.max_tokens, room)})
 
     def _record(self, watch: _GenerationWatch, adapter: str, tenant: str | None, prompt_tokens: int) -> None:
         """The metrics of one finished generation."""
