@@ -216,7 +216,7 @@ def llm_args(model_dir: Path, adapters: Path | None = None, **overrides: Any) ->
 
 
 def orchestrator_args(**overrides: Any) -> dict[str, Any]:
-    """Orchestrator config with one tenant, ``lumen``, key ``test-key``."""
+    """Orchestrator config with one tenant, ``lumen``, key ``test-key``; structured replies on, as shipped."""
     args: dict[str, Any] = {
         "fallback_message": "Sorry, I can't find that in our policies.",
         "relevance_threshold": 0.3,
@@ -224,6 +224,7 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
         "assistant_question_threshold": 0.995,  # MiniLM: see serve_config.dev.yaml
         "intents": {"examples": {}},  # the same: with MiniLM, intents come from the rules
         "sampling": {"temperature": 0, "max_tokens": 24},
+        "structured_replies": True,  # both serve_config.yaml and serve_config.dev.yaml reply in this mode
         "tenants": [
             {
                 "tenant": "lumen",
