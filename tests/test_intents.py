@@ -9,6 +9,7 @@ from services.chat.pipeline import ChatPipeline
 from services.config import IntentConfig, OrchestratorConfig
 from services.schemas import Embedding
 from services.sessions import Turn
+from services.structured_reply import REPLY_INSTRUCTION
 from tests.conftest import orchestrator_args
 from tests.test_pipeline import Generator, Retriever
 
@@ -95,7 +96,8 @@ async def test_chit_chat_is_answered_by_the_persona_without_knowledge() -> None:
     chat, generator = pipeline()
     reply = await ask(chat, "hello there")
     assert reply["intent"] == "chit_chat" and reply["sources"] == []
-    assert generator.calls[0][0].content.endswith("Knowledge entries:\n")
+    # Persona only: no chunk between the heading and the reply instruction.
+    assert generator.calls[0][0].content.endswith(f"Knowledge entries:\n\n\n{REPLY_INSTRUCTION}")
 
 
 async def test_policy_questions_go_to_the_knowledge_base() -> None:

@@ -133,7 +133,8 @@ def test_gpu_sampler_finds_devices_by_uuid() -> None:
         ([], FakeNvml(), "no GPU assigned"),
         (["0"], FakeNvml(fail_init=True), "NVML is unavailable (NVMLError: Driver Not Loaded)"),
         (["7"], FakeNvml(), "NVML is unavailable (NVMLError: Invalid Argument)"),
-        (["0"], None, "NVML is unavailable"),  # the real nvidia-ml-py on this GPU-less machine
+        # The real nvidia-ml-py on a machine without a GPU driver.
+        pytest.param(["0"], None, "NVML is unavailable", marks=pytest.mark.no_gpu, id="real-nvml"),
     ],
 )
 def test_without_a_gpu_the_metrics_are_absent_and_one_line_says_why(

@@ -9,6 +9,7 @@ from services.chat.contracts import ChatReply, ChatRequest
 from services.chat.pipeline import ChatPipeline
 from services.config import OrchestratorConfig, SamplingConfig
 from services.schemas import ChatMessage, Embedding, GenerationChunk, KnowledgeChunk, RetrievedChunk
+from services.structured_reply import REPLY_INSTRUCTION, combined_confidence
 from tests.conftest import orchestrator_args
 
 
@@ -71,14 +72,28 @@ async def test_relevant_knowledge_is_answered_and_history_feeds_the_next_prompt(
     chat, generator = pipeline(dense=0.8)
     tenant = chat._config.tenants[0]
     first = await chat.answer(tenant, ChatRequest(user_id="u", message="Returns?", session_id="s1"))
-    assert (first.response, first.confidence) == ("Within 7 days.", 0.8)
+    # Structured replies (as shipped): the response is decoded out of the model's JSON, and
+    # the evidence 0.8 is lowered by the model's own 0.5.
+    answer = 'Within 7 days \u2014 see "Returns".'
+    assert (first.response, first.confidence) == (answer, combined_confidence(0.8, 0.5))
     assert [s.doc_id for s in first.sources] == ["returns"]
     items = [
         i async for i in await chat.prepare(tenant, ChatRequest(user_id="u", message="And refunds?", session_id="s1"))
     ]
-    assert items[:2] == ["Within ", "7 days."] and isinstance(items[-1], ChatReply)
+    assert items[:-1] == ["Within ", "7 days \u2014 ", 'see "Returns"', "."] and isinstance(items[-1], ChatReply)
     second_prompt = generator.calls[1]
-    assert [m.content for m in second_prompt[1:]] == ["Returns?", "Within 7 days.", "And refunds?"]
+    # The conversation remembers the decoded answer, not the JSON the model wrote.
+    assert [m.content for m in second_prompt[1:]] == ["Returns?", answer, "And refunds?"]
+
+
+async def test_plain_text_replies_stream_the_models_text_as_is() -> None:
+    chat, generator = pipeline(dense=0.8, structured_replies=False)
+    tenant = chat._config.tenants[0]
+    items = [i async for i in chat.stream(await chat.prepare(tenant, ChatRequest(user_id="u", message="Returns?")))]
+    assert items[:-1] == ["Within ", "7 days."]
+    reply = items[-1]
+    assert isinstance(reply, ChatReply) and (reply.response, reply.confidence) == ("Within 7 days.", 0.8)
+    assert generator.kwargs[0]["json_schema"] is None and REPLY_INSTRUCTION not in generator.calls[0][0].content
 
 
 class RankedRetriever:
@@ -107,7 +122,7 @@ async def test_the_gate_sees_more_candidates_than_it_keeps() -> None:
     chat = ChatPipeline(config, retriever, Generator())
     reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="dogs?"))
     assert retriever.asked_for == 5
-    assert [s.doc_id for s in reply.sources] == ["d4"] and reply.confidence == 0.64
+    assert [s.doc_id for s in reply.sources] == ["d4"] and reply.confidence == combined_confidence(0.64, 0.5)
 
 
 class CountingEmbedder:
@@ -148,9 +163,10 @@ async def test_message_is_embedded_once_and_assistant_questions_skip_the_knowled
     assert retriever.embeddings == [Embedding(dense=[0.0, 1.0])]  # reused, not recomputed
 
     identity = await chat.answer(tenant, ChatRequest(user_id="u", message="Who is this?"))
-    assert (identity.confidence, identity.sources) == (1.0, [])
+    assert (identity.confidence, identity.sources) == (combined_confidence(1.0, 0.5), [])
     assert len(retriever.embeddings) == 1  # the knowledge base was not asked
-    assert generator.calls[-1][0].content.endswith("Knowledge entries:\n")  # persona only, no chunks
+    # Persona only: no chunk between the heading and the reply instruction.
+    assert generator.calls[-1][0].content.endswith(f"Knowledge entries:\n\n\n{REPLY_INSTRUCTION}")
     assert len(embedder.calls) == 3
 
 

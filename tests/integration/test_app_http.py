@@ -19,6 +19,7 @@ from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator
 pytestmark = pytest.mark.integration
 
 AUTH = {"Authorization": "Bearer test-key"}
+ADMIN = {"X-API-Key": "admin-key"}
 # A second brand with no knowledge of its own (nothing of Lumen's may reach it), speaking
 # through a LoRA adapter of its own.
 NORDIC = {
@@ -91,6 +92,22 @@ def client(
     with httpx.Client(base_url=ray_cluster["http_url"], timeout=120) as http:
         yield http
     serve.delete("cs-app")
+
+
+@pytest.fixture
+def lumen_sources(client: httpx.Client) -> Iterator[list[str]]:
+    """Knowledge sources of ``lumen`` that a test writes to (it appends their names); emptied afterwards.
+
+    The app's knowledge base is shared by every test of this module: whatever a test
+    adds is gone again when it ends, passed or failed, so no test depends on the order.
+    """
+    names: list[str] = []
+    yield names
+    for name in names:
+        emptied = client.put(
+            f"/admin/knowledge/lumen/sources/{name}", json={"complete": True, "documents": []}, headers=ADMIN
+        )
+        assert emptied.status_code == 200, emptied.text
 
 
 def chat(client: httpx.Client, **body: Any) -> httpx.Response:
@@ -229,8 +246,9 @@ DOG_POLICY = {
 DOG_QUESTION = "Can I bring my dog to your showroom?"
 
 
-def test_running_app_takes_new_knowledge_without_a_restart(client: httpx.Client) -> None:
-    admin = {"X-API-Key": "admin-key"}
+def test_running_app_takes_new_knowledge_without_a_restart(client: httpx.Client, lumen_sources: list[str]) -> None:
+    admin = ADMIN
+    lumen_sources.append("showroom-faq")  # emptied afterwards even if an assertion below fails
     assert chat(client, message=DOG_QUESTION).json()["confidence"] == 0
     url = "/admin/knowledge/lumen/sources/showroom-faq"
     added = client.put(url, json={"complete": True, "documents": [DOG_POLICY]}, headers=admin)
@@ -249,8 +267,11 @@ def test_running_app_takes_new_knowledge_without_a_restart(client: httpx.Client)
     ]
 
 
-def test_knowledge_ingest_needs_the_admin_key_and_valid_documents(client: httpx.Client) -> None:
-    url = "/admin/knowledge/lumen/sources/showroom-faq"
+def test_knowledge_ingest_needs_the_admin_key_and_valid_documents(
+    client: httpx.Client, lumen_sources: list[str]
+) -> None:
+    lumen_sources.append("refused-faq")  # emptied even if a refused upload got through
+    url = "/admin/knowledge/lumen/sources/refused-faq"
     assert client.put(url, json={"complete": True, "documents": [DOG_POLICY]}, headers=AUTH).status_code == 401
     body = {"complete": True, "documents": [{"doc_id": "x", "title": "t"}]}
     bad = client.put(url, json=body, headers={"X-API-Key": "admin-key"})
@@ -258,10 +279,11 @@ def test_knowledge_ingest_needs_the_admin_key_and_valid_documents(client: httpx.
 
 
 def test_sync_cli_through_the_running_app(
-    client: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    client: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str], lumen_sources: list[str]
 ) -> None:
     from knowledge_sync.__main__ import main
 
+    lumen_sources.append("cli-faq")
     policies = tmp_path / "showroom.json"
     policies.write_text(json.dumps([DOG_POLICY]))
     argv = ["--app-url", str(client.base_url), "--admin-key", "admin-key", "--tenant", "lumen",
@@ -278,7 +300,11 @@ def test_sync_cli_through_the_running_app(
 
 
 def test_crm_erp_and_files_sync_into_the_running_app_and_edits_reach_the_answers(
-    client: httpx.Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    client: httpx.Client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    lumen_sources: list[str],
 ) -> None:
     import sqlite3
 
@@ -287,6 +313,7 @@ def test_crm_erp_and_files_sync_into_the_running_app_and_edits_reach_the_answers
     from cs_testing.crm_emulator import CrmState, create_crm_app, serve_in_thread
     from knowledge_sync.__main__ import main
 
+    lumen_sources.extend(["crm", "erp", "sops"])
     crm = CrmState()
     crm.put("pets", "Pets in our showrooms", DOG_POLICY["text"])
     monkeypatch.setenv("CRM_TOKEN", crm.token)
@@ -384,20 +411,20 @@ def test_tenants_see_only_their_own_knowledge(client: httpx.Client) -> None:
     assert (nordic["confidence"], nordic["sources"]) == (0, [])
 
 
-def test_repeated_questions_come_from_the_cache_until_a_sync(client: httpx.Client) -> None:
-    question = "What are your customer service hours?"
+def test_repeated_questions_come_from_the_cache_until_a_sync(client: httpx.Client, lumen_sources: list[str]) -> None:
+    question = "What are your customer service hours?"  # other tests ask it too
+    url = "/admin/knowledge/lumen/sources/cache-test"
+    lumen_sources.append("cache-test")
+    holiday = {"doc_id": "holiday-hours", "title": "Holiday hours", "text": "On holidays agents work 10:00-18:00."}
+    # A sync first: a new knowledge generation, in which no earlier answer is cached.
+    assert client.put(url, json={"complete": True, "documents": [holiday]}, headers=ADMIN).status_code == 200
     first = chat(client, message=question).json()
     second = chat(client, message=question + "  ").json()
     assert (first["cached"], second["cached"]) == (False, True)
     assert second["response"] == first["response"] and second["session_id"] != first["session_id"]
-    admin = {"X-API-Key": "admin-key"}
-    synced = client.put("/admin/knowledge/lumen/sources/cache-test", json={"complete": True, "documents": [
-        {"doc_id": "holiday-hours", "title": "Holiday hours", "text": "On public holidays agents work 10:00-18:00."}
-    ]}, headers=admin)  # fmt: skip
-    assert synced.status_code == 200
+    removed = client.put(url, json={"complete": False, "deleted_doc_ids": ["holiday-hours"]}, headers=ADMIN)
+    assert removed.status_code == 200 and removed.json()["deleted"] == 1
     assert chat(client, message=question).json()["cached"] is False  # a new knowledge generation
-    cleanup = {"complete": False, "deleted_doc_ids": ["holiday-hours"]}
-    assert client.put("/admin/knowledge/lumen/sources/cache-test", json=cleanup, headers=admin).status_code == 200
 
 
 def test_handover_and_guardrails_over_http(client: httpx.Client) -> None:
@@ -508,12 +535,13 @@ def exercise_every_path(client: httpx.Client, adapters_dir: Path) -> None:
 
 
 def test_every_documented_metric_is_scraped_with_its_labels(
-    client: httpx.Client, ray_cluster: dict[str, Any], adapters_dir: Path
+    client: httpx.Client, ray_cluster: dict[str, Any], adapters_dir: Path, lumen_sources: list[str]
 ) -> None:
     import time
 
     from services.observability.metrics import CATALOG
 
+    lumen_sources.append("metrics-test")
     exercise_every_path(client, adapters_dir)
     expected = [spec for spec in CATALOG if not spec.name.startswith("cs_gpu_")]
     suffix = {"counter": "", "gauge": "", "histogram": "_bucket"}
