@@ -6,10 +6,10 @@ from services.chat.analysis import MessageAnalyzer
 from services.chat.contracts import ChatRequest
 from services.chat.intents import IntentClassifier, frustration_signals
 from services.chat.pipeline import ChatPipeline
+from services.chat.structured_reply import REPLY_INSTRUCTION
 from services.config import IntentConfig, OrchestratorConfig
 from services.schemas import Embedding
 from services.sessions import Turn
-from services.structured_reply import REPLY_INSTRUCTION
 from tests.conftest import orchestrator_args
 from tests.test_pipeline import Generator, Retriever
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from services.chat.contracts import ChatReply, ChatRequest
 from services.chat.pipeline import ChatPipeline
+from services.chat.structured_reply import REPLY_INSTRUCTION, combined_confidence
 from services.config import OrchestratorConfig, SamplingConfig
 from services.schemas import ChatMessage, Embedding, GenerationChunk, KnowledgeChunk, RetrievedChunk
-from services.structured_reply import REPLY_INSTRUCTION, combined_confidence
 from tests.conftest import orchestrator_args
 
 
@@ -89,7 +89,7 @@ async def test_relevant_knowledge_is_answered_and_history_feeds_the_next_prompt(
 async def test_plain_text_replies_stream_the_models_text_as_is() -> None:
     chat, generator = pipeline(dense=0.8, structured_replies=False)
     tenant = chat._config.tenants[0]
-    items = [i async for i in chat.stream(await chat.prepare(tenant, ChatRequest(user_id="u", message="Returns?")))]
+    items = [i async for i in await chat.prepare(tenant, ChatRequest(user_id="u", message="Returns?"))]
     assert items[:-1] == ["Within ", "7 days."]
     reply = items[-1]
     assert isinstance(reply, ChatReply) and (reply.response, reply.confidence) == ("Within 7 days.", 0.8)
