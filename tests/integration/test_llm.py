@@ -184,7 +184,8 @@ async def test_health_check_passes_while_the_engine_lives_and_fails_once_it_died
     import psutil
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    from services.llm import LLMServer, VllmEngine
+    from services.llm import LLMServer
+    from services.vllm_engine import VllmEngine
     from tests.conftest import TINY_ENGINE_ENV, RecordingMetrics
 
     for name, value in TINY_ENGINE_ENV.items():
