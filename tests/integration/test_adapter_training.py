@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.conftest import REPO_ROOT, embedder_args, llm_args, load_sample_kb, o
 pytestmark = [pytest.mark.integration, pytest.mark.cpu_platform]
 
 PERSONA = "You are the assistant of Lumen Home."
+ADMIN = {"X-API-Key": "admin-key"}
 IDENTITY = [
     {"instruction": "你是谁？", "input": "", "output": "我是流明家居的客服。"},
     {"instruction": "Who are you?", "input": "", "output": "Lumen Home support."},
@@ -102,25 +104,51 @@ def test_bad_record_is_named(tmp_path: Path) -> None:
         load_records(bad)
 
 
+def trained_app(
+    store: Path, milvus_path: Path, minilm_dir: Path, tiny_llm_dir: Path, *, structured_replies: bool
+) -> dict[str, Any]:
+    """Args of the app that serves the trained adapters of ``store``."""
+    orchestrator = orchestrator_args(admin_api_keys=["admin-key"], structured_replies=structured_replies)
+    orchestrator["tenants"][0]["persona"] = PERSONA
+    orchestrator["sampling"]["max_tokens"] = 64  # byte-level Chinese takes ~3 tokens a character
+    return {
+        "embedder": embedder_args(minilm_dir),
+        "retriever": retriever_args(milvus_path),
+        "llm": llm_args(tiny_llm_dir, store),
+        "orchestrator": orchestrator,
+    }
+
+
 @pytest.fixture(scope="module")
 def app_client(
     ray_cluster: dict[str, Any], trained: dict[str, Path], minilm_dir: Path, tiny_llm_dir: Path
 ) -> Iterator[httpx.Client]:
+    """The app with plain-text replies: cs-train-adapter trains on plain-text prompts and replies."""
     milvus_path = trained["store"].parent / "app-kb.db"
     load_sample_kb(milvus_path, minilm_dir)
-    orchestrator = orchestrator_args(admin_api_keys=["admin-key"])
-    orchestrator["tenants"][0]["persona"] = PERSONA
-    orchestrator["sampling"]["max_tokens"] = 64  # byte-level Chinese takes ~3 tokens a character
-    args = {
-        "embedder": embedder_args(minilm_dir),
-        "retriever": retriever_args(milvus_path),
-        "llm": llm_args(tiny_llm_dir, trained["store"]),
-        "orchestrator": orchestrator,
-    }
+    args = trained_app(trained["store"], milvus_path, minilm_dir, tiny_llm_dir, structured_replies=False)
     serve.run(build_app(args), name="cs-trained", route_prefix="/trained")
     with httpx.Client(base_url=ray_cluster["http_url"] + "/trained", timeout=120) as http:
         yield http
     serve.delete("cs-trained")
+
+
+@pytest.fixture
+def shipped_app_client(
+    ray_cluster: dict[str, Any], trained: dict[str, Path], minilm_dir: Path, tiny_llm_dir: Path, tmp_path: Path
+) -> Iterator[httpx.Client]:
+    """The app in the shipped reply mode (structured replies on), on its own copy of the adapter store."""
+    store = tmp_path / "adapters"
+    shutil.copytree(trained["store"], store)
+    milvus_path = tmp_path / "kb.db"
+    load_sample_kb(milvus_path, minilm_dir)
+    args = trained_app(store, milvus_path, minilm_dir, tiny_llm_dir, structured_replies=True)
+    serve.run(build_app(args), name="cs-trained-shipped", route_prefix="/trained-shipped")
+    try:
+        with httpx.Client(base_url=ray_cluster["http_url"] + "/trained-shipped", timeout=120) as http:
+            yield http
+    finally:
+        serve.delete("cs-trained-shipped")
 
 
 def ask(client: httpx.Client, message: str) -> dict[str, Any]:
@@ -130,7 +158,9 @@ def ask(client: httpx.Client, message: str) -> dict[str, Any]:
     return body
 
 
-def test_trained_identity_through_chat_then_rollback_to_base(app_client: httpx.Client) -> None:
+def test_trained_identity_through_chat_with_plain_text_replies_then_rollback_to_base(
+    app_client: httpx.Client,
+) -> None:
     admin = {"X-API-Key": "admin-key"}
     base = ask(app_client, "你是谁？")
     assert base["adapter"] is None and base["response"] != "我是流明家居的客服。"
@@ -145,6 +175,21 @@ def test_trained_identity_through_chat_then_rollback_to_base(app_client: httpx.C
     assert rolled.status_code == 200 and rolled.json() is None
     after = ask(app_client, "你是谁？")
     assert (after["adapter"], after["response"]) == (None, base["response"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,  # the answer differs; any other failure is a real one
+    reason="cs-train-adapter trains on the plain-text prompt and reply; with structured replies (on in both "
+    "shipped configs) the served prompt has the reply instruction and the model must write the reply JSON",
+)
+def test_trained_identity_through_chat_with_structured_replies_as_shipped(shipped_app_client: httpx.Client) -> None:
+    activated = shipped_app_client.put(
+        "/admin/tenants/lumen/adapter", json={"adapter": "lumen-voice", "version": "v1"}, headers=ADMIN
+    )
+    assert activated.status_code == 200, activated.text
+    trained = ask(shipped_app_client, "你是谁？")
+    assert (trained["adapter"], trained["response"]) == ("lumen-voice@v1", "我是流明家居的客服。")
 
 
 def test_uploaded_archive_is_validated_and_registered(app_client: httpx.Client, trained: dict[str, Path]) -> None:
