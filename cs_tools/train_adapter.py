@@ -4,7 +4,10 @@ Records are ``{"instruction", "input", "output"}``. Each becomes the chat the as
 will see when it answers without knowledge entries: the tenant's persona and grounding
 rules as the system message (built by the same :func:`services.chat.grounding.build_messages`
 the orchestrator uses), the instruction (plus input) as the user message, and the output
-as the assistant reply. Loss is computed on the reply tokens only.
+as the assistant reply. Every record is trained in both reply modes of the app: as plain
+text, and as the structured reply object under the reply instruction (what the model writes
+with ``structured_replies`` on, as in both shipped configs), so the adapter serves either.
+Loss is computed on the reply tokens only.
 
 Usage::
 
@@ -27,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.adapters.registry import NAME_PATTERN, AdapterRegistry, AdapterVersion
 from services.adapters.validation import QWEN2_LORA_MODULES, validate_adapter_folder
 from services.chat.grounding import Grounding, build_messages
+from services.chat.structured_reply import reply_json, with_reply_instruction
 from services.errors import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -82,10 +86,14 @@ def load_records(path: Path) -> list[AlpacaRecord]:
     return records
 
 
-def chat_prompt(persona: str, question: str) -> list[dict[str, str]]:
+#: The model's confidence written into the structured training replies: trained answers are certain.
+TRAINED_CONFIDENCE = 1.0
+
+
+def chat_prompt(persona: str, question: str, *, structured: bool = False) -> list[dict[str, str]]:
     """The messages the assistant sees for ``question`` when no knowledge entry applies."""
-    empty = Grounding(chunks=[], confidence=0.0)
-    return [m.model_dump() for m in build_messages(persona, empty, [], question)]
+    messages = build_messages(persona, Grounding(chunks=[], confidence=0.0), [], question)
+    return [m.model_dump() for m in (with_reply_instruction(messages) if structured else messages)]
 
 
 def train_adapter(
@@ -110,7 +118,11 @@ def train_adapter(
         model, LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=targets)
     )
 
-    examples = [_encode(tokenizer, persona, r, settings.max_length) for r in records]
+    examples = [
+        _encode(tokenizer, persona, r, settings.max_length, structured=structured)
+        for r in records
+        for structured in (False, True)
+    ]
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings.learning_rate)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = []
@@ -135,13 +147,16 @@ def train_adapter(
     return losses
 
 
-def _encode(tokenizer: Any, persona: str, record: AlpacaRecord, max_length: int) -> tuple[list[int], list[int]]:
+def _encode(
+    tokenizer: Any, persona: str, record: AlpacaRecord, max_length: int, *, structured: bool
+) -> tuple[list[int], list[int]]:
     prompt: Any = tokenizer.apply_chat_template(
-        chat_prompt(persona, record.question), tokenize=True, add_generation_prompt=True
+        chat_prompt(persona, record.question, structured=structured), tokenize=True, add_generation_prompt=True
     )
     prompt_ids = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    reply = reply_json(record.output, TRAINED_CONFIDENCE) if structured else record.output
     # The reply ends with the end-of-turn token, so the adapter learns to stop.
-    reply_ids = tokenizer(record.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt_ids + reply_ids)[:max_length]
     labels = ([-100] * len(prompt_ids) + reply_ids)[:max_length]
     return ids, labels

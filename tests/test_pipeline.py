@@ -289,3 +289,17 @@ async def test_the_reply_says_how_generation_ended_and_the_openai_route_reports_
         ).text
     assert completion["choices"][0]["finish_reason"] == "length"
     assert '"finish_reason": "length"' in streamed.split("data: [DONE]")[0].strip().splitlines()[-1]
+
+
+def test_training_replies_in_the_structured_mode_decode_as_the_served_ones() -> None:
+    from cs_tools.train_adapter import chat_prompt
+    from services.chat.structured_reply import REPLY_INSTRUCTION, ReplyStreamDecoder, reply_json
+
+    text = reply_json('我是"流明"的客服。', 1.0)
+    assert text == '{"response":"我是\\"流明\\"的客服。","confidence":1.0}'  # compact, as the engine writes it
+    decoder = ReplyStreamDecoder()
+    assert "".join(decoder.feed(piece) for piece in (text[:7], text[7:20], text[20:])) == '我是"流明"的客服。'
+    assert decoder.model_confidence() == 1.0
+    plain, structured = chat_prompt("P", "Q"), chat_prompt("P", "Q", structured=True)
+    assert REPLY_INSTRUCTION not in plain[0]["content"] and structured[0]["content"].endswith(REPLY_INSTRUCTION)
+    assert plain[1:] == structured[1:]

@@ -36,10 +36,10 @@ from services.chat.grounding import Grounding, build_messages, ground, sources_o
 from services.chat.intents import CHIT_CHAT, COMPLAINT, HUMAN_AGENT, OUT_OF_SCOPE, SENSITIVE, Classification
 from services.chat.structured_reply import (
     CHARS_PER_TOKEN,
-    REPLY_INSTRUCTION,
     ReplyStreamDecoder,
     combined_confidence,
     reply_schema,
+    with_reply_instruction,
 )
 from services.chat.tool_rounds import TOOL_CONFIDENCE, RoundsResult, ToolRounds
 from services.config import OrchestratorConfig, StandardReplies, TenantConfig, ToolConfig
@@ -312,7 +312,7 @@ class ChatPipeline:
         """Start the answer's generation (structured replies: under the reply schema) and await its first chunk."""
         schema, decoder = None, None
         if self._config.structured_replies:
-            messages[0] = ChatMessage(role="system", content=f"{messages[0].content}\n\n{REPLY_INSTRUCTION}")
+            messages = with_reply_instruction(messages)
             schema = reply_schema(self._config.sampling.max_tokens * CHARS_PER_TOKEN)
             decoder = ReplyStreamDecoder()
         tenant = basis["conversation"].tenant.tenant

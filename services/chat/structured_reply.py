@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 
+from services.schemas import ChatMessage
+
 
 def reply_schema(max_chars: int) -> dict[str, object]:
     """The reply object's JSON schema; ``max_chars`` bounds the response so the object can close in budget."""
@@ -32,6 +34,18 @@ REPLY_INSTRUCTION = (
     'Reply with a JSON object {"response": <your reply to the customer>, "confidence": <0 to 1, how sure you are '
     "that the knowledge entries support your reply>}."
 )
+
+
+def with_reply_instruction(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """The messages with the reply instruction appended to the system message (the first)."""
+    system = ChatMessage(role="system", content=f"{messages[0].content}\n\n{REPLY_INSTRUCTION}")
+    return [system, *messages[1:]]
+
+
+def reply_json(response: str, confidence: float) -> str:
+    """A reply object exactly as the engine writes it under the schema: compact JSON, fields in order."""
+    return json.dumps({"response": response, "confidence": confidence}, ensure_ascii=False, separators=(",", ":"))
+
 
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _START = re.compile(r'"response"\s*:\s*"')

@@ -123,7 +123,7 @@ def trained_app(
 def app_client(
     ray_cluster: dict[str, Any], trained: dict[str, Path], minilm_dir: Path, tiny_llm_dir: Path
 ) -> Iterator[httpx.Client]:
-    """The app with plain-text replies: cs-train-adapter trains on plain-text prompts and replies."""
+    """The app with plain-text replies (cs-train-adapter trains both reply modes)."""
     milvus_path = trained["store"].parent / "app-kb.db"
     load_sample_kb(milvus_path, minilm_dir)
     args = trained_app(trained["store"], milvus_path, minilm_dir, tiny_llm_dir, structured_replies=False)
@@ -177,12 +177,6 @@ def test_trained_identity_through_chat_with_plain_text_replies_then_rollback_to_
     assert (after["adapter"], after["response"]) == (None, base["response"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # the answer differs; any other failure is a real one
-    reason="cs-train-adapter trains on the plain-text prompt and reply; with structured replies (on in both "
-    "shipped configs) the served prompt has the reply instruction and the model must write the reply JSON",
-)
 def test_trained_identity_through_chat_with_structured_replies_as_shipped(shipped_app_client: httpx.Client) -> None:
     activated = shipped_app_client.put(
         "/admin/tenants/lumen/adapter", json={"adapter": "lumen-voice", "version": "v1"}, headers=ADMIN
@@ -190,6 +184,7 @@ def test_trained_identity_through_chat_with_structured_replies_as_shipped(shippe
     assert activated.status_code == 200, activated.text
     trained = ask(shipped_app_client, "你是谁？")
     assert (trained["adapter"], trained["response"]) == ("lumen-voice@v1", "我是流明家居的客服。")
+    assert trained["confidence"] == 1.0  # the model's trained confidence keeps the evidence as it is
 
 
 def test_uploaded_archive_is_validated_and_registered(app_client: httpx.Client, trained: dict[str, Path]) -> None:
