@@ -132,3 +132,31 @@ def test_only_relevant_tools_are_offered() -> None:
         "get_order_status", "create_support_ticket"
     }  # fmt: skip
     assert ToolRunner(ToolsConfig()).offered("order_status", "x") == []  # tools disabled
+
+
+class BrokenCallGenerator:
+    """Opens a native tool call whose JSON is cut off, then answers in text when asked without tools."""
+
+    def __init__(self) -> None:
+        self.tools_offered: list[bool] = []
+
+    async def stream(
+        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None, **kwargs: Any
+    ) -> AsyncIterator[GenerationChunk]:
+        self.tools_offered.append(bool(kwargs.get("tools")))
+        if kwargs.get("tools"):
+            yield GenerationChunk(text='<tool_call>\n{"name": "get_order_status", "argum')
+            yield GenerationChunk(text="", finish_reason="length", tool_calls=None)
+            return
+        yield GenerationChunk(text="Please give me your order number.", finish_reason="stop")
+
+
+async def test_a_tool_call_that_does_not_parse_never_reaches_the_shopper(storefront: tuple[str, FastAPI]) -> None:
+    config = OrchestratorConfig.model_validate(
+        orchestrator_args(tools=tools_config(storefront[0]), structured_replies=False)
+    )
+    generator = BrokenCallGenerator()
+    chat = ChatPipeline(config, Retriever(0.1), generator, tools=ToolRunner(config.tools))
+    reply = await chat.answer(config.tenants[0], ChatRequest(user_id="shopper-1", message="Where is LH-1001?"))
+    assert "<tool_call>" not in reply.response and reply.response == "Please give me your order number."
+    assert generator.tools_offered == [True, False] and reply.actions == []

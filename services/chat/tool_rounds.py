@@ -8,6 +8,7 @@ tag), so shoppers wait no longer for answers that need no tool.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from services.config import SamplingConfig, ToolConfig, ToolsConfig
 from services.errors import GenerationError
 from services.schemas import ChatMessage, GenerationChunk, ToolCall
 from services.tools import ToolRunner, forced_call_schema, function_spec
+
+logger = logging.getLogger(__name__)
 
 TOOL_CONFIDENCE = 0.9
 """Confidence of an answer backed by a successful tool call (live data from a system of record)."""
@@ -31,7 +34,7 @@ class RoundsResult:
     ``text`` is set when the model answered in text during a round (then the answer is that
     stream); ``stopped_by`` when a tool failed or the conversation was handed over (then a
     standard reply follows); neither when the answer is still to be generated from the
-    extended messages.
+    messages (extended by the calls and results so far; a call that did not parse adds nothing).
     """
 
     actions: list[dict[str, Any]] = field(default_factory=list)
@@ -85,7 +88,9 @@ class ToolRounds:
                     return result
                 text, calls = await _drain(head, stream)
             if not calls:
-                result.text = _replay(text)
+                # The model opened a call that does not parse (broken or cut-off JSON): its markup
+                # must never reach the shopper, so the answer is generated without tools.
+                logger.warning("tool round %d: the model's tool call did not parse; answering without tools", round_no)
                 return result
             messages.append(ChatMessage(role="assistant", content=text))
             for call in calls:
@@ -161,8 +166,3 @@ async def _chain(head: list[GenerationChunk], rest: AsyncIterator[GenerationChun
         yield chunk
     async for chunk in rest:
         yield chunk
-
-
-async def _replay(text: str) -> AsyncIterator[GenerationChunk]:
-    """An answer already generated in full (during tool rounds), as a stream."""
-    yield GenerationChunk(text=text, finish_reason="stop")
