@@ -62,6 +62,11 @@ class ChatReply(BaseModel):
         None,
         description="policy_question, order_status, complaint, human_agent, chit_chat, out_of_scope or sensitive.",
     )
+    outcome: str = Field(
+        "answered",
+        description="How the request was answered: answered, fallback (the knowledge base has nothing), handover, "
+        "guardrail (sensitive or out of scope) or tool_failed.",
+    )
     finish_reason: str = Field(
         "stop",
         description="How generation ended: 'stop' (complete; also for replies given without the model) or 'length' "

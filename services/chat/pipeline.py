@@ -391,6 +391,7 @@ class ChatPipeline:
             usage=record.usage,
             actions=answer.actions,
             intent=answer.intent,
+            outcome=answer.outcome,
             finish_reason=record.finish_reason,
         )
 

@@ -666,3 +666,27 @@ def test_logs_are_json_with_request_and_trace_ids_and_no_message_text(
     assert {"outcome", "duration_ms", "reply_id"} <= set(done)
     everything = "".join(path.read_text(errors="replace") for path in logs.glob("worker-*.err"))
     assert "4111-1111" not in everything and "shopper-secret-77" not in everything
+
+
+def test_cs_eval_measures_the_running_app_and_gates_on_its_thresholds(client: httpx.Client, tmp_path: Path) -> None:
+    from cs_tools.evaluate import main as cs_eval
+
+    questions = tmp_path / "questions.yaml"
+    entries = [
+        {"id": "r1", "language": "en", "question": "How many days do I have to return an item?",
+         "expect": {"docs": ["returns-7day-en", "returns-7day-zh"]}},
+        {"id": "r2", "language": "en", "turns": ["Hello there", "How do I reset my password?"],
+         "expect": {"docs": ["password-reset-en", "password-reset-zh"]}},
+        {"id": "o1", "language": "en", "question": "Who won the football world cup in 2018?", "expect": "out_of_kb"},
+        {"id": "h1", "language": "zh", "question": "我要转人工", "expect": "handover"},
+    ]  # fmt: skip
+    questions.write_text(json.dumps({"store": "lumen", "questions": entries}))  # JSON is YAML
+    report = tmp_path / "report.json"
+    argv = [str(questions), "--app-url", str(client.base_url), "--api-key", "test-key", "--report", str(report)]
+    assert cs_eval([*argv, "--min-recall-at-3", "1", "--min-fallback-recall", "1", "--min-handover-rate", "1"]) == 0
+    written = json.loads(report.read_text())
+    overall = written["overall"]
+    assert (overall["recall_at_3"], overall["fallback_recall"], overall["handover_rate"]) == (1.0, 1.0, 1.0)
+    assert overall["errors"] == 0 and overall["latency_p50_s"] > 0
+    assert {r["id"]: r["outcome"] for r in written["results"]}["o1"] == "fallback"
+    assert cs_eval([*argv, "--min-recall-at-1", "1.01"]) == 1  # a missed threshold fails the gate

@@ -1,0 +1,355 @@
+"""``cs-eval``: measure a running app's answers against a question file, and gate on the figures.
+
+A question file (YAML) names the tenant and its questions, each with what a correct reply
+shows: the knowledge documents it must rest on (``docs``), a refusal (``out_of_kb``: the
+fallback or the out-of-scope reply), a handover (``handover``), or a tool action with its
+arguments (``tool``). Multi-turn questions send their earlier turns first in one session.
+The figures, per language and overall: recall@1/@3 and MRR of the expected documents among
+the reply's sources, fallback precision and recall (a refusal of an answerable question
+counts against precision), the rate of answerable questions refused, the handover rate,
+the share of answers whose citations are all among their retrieved sources, and latency
+p50/p95. A JSON report and a chart are written; the exit status is 1 when a figure is
+below its ``--min-*`` (or above its ``--max-*``) threshold, so a deploy or an adapter
+activation can be gated on it.
+
+Usage::
+
+    cs-eval examples/eval/lumen_home.yaml --app-url http://127.0.0.1:8000 --api-key dev-lumen-key \
+        --report eval-lumen.json --min-recall-at-3 0.9 --min-fallback-recall 0.95
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+OUT_OF_KB: Literal["out_of_kb"] = "out_of_kb"
+HANDOVER: Literal["handover"] = "handover"
+REFUSING_OUTCOMES = {"fallback", "guardrail"}
+
+
+class ExpectedDocs(BaseModel):
+    """An answerable question: any of these documents holds the answer."""
+
+    model_config = ConfigDict(extra="forbid")
+    docs: list[str] = Field(min_length=1)
+
+
+class ExpectedTool(BaseModel):
+    """A question a tool must act on: an action carrying these arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+    tool: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class Question(BaseModel):
+    """One evaluated question (the last of its turns)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    language: str = Field(min_length=2, max_length=8)
+    question: str | None = None
+    turns: list[str] | None = Field(None, min_length=1)
+    user_id: str = "eval-shopper"
+    expect: ExpectedDocs | ExpectedTool | Literal["out_of_kb", "handover"]
+
+    @model_validator(mode="after")
+    def _one_way_to_ask(self) -> Question:
+        if (self.question is None) == (self.turns is None):
+            raise ValueError(f"{self.id}: give either question or turns")
+        return self
+
+    @property
+    def messages(self) -> list[str]:
+        """The messages sent, in order; the last one is evaluated."""
+        return self.turns if self.turns is not None else [self.question or ""]
+
+
+class QuestionFile(BaseModel):
+    """A tenant's evaluation set."""
+
+    model_config = ConfigDict(extra="forbid")
+    store: str
+    description: str = ""
+    questions: list[Question] = Field(min_length=1)
+
+
+class Result(BaseModel):
+    """What the app replied to one question, and how it scores."""
+
+    id: str
+    language: str
+    kind: str  # docs | out_of_kb | handover | tool
+    response: str = ""
+    outcome: str | None = None
+    sources: list[str] = Field(default_factory=list)
+    cited: list[str] | None = None
+    actions: list[dict[str, Any]] = Field(default_factory=list)
+    confidence: float = 0.0
+    seconds: float = 0.0
+    error: str | None = None
+    rank: int | None = None  # of the first expected document among the sources (1 = first)
+    refused: bool = False
+    handed_over: bool = False
+    tool_ok: bool | None = None
+
+
+def load_questions(path: Path) -> QuestionFile:
+    """Read and validate a question file.
+
+    Raises:
+        ValueError: unreadable YAML or an invalid question, named by its id or position.
+
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: not readable YAML: {err}") from err
+    try:
+        questions = QuestionFile.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{path}: {where}: {first['msg']}") from err
+    ids = [q.id for q in questions.questions]
+    if len(ids) != len(set(ids)):
+        raise ValueError(f"{path}: question ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}")
+    return questions
+
+
+def score(question: Question, reply: dict[str, Any], seconds: float) -> Result:
+    """Score one reply against what the question expects."""
+    expect = question.expect
+    kind = "docs" if isinstance(expect, ExpectedDocs) else "tool" if isinstance(expect, ExpectedTool) else expect
+    sources = [str(s["doc_id"]) for s in reply.get("sources", [])]
+    actions = list(reply.get("actions", []))
+    outcome = reply.get("outcome")
+    result = Result(
+        id=question.id,
+        language=question.language,
+        kind=kind,
+        response=str(reply.get("response", "")),
+        outcome=outcome,
+        sources=sources,
+        cited=reply.get("cited"),
+        actions=actions,
+        confidence=float(reply.get("confidence", 0.0)),
+        seconds=round(seconds, 3),
+    )
+    result.refused = outcome in REFUSING_OUTCOMES and not any(a.get("type") == "handoff" for a in actions)
+    result.handed_over = any(a.get("type") == "handoff" for a in actions)
+    if isinstance(expect, ExpectedDocs):
+        ranks = [n for n, doc in enumerate(sources, start=1) if doc in expect.docs]
+        result.rank = ranks[0] if ranks else None
+    if isinstance(expect, ExpectedTool):
+        result.tool_ok = any(
+            a.get("type") != "tool_failed" and all(a.get(k) == v for k, v in expect.arguments.items()) for a in actions
+        )
+    return result
+
+
+async def ask(client: Any, question: Question, api_key: str) -> Result:
+    """Send the question's turns in one session; score the reply to the last."""
+    headers = {"Authorization": f"Bearer {api_key}"}
+    session_id = None
+    reply: dict[str, Any] = {}
+    seconds = 0.0
+    try:
+        for message in question.messages:
+            body: dict[str, Any] = {"user_id": question.user_id, "message": message}
+            if session_id:
+                body["session_id"] = session_id
+            started = time.monotonic()
+            response = await client.post("/v1/chat", json=body, headers=headers)
+            seconds = time.monotonic() - started
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+            reply = response.json()
+            session_id = reply.get("session_id")
+    except Exception as err:  # a failed question is reported, never dropped
+        result = score(question, {}, seconds)
+        result.error = f"{type(err).__name__}: {err}"
+        return result
+    return score(question, reply, seconds)
+
+
+def _rate(hits: int, total: int) -> float | None:
+    return round(hits / total, 4) if total else None
+
+
+def figures(results: Sequence[Result]) -> dict[str, Any]:
+    """The evaluation figures of a set of results."""
+    answerable = [r for r in results if r.kind == "docs"]
+    out_of_kb = [r for r in results if r.kind == OUT_OF_KB]
+    handover = [r for r in results if r.kind == HANDOVER]
+    tools = [r for r in results if r.kind == "tool"]
+    refused = [r for r in results if r.refused]
+    answered_with_sources = [r for r in results if r.cited is not None and not r.refused and r.sources]
+    latencies = sorted(r.seconds for r in results if r.error is None)
+    return {
+        "questions": len(results),
+        "errors": sum(r.error is not None for r in results),
+        "recall_at_1": _rate(sum(r.rank == 1 for r in answerable), len(answerable)),
+        "recall_at_3": _rate(sum(r.rank is not None and r.rank <= 3 for r in answerable), len(answerable)),
+        "mrr": round(sum(1 / r.rank for r in answerable if r.rank) / len(answerable), 4) if answerable else None,
+        "fallback_recall": _rate(sum(r.refused for r in out_of_kb), len(out_of_kb)),
+        "fallback_precision": _rate(sum(r.kind == OUT_OF_KB for r in refused), len(refused)),
+        "false_refusal_rate": _rate(sum(r.refused for r in answerable), len(answerable)),
+        "handover_rate": _rate(sum(r.handed_over for r in handover), len(handover)),
+        "tool_accuracy": _rate(sum(bool(r.tool_ok) for r in tools), len(tools)),
+        "citation_rate": _rate(
+            sum(bool(r.cited) and set(r.cited or []) <= set(r.sources) for r in answered_with_sources),
+            len(answered_with_sources),
+        ),
+        "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        "latency_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 3)
+        if latencies
+        else None,
+    }
+
+
+def report(results: Sequence[Result]) -> dict[str, Any]:
+    """Figures overall and per language."""
+    languages = sorted({r.language for r in results})
+    return {
+        "overall": figures(results),
+        "by_language": {lang: figures([r for r in results if r.language == lang]) for lang in languages},
+    }
+
+
+#: Threshold flags: (flag, figure, whether the figure must be at least or at most the value).
+THRESHOLDS = [
+    ("min_recall_at_3", "recall_at_3", "min"),
+    ("min_recall_at_1", "recall_at_1", "min"),
+    ("min_fallback_recall", "fallback_recall", "min"),
+    ("min_fallback_precision", "fallback_precision", "min"),
+    ("max_false_refusal_rate", "false_refusal_rate", "max"),
+    ("min_handover_rate", "handover_rate", "min"),
+    ("min_citation_rate", "citation_rate", "min"),
+]
+
+
+def failed_thresholds(summary: dict[str, Any], limits: dict[str, float | None]) -> list[str]:
+    """The thresholds a summary misses, overall and in every language (a figure that is absent passes)."""
+    misses = []
+    scopes = {"overall": summary["overall"], **summary["by_language"]}
+    for flag, figure, bound in THRESHOLDS:
+        limit = limits.get(flag)
+        if limit is None:
+            continue
+        for scope, values in scopes.items():
+            value = values.get(figure)
+            if value is not None and (value < limit if bound == "min" else value > limit):
+                misses.append(f"{scope} {figure} {value} {'<' if bound == 'min' else '>'} {limit}")
+    return misses
+
+
+def write_chart(summary: dict[str, Any], path: Path) -> bool:
+    """A bar chart of the rates per language (needs matplotlib); returns whether it was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = ["recall_at_1", "recall_at_3", "mrr", "fallback_recall", "fallback_precision", "handover_rate"]
+    scopes = {"overall": summary["overall"], **summary["by_language"]}
+    figure, axes = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(scopes)
+    for n, (scope, values) in enumerate(scopes.items()):
+        axes.bar([i + n * width for i in range(len(names))], [values.get(k) or 0 for k in names], width, label=scope)
+    axes.set_xticks([i + width * (len(scopes) - 1) / 2 for i in range(len(names))], names, rotation=15)
+    axes.set_ylim(0, 1.05)
+    axes.legend()
+    axes.set_title("cs-eval")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True
+
+
+async def run(questions: QuestionFile, app_url: str, api_key: str, concurrency: int, timeout_s: float) -> list[Result]:
+    """Ask every question (``concurrency`` at a time) with a progress bar."""
+    import httpx
+    from tqdm import tqdm
+
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=app_url.rstrip("/"), timeout=timeout_s) as client:
+        with tqdm(total=len(questions.questions), desc=f"cs-eval {questions.store}", unit="q", file=sys.stderr) as bar:
+
+            async def one(question: Question) -> Result:
+                async with limit:
+                    result = await ask(client, question, api_key)
+                bar.update()
+                return result
+
+            return list(await asyncio.gather(*(one(q) for q in questions.questions)))
+
+
+def _table(summary: dict[str, Any]) -> str:
+    scopes = {"overall": summary["overall"], **summary["by_language"]}
+    keys = list(summary["overall"])
+    lines = [f"{'':<22}" + "".join(f"{s:>10}" for s in scopes)]
+    for key in keys:
+        cells = "".join(f"{'-' if scopes[s][key] is None else scopes[s][key]!s:>10}" for s in scopes)
+        lines.append(f"{key:<22}{cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; exit 0 when every threshold holds, 1 when one is missed, 2 on bad input."""
+    parser = argparse.ArgumentParser(prog="cs-eval", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("questions", type=Path, help="Question file (YAML).")
+    parser.add_argument("--app-url", required=True, help="Base URL of the running app, e.g. http://127.0.0.1:8000.")
+    parser.add_argument("--api-key", required=True, help="The tenant's API key.")
+    parser.add_argument("--report", type=Path, help="Write the JSON report here (with every reply).")
+    parser.add_argument("--chart", type=Path, help="Write a PNG chart here (needs matplotlib).")
+    parser.add_argument("--concurrency", type=int, default=1, help="Questions in flight at once (default 1).")
+    parser.add_argument("--timeout", type=float, default=120.0, help="Seconds per request.")
+    parser.add_argument("--only", help="Evaluate only the questions whose id starts with this prefix.")
+    for flag, figure, bound in THRESHOLDS:
+        side = "below" if bound == "min" else "above"
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=float, help=f"Fail when {figure} is {side} this.")
+    args = parser.parse_args(argv)
+    try:
+        questions = load_questions(args.questions)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.only:
+        questions.questions = [q for q in questions.questions if q.id.startswith(args.only)]
+    results = asyncio.run(run(questions, args.app_url, args.api_key, max(1, args.concurrency), args.timeout))
+    summary = report(results)
+    print(_table(summary))
+    for result in results:
+        if result.error:
+            print(f"error {result.id}: {result.error}", file=sys.stderr)
+    if args.report:
+        document = {"store": questions.store, "file": str(args.questions), **summary}
+        document["results"] = [r.model_dump() for r in results]
+        args.report.write_text(json.dumps(document, ensure_ascii=False, indent=2), encoding="utf-8")
+    if args.chart and not write_chart(summary, args.chart):
+        print("no chart: matplotlib is not installed (pip install 'cs-platform[bench]')", file=sys.stderr)
+    misses = failed_thresholds(summary, {flag: getattr(args, flag) for flag, _, _ in THRESHOLDS})
+    if summary["overall"]["errors"]:
+        misses.append(f"{summary['overall']['errors']} questions failed")
+    for miss in misses:
+        print(f"below threshold: {miss}", file=sys.stderr)
+    return 1 if misses else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
