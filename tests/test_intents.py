@@ -127,3 +127,17 @@ def test_rules_win_over_examples_and_bad_rules_are_refused() -> None:
         IntentConfig(rules={"sensitive": ["(unclosed"]})
     with pytest.raises(ValidationError, match="unknown intents"):
         IntentConfig(examples={"weather": ["rain?"]})
+
+
+def test_asking_again_shouting_and_complaints_are_signals_in_both_languages() -> None:
+    config = IntentConfig()
+    third = frustration_signals("I want a refund, this is the third time I ask!!! ???", [], config)
+    assert third == ["repeated question or exclamation marks", "says they asked before"]
+    assert "says they asked before" in frustration_signals("这是我第三次问退款了", [], config)
+    assert "says they asked before" in frustration_signals("客服一直没回复", [], config)
+    assert frustration_signals("WHERE IS MY PARCEL, I PAID TWO WEEKS AGO", [], config) == ["shouting in capitals"]
+    assert frustration_signals("Is VAT included for LH-1001?", [], config) == []  # one acronym is no shouting
+    assert frustration_signals("第二个问题：运费多少？", [], config) == []
+    classifier = IntentClassifier(config)
+    complaint = classifier.classify("我要投诉你们的物流", [0.0], [], [])
+    assert (complaint.intent, complaint.by_rule) == ("complaint", True) and complaint.frustration

@@ -2,8 +2,9 @@
 
 Intents come from rules first (keyword patterns, exact in any language) and then from the
 embedding model: the message's similarity to configured example messages in Chinese and
-English. Frustration comes from signals: runs of "???" or "!!!", angry words, and the same
-question asked again after it was answered. Pure logic; the orchestrator decides what to
+English. Frustration comes from signals: runs of "???" or "!!!", angry words, shouting in
+capitals, saying it is the third time (or 第三次), and the same question asked again after
+it was answered. Pure logic; the orchestrator decides what to
 do with the result (hand over, answer with a standard reply, or answer from knowledge).
 """
 
@@ -27,6 +28,7 @@ SENSITIVE = "sensitive"
 INTENTS = (POLICY_QUESTION, ORDER_STATUS, COMPLAINT, HUMAN_AGENT, CHIT_CHAT, OUT_OF_SCOPE, SENSITIVE)
 
 _REPEATED_MARKS = re.compile(r"[?？]{3,}|[!！]{3,}|[?？!！]{4,}")
+_SHOUTED_WORD = re.compile(r"\b[A-Z]{4,}\b")
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,14 @@ def frustration_signals(message: str, history: list[Turn], config: IntentConfig)
     signals = []
     if _REPEATED_MARKS.search(message):
         signals.append("repeated question or exclamation marks")
+    if len(_SHOUTED_WORD.findall(message)) >= config.shouting_words:
+        signals.append("shouting in capitals")
     folded = _fold(message)
     angry = [w for w in config.angry_words if _fold(w) in folded]
     if angry:
         signals.append(f"angry words: {', '.join(angry[:3])}")
+    if any(re.search(p, message, re.IGNORECASE) for p in config.repeat_phrases):
+        signals.append("says they asked before")
     for turn in history:
         if difflib.SequenceMatcher(None, _fold(turn.user), folded).ratio() >= config.repeat_similarity:
             signals.append("asked the same question again after an answer")

@@ -23,6 +23,13 @@ class IntentConfig(StrictModel):
     angry_words: list[str] = Field(
         default_factory=lambda: defaults("intents")["angry_words"], description="Anger signals."
     )
+    repeat_phrases: list[str] = Field(
+        default_factory=lambda: defaults("intents")["repeat_phrases"],
+        description='Regular expressions of a shopper saying they asked before ("third time", 第三次): a signal.',
+    )
+    shouting_words: int = Field(
+        2, ge=1, description="Words of four or more capital letters in one message that count as shouting (a signal)."
+    )
     repeat_similarity: float = Field(
         0.9, gt=0, le=1, description="A message this similar (characters) to an earlier one is a repeated question."
     )
@@ -38,6 +45,7 @@ class IntentConfig(StrictModel):
             raise ValueError(f"unknown intents {sorted(unknown)}; use {sorted(known)}")
         for intent, patterns in self.rules.items():
             check_patterns(patterns, f"rules.{intent}")
+        check_patterns(self.repeat_phrases, "repeat_phrases")
         return self
 
 
