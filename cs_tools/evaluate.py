@@ -35,6 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 OUT_OF_KB: Literal["out_of_kb"] = "out_of_kb"
 HANDOVER: Literal["handover"] = "handover"
 REFUSING_OUTCOMES = {"fallback", "guardrail"}
+#: The built-in tools' action types (other tools' actions are ``tool_call`` and name the tool).
+TOOL_OF_ACTION = {"order_status": "get_order_status", "ticket_created": "create_support_ticket"}
+TOOL_OF_ACTION["handoff"] = "transfer_to_human"
 
 
 class ExpectedDocs(BaseModel):
@@ -154,10 +157,15 @@ def score(question: Question, reply: dict[str, Any], seconds: float) -> Result:
         ranks = [n for n, doc in enumerate(sources, start=1) if doc in expect.docs]
         result.rank = ranks[0] if ranks else None
     if isinstance(expect, ExpectedTool):
-        result.tool_ok = any(
-            a.get("type") != "tool_failed" and all(a.get(k) == v for k, v in expect.arguments.items()) for a in actions
-        )
+        result.tool_ok = any(_acted(expect, action) for action in actions)
     return result
+
+
+def _acted(expect: ExpectedTool, action: dict[str, Any]) -> bool:
+    """Whether an action is the expected tool's, with the expected arguments (in it or in its ``arguments``)."""
+    tool = action.get("tool") if action.get("type") == "tool_call" else TOOL_OF_ACTION.get(str(action.get("type")))
+    arguments = action.get("arguments") or {}
+    return tool == expect.tool and all(action.get(k, arguments.get(k)) == v for k, v in expect.arguments.items())
 
 
 async def ask(client: Any, question: Question, api_key: str) -> Result:

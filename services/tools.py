@@ -162,7 +162,7 @@ class ToolRunner:
             return {"type": "ticket_created", "ticket_id": body.get("ticket_id")}
         if tool.name == "get_order_status":
             return {"type": "order_status", "order_id": arguments.get("order_id"), "status": body.get("status")}
-        return {"type": "tool_call", "tool": tool.name}
+        return {"type": "tool_call", "tool": tool.name, "arguments": arguments}
 
     @staticmethod
     def _failed(name: str, message: str) -> dict[str, Any]:

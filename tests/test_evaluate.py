@@ -51,7 +51,14 @@ def test_a_tool_question_passes_only_with_an_action_carrying_its_arguments() -> 
     ok = score(q("t", "en", expect), reply([], actions=[{"type": "order_status", "order_id": "LH-1001"}]), 1)
     wrong = score(q("u", "en", expect), reply([], actions=[{"type": "order_status", "order_id": "LH-1002"}]), 1)
     failed = score(q("v", "en", expect), reply([], actions=[{"type": "tool_failed", "order_id": "LH-1001"}]), 1)
-    assert (ok.tool_ok, wrong.tool_ok, failed.tool_ok) == (True, False, False)
+    coupon = {"type": "tool_call", "tool": "check_coupon_rules", "arguments": {"code": "WELCOME50"}}
+    other_tool = score(q("w", "en", {"tool": "check_coupon_rules", "arguments": {"order_id": "LH-1001"}}),
+                       reply([], actions=[{"type": "order_status", "order_id": "LH-1001"}]), 1)  # fmt: skip
+    generic = score(q("x", "en", {"tool": "check_coupon_rules", "arguments": {"code": "WELCOME50"}}),
+                    reply([], actions=[coupon]), 1)  # fmt: skip
+    assert (ok.tool_ok, wrong.tool_ok, failed.tool_ok, other_tool.tool_ok, generic.tool_ok) == (
+        True, False, False, False, True
+    )  # fmt: skip
     assert report([ok, wrong, failed])["overall"]["tool_accuracy"] == round(1 / 3, 4)
 
 
@@ -79,10 +86,7 @@ def test_question_files_are_validated_with_the_place_named(tmp_path: Path) -> No
 def test_the_shipped_evaluation_sets_name_only_documents_their_store_has(name: str) -> None:
     import json
 
-    path = REPO_ROOT / "examples" / "eval" / name
-    if not path.exists():
-        pytest.skip(f"{name} is not written yet")
-    questions = load_questions(path)
+    questions = load_questions(REPO_ROOT / "examples" / "eval" / name)
     store_file = {"lumen_home.yaml": "lumen_home.json", "voltmart_electronics.yaml": "voltmart_electronics.json"}
     documents = json.loads((REPO_ROOT / "knowledge_sync" / "samples" / store_file[name]).read_text())["documents"]
     ids = {d["doc_id"] for d in documents}
