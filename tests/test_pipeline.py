@@ -28,9 +28,12 @@ class Retriever:
 
 
 class Generator:
-    def __init__(self) -> None:
+    """Writes what a model under the reply schema writes; ``cites`` are the entry numbers it names when asked."""
+
+    def __init__(self, cites: list[int] | None = None) -> None:
         self.calls: list[list[ChatMessage]] = []
         self.kwargs: list[dict[str, Any]] = []
+        self.cites = [1] if cites is None else cites
 
     async def stream(
         self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None, **kwargs: Any
@@ -38,8 +41,11 @@ class Generator:
         self.calls.append(messages)
         self.kwargs.append(kwargs)
         pieces = ["Within ", "7 days."]
-        if kwargs.get("json_schema"):  # what a model under the reply schema writes, in odd pieces
+        schema = kwargs.get("json_schema")
+        if schema:  # what a model under the reply schema writes, in odd pieces
             pieces = ['{"respon', 'se": "Within ', "7 days \\u2014 ", 'see \\"Returns\\"', '.", "confidence": 0.5}']
+            if "cited" in schema["properties"]:  # the citations come first
+                pieces[0] = f'{{"cited": {self.cites}, "respon'
         for piece in pieces:
             yield GenerationChunk(text=piece)
         yield GenerationChunk(text="", finish_reason="stop")
@@ -237,8 +243,10 @@ async def test_structured_replies_stream_the_response_and_combine_confidences() 
     reply = items[-1]
     assert isinstance(reply, ChatReply) and reply.response == text
     assert reply.confidence == 0.6  # evidence 0.8, lowered by the model's 0.5: 0.8 * (0.5 + 0.25)
-    assert generator.kwargs[0]["json_schema"]["required"] == ["response", "confidence"]
+    assert generator.kwargs[0]["json_schema"]["required"] == ["cited", "response", "confidence"]
+    assert generator.kwargs[0]["json_schema"]["properties"]["cited"]["items"]["maximum"] == 1  # one entry shown
     assert "confidence" in generator.calls[0][0].content  # the system prompt asks for the JSON object
+    assert reply.cited == ["returns"] and reply.outcome == "answered"
 
 
 def test_reply_decoder_handles_escapes_split_across_pieces() -> None:
@@ -303,3 +311,29 @@ def test_training_replies_in_the_structured_mode_decode_as_the_served_ones() -> 
     plain, structured = chat_prompt("P", "Q"), chat_prompt("P", "Q", structured=True)
     assert REPLY_INSTRUCTION not in plain[0]["content"] and structured[0]["content"].endswith(REPLY_INSTRUCTION)
     assert plain[1:] == structured[1:]
+
+
+async def test_an_answer_that_cites_no_shown_entry_becomes_the_fallback_before_any_text() -> None:
+    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True))
+    for cites in ([], [2]):  # nothing cited; an entry it was not shown (schema-invalid, as a broken engine might)
+        chat = ChatPipeline(config, Retriever(0.8), Generator(cites=cites))
+        items = [item async for item in await chat.prepare(config.tenants[0], ChatRequest(user_id="u", message="?"))]
+        reply = items[-1]
+        assert items[:-1] == ["Sorry, I can't find that in our policies."]  # not one piece of the refused text
+        assert isinstance(reply, ChatReply)
+        assert (reply.outcome, reply.confidence, reply.response) == ("fallback", 0.0, items[0])
+
+
+async def test_a_reply_object_without_a_response_is_the_fallback_and_counts_as_one() -> None:
+    from tests.conftest import RecordingMetrics
+
+    class Empty(Generator):
+        async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+            yield GenerationChunk(text='{"cited": [1], "response": "", "confidence": 0.9}', finish_reason="stop")
+
+    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True))
+    metrics = RecordingMetrics()
+    chat = ChatPipeline(config, Retriever(0.8), Empty(), metrics=metrics)
+    reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))
+    assert (reply.outcome, reply.response) == ("fallback", "Sorry, I can't find that in our policies.")
+    assert metrics.tags("cs_requests") == [{"tenant": "lumen", "outcome": "fallback"}]

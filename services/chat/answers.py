@@ -71,7 +71,9 @@ class GeneratedAnswer(Answer):
 
     first_chunk: GenerationChunk
     rest: AsyncIterator[GenerationChunk]
+    fallback_text: str  # given instead when the reply object yields nothing that rests on the knowledge
     decoder: ReplyStreamDecoder | None = None  # structured replies: pulls the response out of the JSON
+    cite: bool = False  # the reply must cite the knowledge entries it rests on (entries were shown)
     cache_slot: str | None = None  # where to cache this answer once complete
     outcome: Outcome = "answered"
 

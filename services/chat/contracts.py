@@ -54,6 +54,11 @@ class ChatReply(BaseModel):
     confidence: float = Field(ge=0, le=1, description="0 when the knowledge base held nothing relevant.")
     sources: list[Source]
     actions: list[dict[str, Any]] = Field(default_factory=list, description="Actions taken (tickets, handover).")
+    cited: list[str] | None = Field(
+        None,
+        description="doc_ids of the sources the answer rests on, as the model cited them; null where no citation "
+        "applies (no knowledge entries were shown, or replies are plain text).",
+    )
     session_id: str
     adapter: str | None = Field(None, description="LoRA adapter that voiced the answer; null for the base model.")
     usage: Usage | None = Field(None, description="Engine tokens; null when no model was called (fallback).")

@@ -31,13 +31,13 @@ from services.chat.answers import (
     fallback,
 )
 from services.chat.clients import AdapterResolver, AnswerGenerator, KnowledgeSearch
-from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest, Source, Usage
-from services.chat.grounding import Grounding, build_messages, ground, sources_of
+from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest
+from services.chat.delivery import ReplyDelivery, ReplyStream
+from services.chat.grounding import Grounding, build_messages, ground
 from services.chat.intents import CHIT_CHAT, COMPLAINT, HUMAN_AGENT, OUT_OF_SCOPE, SENSITIVE, Classification
 from services.chat.structured_reply import (
     CHARS_PER_TOKEN,
     ReplyStreamDecoder,
-    combined_confidence,
     reply_schema,
     with_reply_instruction,
 )
@@ -51,37 +51,6 @@ from services.sessions import InProcessSessionMemory, SessionMemory, Turn, withi
 from services.tools import ToolRunner
 
 logger = logging.getLogger(__name__)
-
-
-class ReplyStream:
-    """One request's answer as it is delivered: text pieces, then the final :class:`ChatReply`.
-
-    It owns the request's :class:`RequestRecord` and closes it exactly once: just before the
-    reply is yielded, or when the stream fails or is abandoned (the client left).
-    """
-
-    def __init__(self, pipeline: ChatPipeline, answer: Answer, record: RequestRecord) -> None:
-        self._pipeline = pipeline
-        self._answer = answer
-        self._record = record
-
-    async def __aiter__(self) -> AsyncIterator[str | ChatReply]:
-        """Yield the text pieces, then the reply."""
-        try:
-            async for item in self._pipeline.deliver(self._answer, self._record):
-                if isinstance(item, ChatReply):
-                    self._record.close(self._answer.outcome, self._answer, item)
-                yield item
-        except BaseException as err:
-            self._record.close("error" if isinstance(err, Exception) else "cancelled", self._answer)
-            raise
-
-    async def reply(self) -> ChatReply:
-        """The whole reply at once."""
-        async for item in self:
-            if isinstance(item, ChatReply):
-                return item
-        raise GenerationError("the answer stream ended without a reply")
 
 
 class ChatPipeline:
@@ -110,6 +79,7 @@ class ChatPipeline:
         self._knowledge_version = knowledge_version
         self._metrics = metrics or Metrics()
         self._tool_rounds = ToolRounds(config.tools, config.sampling, generator, tools) if tools else None
+        self._delivery = ReplyDelivery(self._sessions, cache)
 
     async def prepare(
         self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None
@@ -136,7 +106,7 @@ class ChatPipeline:
         except BaseException as err:
             record.close("error" if isinstance(err, Exception) else "cancelled")
             raise
-        return ReplyStream(self, answer, record)
+        return ReplyStream(self._delivery, answer, record)
 
     async def answer(self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None) -> ChatReply:
         """The whole reply at once."""
@@ -177,8 +147,9 @@ class ChatPipeline:
         if rounds.text is not None:
             first = await _first_chunk(rounds.text)
             return GeneratedAnswer(
-                first_chunk=first, rest=rounds.text, confidence=confidence, actions=rounds.actions, **basis
-            )
+                first_chunk=first, rest=rounds.text, confidence=confidence, actions=rounds.actions,
+                fallback_text=self._fallback_text(tenant), **basis,
+            )  # fmt: skip
         return await self._generate(messages, basis, confidence, actions=rounds.actions)
 
     async def _conversation(
@@ -309,11 +280,17 @@ class ChatPipeline:
         cache_slot: str | None = None,
         actions: list[dict[str, Any]] | None = None,
     ) -> GeneratedAnswer:
-        """Start the answer's generation (structured replies: under the reply schema) and await its first chunk."""
+        """Start the answer's generation (structured replies: under the reply schema) and await its first chunk.
+
+        Under structured replies an answer from knowledge entries must cite them; one that
+        rests on a tool's data (``actions``) or on no entries (questions about the assistant)
+        need not.
+        """
         schema, decoder = None, None
+        entries = len(basis["grounding"].chunks) if not actions else 0
         if self._config.structured_replies:
-            messages = with_reply_instruction(messages)
-            schema = reply_schema(self._config.sampling.max_tokens * CHARS_PER_TOKEN)
+            messages = with_reply_instruction(messages, cite=bool(entries))
+            schema = reply_schema(self._config.sampling.max_tokens * CHARS_PER_TOKEN, entries)
             decoder = ReplyStreamDecoder()
         tenant = basis["conversation"].tenant.tenant
         chunks = aiter(
@@ -327,6 +304,8 @@ class ChatPipeline:
             first_chunk=first,
             rest=chunks,
             decoder=decoder,
+            cite=decoder is not None and bool(entries),
+            fallback_text=self._fallback_text(basis["conversation"].tenant),
             cache_slot=cache_slot,
         )
 
@@ -335,70 +314,6 @@ class ChatPipeline:
 
     def _fallback_text(self, tenant: TenantConfig) -> str:
         return tenant.fallback_message or self._config.fallback_message
-
-    # --- delivering the answer ------------------------------------------------------------------
-
-    async def deliver(self, answer: Answer, record: RequestRecord) -> AsyncIterator[str | ChatReply]:
-        """Text pieces of the answer, then its reply; the turn is saved before the reply is given."""
-        if isinstance(answer, CachedAnswer):
-            reply = answer.reply.model_copy(update={"reply_id": uuid.uuid4().hex})
-            yield reply.response
-            await self._remember(answer.conversation, reply.response, reply.reply_id)
-            yield reply
-        elif isinstance(answer, FixedAnswer):
-            yield answer.text
-            yield await self._finish(answer, record, answer.text, answer.confidence)
-        elif isinstance(answer, GeneratedAnswer):
-            async for item in self._deliver_generated(answer, record):
-                yield item
-        else:
-            raise TypeError(f"unknown answer kind {type(answer).__name__}")
-
-    async def _deliver_generated(
-        self, answer: GeneratedAnswer, record: RequestRecord
-    ) -> AsyncIterator[str | ChatReply]:
-        parts: list[str] = []
-        chunk: GenerationChunk | None = answer.first_chunk
-        decoder = answer.decoder
-        while chunk is not None:
-            text = decoder.feed(chunk.text) if decoder else chunk.text
-            if text:
-                parts.append(text)
-                yield text
-            if chunk.finish_reason is not None:
-                record.finish_reason = chunk.finish_reason
-                if chunk.prompt_tokens is not None and chunk.completion_tokens is not None:
-                    record.usage = Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
-            chunk = await anext(answer.rest, None)
-        confidence = answer.confidence
-        if decoder is not None:
-            confidence = combined_confidence(confidence, decoder.model_confidence())
-        reply = await self._finish(answer, record, "".join(parts).strip(), confidence)
-        if answer.cache_slot and self._cache is not None:
-            await self._cache.put(answer.cache_slot, reply)
-        yield reply
-
-    async def _finish(self, answer: Answer, record: RequestRecord, text: str, confidence: float) -> ChatReply:
-        reply_id = uuid.uuid4().hex
-        await self._remember(answer.conversation, text, reply_id)
-        return ChatReply(
-            reply_id=reply_id,
-            response=text,
-            confidence=confidence,
-            sources=[Source.model_validate(s) for s in sources_of(answer.grounding)],
-            session_id=answer.conversation.session_id,
-            adapter=answer.adapter,
-            usage=record.usage,
-            actions=answer.actions,
-            intent=answer.intent,
-            outcome=answer.outcome,
-            finish_reason=record.finish_reason,
-        )
-
-    async def _remember(self, conversation: Conversation, text: str, reply_id: str) -> None:
-        if conversation.remember:
-            turn = Turn(user=conversation.question, assistant=text, reply_id=reply_id)
-            await self._sessions.append(conversation.tenant.tenant, conversation.session_id, turn)
 
     # --- feedback -------------------------------------------------------------------------------
 

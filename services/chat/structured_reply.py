@@ -14,17 +14,20 @@ import re
 from services.schemas import ChatMessage
 
 
-def reply_schema(max_chars: int) -> dict[str, object]:
-    """The reply object's JSON schema; ``max_chars`` bounds the response so the object can close in budget."""
-    return {
-        "type": "object",
-        "properties": {
-            "response": {"type": "string", "maxLength": max_chars},
-            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        },
-        "required": ["response", "confidence"],
-        "additionalProperties": False,
-    }
+def reply_schema(max_chars: int, entries: int = 0) -> dict[str, object]:
+    """The reply object's JSON schema; ``max_chars`` bounds the response so the object can close in budget.
+
+    With ``entries`` knowledge entries shown, the object starts with ``cited``: the numbers
+    of the entries the reply rests on, only numbers that were shown (so a citation can never
+    name an entry the model did not see). It comes first so the pipeline knows, before any
+    text is streamed, whether the reply rests on the knowledge at all.
+    """
+    properties: dict[str, object] = {}
+    if entries:
+        properties["cited"] = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": entries}}
+    properties["response"] = {"type": "string", "maxLength": max_chars}
+    properties["confidence"] = {"type": "number", "minimum": 0, "maximum": 1}
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
 CHARS_PER_TOKEN = 3
@@ -34,11 +37,17 @@ REPLY_INSTRUCTION = (
     'Reply with a JSON object {"response": <your reply to the customer>, "confidence": <0 to 1, how sure you are '
     "that the knowledge entries support your reply>}."
 )
+CITING_REPLY_INSTRUCTION = (
+    'Reply with a JSON object {"cited": [<the numbers of the knowledge entries that answer the question; [] if none '
+    'does>], "response": <your reply to the customer, in complete sentences in their language, using only those '
+    'entries>, "confidence": <0 to 1, how sure you are that the cited entries support your reply>}.'
+)
 
 
-def with_reply_instruction(messages: list[ChatMessage]) -> list[ChatMessage]:
-    """The messages with the reply instruction appended to the system message (the first)."""
-    system = ChatMessage(role="system", content=f"{messages[0].content}\n\n{REPLY_INSTRUCTION}")
+def with_reply_instruction(messages: list[ChatMessage], *, cite: bool = False) -> list[ChatMessage]:
+    """The messages with the reply instruction (the citing one, when entries must be cited) after the system message."""
+    instruction = CITING_REPLY_INSTRUCTION if cite else REPLY_INSTRUCTION
+    system = ChatMessage(role="system", content=f"{messages[0].content}\n\n{instruction}")
     return [system, *messages[1:]]
 
 
@@ -49,6 +58,7 @@ def reply_json(response: str, confidence: float) -> str:
 
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _START = re.compile(r'"response"\s*:\s*"')
+_CITED = re.compile(r'"cited"\s*:\s*\[([^\]]*)\]')
 
 
 def combined_confidence(evidence: float, model: float | None) -> float:
@@ -110,6 +120,13 @@ class ReplyStreamDecoder:
                 i += 2
         self._pos = i
         return "".join(out)
+
+    def cited(self) -> list[int] | None:
+        """The entry numbers the reply cites, once their list is complete (None before, or without one)."""
+        match = _CITED.search(self._raw)
+        if match is None:
+            return None
+        return [int(n) for n in re.findall(r"-?\d+", match.group(1))]
 
     def model_confidence(self) -> float | None:
         """The model's confidence, once the whole object has been fed (None if unreadable)."""

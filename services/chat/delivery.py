@@ -1,0 +1,164 @@
+"""Delivering a decided answer: text pieces, then the final reply; the turn is saved before the reply.
+
+A generated answer under structured replies names the knowledge entries it rests on
+(``cited``, before its response). An answer that had entries to rest on and cites none,
+or whose reply object never yields a response, is not given: the shopper gets the
+fallback sentence instead, and the request counts as a fallback. Nothing of the refused
+text is streamed, because the citations come first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from services.chat.accounting import RequestRecord
+from services.chat.answer_cache import AnswerCache
+from services.chat.answers import Answer, CachedAnswer, FixedAnswer, GeneratedAnswer, fallback
+from services.chat.contracts import ChatReply, Source, Usage
+from services.chat.grounding import Grounding, sources_of
+from services.chat.structured_reply import combined_confidence
+from services.errors import GenerationError
+from services.schemas import GenerationChunk
+from services.sessions import SessionMemory, Turn
+
+
+class ReplyStream:
+    """One request's answer as it is delivered: text pieces, then the final :class:`ChatReply`.
+
+    It owns the request's :class:`RequestRecord` and closes it exactly once: just before the
+    reply is yielded (with the reply's outcome), or when the stream fails or is abandoned.
+    """
+
+    def __init__(self, delivery: ReplyDelivery, answer: Answer, record: RequestRecord) -> None:
+        self._delivery = delivery
+        self._answer = answer
+        self._record = record
+
+    async def __aiter__(self) -> AsyncIterator[str | ChatReply]:
+        """Yield the text pieces, then the reply."""
+        try:
+            async for item in self._delivery.deliver(self._answer, self._record):
+                if isinstance(item, ChatReply):
+                    self._record.close(item.outcome, self._answer, item)
+                yield item
+        except BaseException as err:
+            self._record.close("error" if isinstance(err, Exception) else "cancelled", self._answer)
+            raise
+
+    async def reply(self) -> ChatReply:
+        """The whole reply at once."""
+        async for item in self:
+            if isinstance(item, ChatReply):
+                return item
+        raise GenerationError("the answer stream ended without a reply")
+
+
+class ReplyDelivery:
+    """Turns answers into replies, remembers the turns, and caches answers to first questions."""
+
+    def __init__(self, sessions: SessionMemory, cache: AnswerCache | None) -> None:
+        self._sessions = sessions
+        self._cache = cache
+
+    async def deliver(self, answer: Answer, record: RequestRecord) -> AsyncIterator[str | ChatReply]:
+        """Text pieces of the answer, then its reply."""
+        if isinstance(answer, CachedAnswer):
+            reply = answer.reply.model_copy(update={"reply_id": uuid.uuid4().hex})
+            yield reply.response
+            await self._remember(answer, reply.response, reply.reply_id)
+            yield reply
+        elif isinstance(answer, FixedAnswer):
+            yield answer.text
+            yield await self._finish(answer, record, answer.text, answer.confidence)
+        elif isinstance(answer, GeneratedAnswer):
+            async for item in self._deliver_generated(answer, record):
+                yield item
+        else:
+            raise TypeError(f"unknown answer kind {type(answer).__name__}")
+
+    async def _deliver_generated(
+        self, answer: GeneratedAnswer, record: RequestRecord
+    ) -> AsyncIterator[str | ChatReply]:
+        parts: list[str] = []
+        decoder = answer.decoder
+        refused = False
+        async for chunk in _chunks(answer):
+            text = decoder.feed(chunk.text) if decoder else chunk.text
+            if answer.cite and not refused and decoder is not None:
+                cited = decoder.cited()
+                refused = cited is not None and not _rests_on(cited, answer.grounding)
+            if text and not refused:
+                parts.append(text)
+                yield text
+            _account(record, chunk)
+        response = "".join(parts).strip()
+        if answer.cite and decoder is not None and decoder.cited() is None:
+            refused = True  # the object never named its entries: nothing shows what it rests on
+        if decoder is not None and (refused or not response):  # nothing to give that rests on the knowledge
+            text = answer.fallback_text
+            yield text
+            yield await self._finish(fallback(answer.conversation, text, answer.intent), record, text, 0.0)
+            return
+        cited = decoder.cited() if decoder else None
+        confidence = _evidence(answer, cited)
+        if decoder is not None:
+            confidence = combined_confidence(confidence, decoder.model_confidence())
+        reply = await self._finish(answer, record, response, confidence, cited=cited)
+        if answer.cache_slot and self._cache is not None:
+            await self._cache.put(answer.cache_slot, reply)
+        yield reply
+
+    async def _finish(
+        self, answer: Answer, record: RequestRecord, text: str, confidence: float, *, cited: list[int] | None = None
+    ) -> ChatReply:
+        reply_id = uuid.uuid4().hex
+        await self._remember(answer, text, reply_id)
+        chunks = answer.grounding.chunks
+        return ChatReply(
+            reply_id=reply_id,
+            response=text,
+            confidence=confidence,
+            sources=[Source.model_validate(s) for s in sources_of(answer.grounding)],
+            cited=list(dict.fromkeys(chunks[n - 1].chunk.doc_id for n in cited)) if cited is not None else None,
+            session_id=answer.conversation.session_id,
+            adapter=answer.adapter,
+            usage=record.usage,
+            actions=answer.actions,
+            intent=answer.intent,
+            outcome=answer.outcome,
+            finish_reason=record.finish_reason,
+        )
+
+    async def _remember(self, answer: Answer, text: str, reply_id: str) -> None:
+        conversation = answer.conversation
+        if conversation.remember:
+            turn = Turn(user=conversation.question, assistant=text, reply_id=reply_id)
+            await self._sessions.append(conversation.tenant.tenant, conversation.session_id, turn)
+
+
+async def _chunks(answer: GeneratedAnswer) -> AsyncIterator[GenerationChunk]:
+    yield answer.first_chunk
+    async for chunk in answer.rest:
+        yield chunk
+
+
+def _account(record: RequestRecord, chunk: GenerationChunk) -> None:
+    """Note how generation ended and what it cost, from the last chunk."""
+    if chunk.finish_reason is None:
+        return
+    record.finish_reason = chunk.finish_reason
+    if chunk.prompt_tokens is not None and chunk.completion_tokens is not None:
+        record.usage = Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
+
+
+def _rests_on(cited: list[int], grounding: Grounding) -> bool:
+    """Whether the citations name at least one entry the model was shown, and only such entries."""
+    return bool(cited) and all(1 <= n <= len(grounding.chunks) for n in cited)
+
+
+def _evidence(answer: GeneratedAnswer, cited: list[int] | None) -> float:
+    """The retrieval evidence behind the answer: the best cited entry's similarity when it cites."""
+    if not cited or not answer.cite:
+        return answer.confidence
+    return round(max(answer.grounding.chunks[n - 1].dense_score or 0.0 for n in cited), 4)
