@@ -195,6 +195,9 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
         "intents": {"examples": {}},  # the same: with MiniLM, intents come from the rules
         "sampling": {"temperature": 0, "max_tokens": 24},
         "structured_replies": True,  # both serve_config.yaml and serve_config.dev.yaml reply in this mode
+        # The random tiny model cites arbitrary entries (or none): the citation gate is tested with stand-in
+        # generators and with the dev model, not with it.
+        "cite_sources": False,
         "tenants": [
             {
                 "tenant": "lumen",

@@ -233,7 +233,7 @@ async def test_feedback_names_a_recent_reply_of_the_callers_own_session() -> Non
 
 
 async def test_structured_replies_stream_the_response_and_combine_confidences() -> None:
-    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True))
+    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True, cite_sources=True))
     generator = Generator()
     chat = ChatPipeline(config, Retriever(0.8), generator)
     prepared = await chat.prepare(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))
@@ -314,7 +314,7 @@ def test_training_replies_in_the_structured_mode_decode_as_the_served_ones() -> 
 
 
 async def test_an_answer_that_cites_no_shown_entry_becomes_the_fallback_before_any_text() -> None:
-    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True))
+    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True, cite_sources=True))
     for cites in ([], [2]):  # nothing cited; an entry it was not shown (schema-invalid, as a broken engine might)
         chat = ChatPipeline(config, Retriever(0.8), Generator(cites=cites))
         items = [item async for item in await chat.prepare(config.tenants[0], ChatRequest(user_id="u", message="?"))]
@@ -331,7 +331,7 @@ async def test_a_reply_object_without_a_response_is_the_fallback_and_counts_as_o
         async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenerationChunk]:
             yield GenerationChunk(text='{"cited": [1], "response": "", "confidence": 0.9}', finish_reason="stop")
 
-    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True))
+    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True, cite_sources=True))
     metrics = RecordingMetrics()
     chat = ChatPipeline(config, Retriever(0.8), Empty(), metrics=metrics)
     reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))

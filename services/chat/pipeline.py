@@ -287,7 +287,8 @@ class ChatPipeline:
         need not.
         """
         schema, decoder = None, None
-        entries = len(basis["grounding"].chunks) if not actions else 0
+        must_cite = self._config.cite_sources and not actions
+        entries = len(basis["grounding"].chunks) if must_cite else 0
         if self._config.structured_replies:
             messages = with_reply_instruction(messages, cite=bool(entries))
             schema = reply_schema(self._config.sampling.max_tokens * CHARS_PER_TOKEN, entries)

@@ -24,7 +24,8 @@ def reply_schema(max_chars: int, entries: int = 0) -> dict[str, object]:
     """
     properties: dict[str, object] = {}
     if entries:
-        properties["cited"] = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": entries}}
+        entry = {"type": "integer", "minimum": 1, "maximum": entries}
+        properties["cited"] = {"type": "array", "items": entry, "maxItems": entries}
     properties["response"] = {"type": "string", "maxLength": max_chars}
     properties["confidence"] = {"type": "number", "minimum": 0, "maximum": 1}
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
@@ -38,9 +39,8 @@ REPLY_INSTRUCTION = (
     "that the knowledge entries support your reply>}."
 )
 CITING_REPLY_INSTRUCTION = (
-    'Reply with a JSON object {"cited": [<the numbers of the knowledge entries that answer the question; [] if none '
-    'does>], "response": <your reply to the customer, in complete sentences in their language, using only those '
-    'entries>, "confidence": <0 to 1, how sure you are that the cited entries support your reply>}.'
+    'Reply with a JSON object {"cited": [numbers of the entries that answer the question; [] if none does], '
+    '"response": <your reply to the customer, using only those entries>, "confidence": <0 to 1>}.'
 )
 
 

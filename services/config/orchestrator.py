@@ -62,6 +62,11 @@ class OrchestratorConfig(StrictModel):
         description="The model writes {response, confidence} under a JSON schema (vLLM structured output); the "
         "reply's confidence then combines the model's with the retrieval evidence.",
     )
+    cite_sources: bool = Field(
+        True,
+        description="With structured replies, an answer from knowledge entries first cites the entries it rests on; "
+        "one that cites none is replaced by the fallback. Off only for a model that cannot cite (a random test model).",
+    )
     answer_cache: AnswerCacheConfig = Field(
         default_factory=lambda: AnswerCacheConfig(), description="Cache of frequent questions' answers."
     )
