@@ -141,3 +141,15 @@ def test_asking_again_shouting_and_complaints_are_signals_in_both_languages() ->
     classifier = IntentClassifier(config)
     complaint = classifier.classify("我要投诉你们的物流", [0.0], [], [])
     assert (complaint.intent, complaint.by_rule) == ("complaint", True) and complaint.frustration
+
+
+def test_counting_the_times_asked_and_asking_for_a_manager_are_recognized() -> None:
+    config = IntentConfig()
+    assert "says they asked before" in frustration_signals(
+        "I've asked about this refund THREE times already", [], config
+    )
+    assert "says they asked before" in frustration_signals("照片我都发了三遍了，到底有没有人管啊", [], config)
+    assert "says they asked before" not in frustration_signals("请一次发三张照片", [], config)
+    classifier = IntentClassifier(config)
+    for message in ("Stop it. I want to speak to a manager.", "找你们经理来"):
+        assert classifier.classify(message, [0.0], [], []).intent == "human_agent"
