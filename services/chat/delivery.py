@@ -84,14 +84,17 @@ class ReplyDelivery:
         decoder = answer.decoder
         refused = False
         async for chunk in _chunks(answer):
+            _account(record, chunk)
             text = decoder.feed(chunk.text) if decoder else chunk.text
-            if answer.cite and not refused and decoder is not None:
-                cited = decoder.cited()
-                refused = cited is not None and not _rests_on(cited, answer.grounding)
-            if text and not refused:
+            cited = decoder.cited() if answer.cite and decoder is not None else None
+            if cited is not None and not _rests_on(cited, answer.grounding):
+                refused = True
+                break  # the rest of a refused answer is never shown: stop generating it
+            if text:
                 parts.append(text)
                 yield text
-            _account(record, chunk)
+        if refused and hasattr(answer.rest, "aclose"):
+            await answer.rest.aclose()  # cancels the engine's generation
         response = "".join(parts).strip()
         if answer.cite and decoder is not None and decoder.cited() is None:
             refused = True  # the object never named its entries: nothing shows what it rests on
