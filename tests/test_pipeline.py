@@ -337,3 +337,21 @@ async def test_a_reply_object_without_a_response_is_the_fallback_and_counts_as_o
     reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))
     assert (reply.outcome, reply.response) == ("fallback", "Sorry, I can't find that in our policies.")
     assert metrics.tags("cs_requests") == [{"tenant": "lumen", "outcome": "fallback"}]
+
+
+async def test_a_refused_answer_stops_its_generation() -> None:
+    class Watched(Generator):
+        finished: bool | None = None
+
+        async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+            self.finished = False
+            yield GenerationChunk(text='{"cited": [], "response": "Invented')
+            yield GenerationChunk(text=' policy", "confidence": 0.9}', finish_reason="stop")
+            self.finished = True
+
+    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True, cite_sources=True))
+    generator = Watched()
+    reply = await ChatPipeline(config, Retriever(0.8), generator).answer(
+        config.tenants[0], ChatRequest(user_id="u", message="Returns?")
+    )
+    assert reply.outcome == "fallback" and generator.finished is False  # closed after its first chunk
