@@ -53,7 +53,9 @@ def base_url(
         "embedder": embedder_args(minilm_dir),
         "retriever": retriever_args(milvus_path),
         "llm": llm_args(tiny_llm_dir, store),
-        "orchestrator": orchestrator_args(admin_api_keys=["admin-key"]),
+        # No history in the prompt: a session's later answers stay comparable with the references,
+        # and the tiny model's context never fills (an empty reply object would be the fallback).
+        "orchestrator": orchestrator_args(admin_api_keys=["admin-key"], session={"max_turns": 0}),
     }
     serve.run(build_app(args), name="cs-swap", route_prefix="/swap")
     yield ray_cluster["http_url"] + "/swap"
