@@ -106,7 +106,7 @@ def sweep(rows: list[dict[str, Any]], thresholds: list[float], key: str = "best_
     answerable = [r for r in rows if r["answerable"]]
     outside = [r for r in rows if not r["answerable"]]
     return [
-        [f"{t:.2f}", _rate([r[key] >= t for r in answerable]), _rate([r[key] < t for r in outside])] for t in thresholds
+        [f"{t:g}", _rate([r[key] >= t for r in answerable]), _rate([r[key] < t for r in outside])] for t in thresholds
     ]
 
 
@@ -127,7 +127,7 @@ def main() -> None:
                           "min best (ans.)", "median best (out)", "max best (out)"]  # fmt: skip
                 sections.append(f"### {store}, {name}\n\n" + table(header, summarize(rows)))
                 sections.append(table(["threshold", "answerable kept", "out-of-KB refused"], sweep(rows, thresholds)))
-                margins = sweep(rows, [0.02, 0.03, 0.04, 0.05], key="margin")
+                margins = sweep(rows, [0.02, 0.025, 0.03, 0.04, 0.05], key="margin")
                 sections.append(
                     "Margin of the best hit over the median candidate:\n\n"
                     + table(["margin", "answerable kept", "out-of-KB refused"], margins)

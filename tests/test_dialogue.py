@@ -62,3 +62,13 @@ def test_sources_one_per_document_best_chunk_first() -> None:
         {"doc_id": "a", "title": "Title a", "score": 0.9},
         {"doc_id": "b", "title": "Title b", "score": 0.7},
     ]
+
+
+def test_a_best_hit_that_does_not_stand_out_from_the_candidates_is_no_evidence() -> None:
+    # e5-like scores: everything is similar; only a lead over the median tells relevance.
+    flat = [hit("a", 0.86), hit("b", 0.85), hit("c", 0.845), hit("d", 0.84), hit("e", 0.835)]
+    peaked = [hit("a", 0.90), hit("b", 0.85), hit("c", 0.845), hit("d", 0.84), hit("e", 0.835)]
+    assert ground(flat, threshold=0.82, top_k=3, min_margin=0.03).is_empty
+    kept = ground(peaked, threshold=0.82, top_k=3, min_margin=0.03)
+    assert [h.chunk.doc_id for h in kept.chunks] == ["a", "b", "c"] and kept.confidence == 0.9
+    assert [h.chunk.doc_id for h in ground(flat, threshold=0.82, top_k=3).chunks] == ["a", "b", "c"]  # off: kept

@@ -6,6 +6,7 @@ messages (persona + knowledge + recent turns + question) and shapes the sources.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from services.schemas import ChatMessage, RetrievedChunk
@@ -32,22 +33,30 @@ class Grounding:
         return not self.chunks
 
 
-def ground(hits: list[RetrievedChunk], threshold: float, top_k: int) -> Grounding:
+def ground(hits: list[RetrievedChunk], threshold: float, top_k: int, min_margin: float = 0.0) -> Grounding:
     """Keep the hits relevant enough to answer from.
 
     The fused RRF score only orders hits; it says nothing about relevance, because
     every query has a first hit. The dense cosine similarity is the calibrated
     signal, so it decides: a hit counts when its similarity reaches ``threshold``.
+    Some embedders score all text alike (multilingual-e5-small: unrelated text 0.80-0.89),
+    so how far the best hit stands out from the other candidates says more: with
+    ``min_margin`` the knowledge base has nothing relevant unless the best similarity leads
+    the candidates' median by that much.
 
     Args:
         hits: Search hits, best first.
         threshold: Least dense similarity of a usable hit.
         top_k: Most hits to keep.
+        min_margin: Least lead of the best similarity over the candidates' median (0: no check).
 
     Returns:
         The usable hits (best first) and the confidence, the best similarity (0 if none).
 
     """
+    dense = sorted((h.dense_score for h in hits if h.dense_score is not None), reverse=True)
+    if min_margin and dense and dense[0] - statistics.median(dense) < min_margin:
+        return Grounding(chunks=[], confidence=0.0)
     relevant = [h for h in hits if h.dense_score is not None and h.dense_score >= threshold][:top_k]
     confidence = max((h.dense_score or 0.0 for h in relevant), default=0.0)
     return Grounding(chunks=relevant, confidence=round(min(max(confidence, 0.0), 1.0), 4))

@@ -239,7 +239,8 @@ class ChatPipeline:
         embedding = analysis.embedding if analysis else None
         tenant = conversation.tenant.tenant
         hits = await self._retriever.search(tenant, conversation.question, self._config.retrieval_candidates, embedding)
-        return ground(hits, self._config.relevance_threshold, self._config.retrieval_top_k)
+        config = self._config
+        return ground(hits, config.relevance_threshold, config.retrieval_top_k, config.relevance_margin)
 
     async def _run_tools(
         self,

@@ -35,6 +35,13 @@ class OrchestratorConfig(StrictModel):
     relevance_threshold: float = Field(
         0.5, ge=0, le=1, description="Least dense similarity of the best hit for an answer from the knowledge base."
     )
+    relevance_margin: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Least lead of the best hit's dense similarity over the median of the candidates' for an answer "
+        "from the knowledge base; 0 turns the check off. For embedders that score all text alike (e5).",
+    )
     retrieval_top_k: int = Field(4, ge=1, le=50, description="Chunks put into the prompt.")
     retrieval_candidates: int = Field(
         20,
