@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the whole app on a CPU dev box: install, fetch the offline models,
-# load the sample knowledge base into Milvus Lite, then `serve run` the dev config.
+# load both sample stores' knowledge (tenants lumen and voltmart) into Milvus Lite, then
+# `serve run` the dev config.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false

@@ -3,7 +3,9 @@
 The pipeline decides the kind once, when it makes the answer: a cached reply, a reply
 given without the model (handover, guardrail, tool failure, fallback), or a generated
 stream. The kind carries the ``outcome`` label of ``cs_requests``; nothing reconstructs it
-afterwards.
+afterwards. The one change of kind after the first token is the citation gate's: a
+generated answer that rests on no shown entry is delivered as a fallback answer
+(:mod:`services.chat.delivery`), which carries its own outcome.
 """
 
 from __future__ import annotations
