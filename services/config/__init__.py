@@ -9,11 +9,11 @@ cluster) come from :class:`ServiceSettings`, read from ``CS_*`` variables. Defau
 
 from services.config.app import AppConfig, load_app_config
 from services.config.base import SOURCE_PATTERN, TENANT_PATTERN, DeploymentOptions, StrictModel, check_patterns
-from services.config.embedder import EmbedderConfig
+from services.config.embedder import EmbedderConfig, RerankerConfig
 from services.config.intents import IntentConfig, StandardReplies
 from services.config.llm import LLMConfig, SamplingConfig
 from services.config.observability import ObservabilityConfig
-from services.config.orchestrator import OrchestratorConfig, TenantConfig
+from services.config.orchestrator import OrchestratorConfig, RerankingConfig, TenantConfig
 from services.config.retriever import ChunkingConfig, RetrieverConfig
 from services.config.sessions import AnswerCacheConfig, SessionConfig
 from services.config.settings import ServiceSettings
@@ -31,6 +31,8 @@ __all__ = [
     "LLMConfig",
     "ObservabilityConfig",
     "OrchestratorConfig",
+    "RerankerConfig",
+    "RerankingConfig",
     "RetrieverConfig",
     "SamplingConfig",
     "ServiceSettings",

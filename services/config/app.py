@@ -35,6 +35,12 @@ class AppConfig(StrictModel):
             raise ValueError(f"tenants {with_adapter} name an adapter but llm.adapters_dir is not set")
         return self
 
+    @model_validator(mode="after")
+    def _reranking_needs_reranker(self) -> AppConfig:
+        if self.orchestrator.reranking is not None and self.embedder.reranker is None:
+            raise ValueError("orchestrator.reranking is set but embedder.reranker names no cross-encoder")
+        return self
+
     def resolve_paths(self, base: Path) -> AppConfig:
         """Return a copy whose relative local paths are made absolute against ``base``.
 
@@ -50,8 +56,13 @@ class AppConfig(StrictModel):
             # A hub id like "BAAI/bge-m3" stays as it is unless such a folder exists here.
             return absolute(value) if (base / value).exists() or value.startswith((".", "/", "~")) else value
 
+        reranker = self.embedder.reranker
+        if reranker is not None:
+            reranker = reranker.model_copy(update={"model": local_model(reranker.model)})
         update: dict[str, Any] = {
-            "embedder": self.embedder.model_copy(update={"model": local_model(self.embedder.model)}),
+            "embedder": self.embedder.model_copy(
+                update={"model": local_model(self.embedder.model), "reranker": reranker}
+            ),
             "llm": self.llm.model_copy(
                 update={
                     "model": local_model(self.llm.model),

@@ -27,6 +27,22 @@ class TenantConfig(StrictModel):
     )
 
 
+class RerankingConfig(StrictModel):
+    """Reranking of the fused hits by the Embedder's cross-encoder (embedder.reranker), before the gate."""
+
+    candidates: int = Field(
+        20, ge=1, le=200, description="Best fused hits the cross-encoder scores; the rest are dropped."
+    )
+    threshold: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Least cross-encoder score (sigmoid, 0..1) of a usable hit. A cross-encoder reads question and "
+        "passage together, so its score says whether the passage answers the question, not only whether both "
+        "are about the same thing.",
+    )
+
+
 class OrchestratorConfig(StrictModel):
     """The ingress and the dialogue pipeline."""
 
@@ -49,6 +65,9 @@ class OrchestratorConfig(StrictModel):
         le=200,
         description="Fused hits fetched before the relevance gate keeps the best retrieval_top_k. RRF can rank "
         "a strong dense-only hit below weak hits found by two signals, so the gate must see more than top_k.",
+    )
+    reranking: RerankingConfig | None = Field(
+        None, description="Rerank the fused hits with the cross-encoder before the gate; None: no reranking."
     )
     assistant_questions: list[str] = Field(
         default_factory=lambda: defaults("assistant_questions"),

@@ -31,7 +31,7 @@ BATCH_SIZE_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 #: Values of the ``outcome`` label of ``cs_requests``: a closed set, so the label stays bounded.
 REQUEST_OUTCOMES = ("answered", "fallback", "handover", "guardrail", "tool_failed", "error", "cancelled")
 #: Values of the ``stage`` label of ``cs_stage_seconds``.
-STAGES = ("embed", "retrieve", "generate", "first_token")
+STAGES = ("embed", "retrieve", "rerank", "generate", "first_token")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec(
         "cs_stage_seconds", "histogram", ("stage",),
         "Latency of one pipeline stage as the request sees it: embed (the message), retrieve (Milvus search), "
-        "generate (the whole LLM stream), first_token (LLM call to its first chunk).", "Orchestrator",
+        "rerank (the cross-encoder, with reranking on), generate (the whole LLM stream), first_token (LLM call to its first chunk).", "Orchestrator",
         boundaries=LATENCY_BUCKETS,
     ),
     MetricSpec(
@@ -145,6 +145,11 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec(
         "cs_embed_batch_size", "histogram", ("kind",),
         "Texts per model call (dynamic batching at work).", "Embedder", boundaries=BATCH_SIZE_BUCKETS,
+    ),
+    MetricSpec(
+        "cs_rerank_seconds", "histogram", (),
+        "One cross-encoder call on a question's candidate passages.", "Embedder",
+        when="with orchestrator.reranking", boundaries=LATENCY_BUCKETS,
     ),
     MetricSpec(
         "cs_retriever_search_seconds", "histogram", ("tenant",),
