@@ -198,6 +198,8 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
         # The random tiny model cites arbitrary entries (or none): the citation gate is tested with stand-in
         # generators and with the dev model, not with it.
         "cite_sources": False,
+        # Its random text may hold any digit: the number check is tested with stand-in generators.
+        "check_numbers": False,
         "tenants": [
             {
                 "tenant": "lumen",

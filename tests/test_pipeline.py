@@ -10,7 +10,7 @@ from services.chat.pipeline import ChatPipeline
 from services.chat.structured_reply import REPLY_INSTRUCTION, combined_confidence
 from services.config import OrchestratorConfig, SamplingConfig
 from services.schemas import ChatMessage, Embedding, GenerationChunk, KnowledgeChunk, RetrievedChunk
-from tests.conftest import orchestrator_args
+from tests.conftest import RecordingMetrics, orchestrator_args
 
 
 class Retriever:
@@ -75,7 +75,8 @@ async def test_tenant_fallback_overrides_the_default() -> None:
 
 
 async def test_relevant_knowledge_is_answered_and_history_feeds_the_next_prompt() -> None:
-    chat, generator = pipeline(dense=0.8)
+    # Streamed piece by piece: with check_numbers whole sentences are released (tested below).
+    chat, generator = pipeline(dense=0.8, check_numbers=False)
     tenant = chat._config.tenants[0]
     first = await chat.answer(tenant, ChatRequest(user_id="u", message="Returns?", session_id="s1"))
     # Structured replies (as shipped): the response is decoded out of the model's JSON, and
@@ -93,7 +94,7 @@ async def test_relevant_knowledge_is_answered_and_history_feeds_the_next_prompt(
 
 
 async def test_plain_text_replies_stream_the_models_text_as_is() -> None:
-    chat, generator = pipeline(dense=0.8, structured_replies=False)
+    chat, generator = pipeline(dense=0.8, structured_replies=False, check_numbers=False)
     tenant = chat._config.tenants[0]
     items = [i async for i in await chat.prepare(tenant, ChatRequest(user_id="u", message="Returns?"))]
     assert items[:-1] == ["Within ", "7 days."]
@@ -116,7 +117,7 @@ class RankedRetriever:
         for n, dense in enumerate([0.15, 0.17, 0.12, 0.16, 0.64]):
             chunk = KnowledgeChunk(
                 id=f"{tenant}:s:d{n}:0", tenant=tenant, source="s", doc_id=f"d{n}", chunk_no=0,
-                title=f"T{n}", text="x", content_hash="h",
+                title=f"T{n}", text="Returns within 7 days.", content_hash="h",
             )  # fmt: skip
             hits.append(RetrievedChunk(chunk=chunk, score=0.05 - n / 100, dense_score=dense))
         return hits[:top_k]
@@ -384,7 +385,7 @@ async def test_the_reranker_reorders_the_candidates_and_decides_what_is_relevant
     chat = reranking_pipeline(reranker)
     reply = await chat.answer(chat._config.tenants[0], ChatRequest(user_id="u", message="dogs?"))
     [(query, passages)] = reranker.calls
-    assert query == "dogs?" and passages == [f"T{n}\nx" for n in range(4)]
+    assert query == "dogs?" and passages == [f"T{n}\nReturns within 7 days." for n in range(4)]
     assert [s.doc_id for s in reply.sources] == ["d2"] and reply.sources[0].score == 0.9
     assert reply.confidence == combined_confidence(0.9, 0.5)
 
@@ -401,3 +402,69 @@ async def test_without_reranking_in_the_config_a_given_reranker_is_not_called() 
     chat = ChatPipeline(config, RankedRetriever(), Generator(), reranker=reranker)
     reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="dogs?"))
     assert reranker.calls == [] and [s.doc_id for s in reply.sources] == ["d4"]
+
+
+class PlainGenerator:
+    """Writes the given pieces as plain text (structured replies off)."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+        self.closed = False
+
+    async def stream(
+        self, messages: list[ChatMessage], sampling: SamplingConfig, adapter: str | None, **kwargs: Any
+    ) -> AsyncIterator[GenerationChunk]:
+        try:
+            for piece in self.pieces:
+                yield GenerationChunk(text=piece)
+            yield GenerationChunk(text="", finish_reason="stop")
+        finally:
+            self.closed = True
+
+
+async def streamed(pieces: list[str]) -> tuple[list[str], ChatReply, RecordingMetrics, PlainGenerator]:
+    """Stream one answer over the one entry "Returns within 7 days." and return its deltas and reply."""
+    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=False, check_numbers=True))
+    generator, metrics = PlainGenerator(pieces), RecordingMetrics()
+    chat = ChatPipeline(config, Retriever(0.8), generator, metrics=metrics)
+    items = [i async for i in await chat.prepare(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))]
+    reply = items[-1]
+    assert isinstance(reply, ChatReply)
+    return [i for i in items[:-1] if isinstance(i, str)], reply, metrics, generator
+
+
+async def test_an_answer_inventing_a_number_is_never_shown_and_is_counted() -> None:
+    deltas, reply, metrics, generator = await streamed(["Call our hotline ", "400-820-1234", " for returns. More"])
+    fallback_text = "Sorry, I can't find that in our policies."
+    assert deltas == [fallback_text] and reply.response == fallback_text
+    assert (reply.outcome, reply.confidence) == ("fallback", 0.0)
+    assert metrics.tags("cs_withheld_replies") == [{"tenant": "lumen", "reason": "unsupported_number"}]
+    assert generator.closed  # generation was stopped, not run to its end
+
+
+async def test_checked_sentences_are_streamed_and_the_fallback_follows_the_first_invented_number() -> None:
+    deltas, reply, metrics, _ = await streamed(
+        ["Returns are free within 7 ", "days. A restocking fee of 15", "% applies."]
+    )
+    fallback_text = "Sorry, I can't find that in our policies."
+    assert deltas == ["Returns are free within 7 days.", f"\n\n{fallback_text}"]
+    assert reply.response == f"Returns are free within 7 days.\n\n{fallback_text}" and reply.outcome == "fallback"
+    assert metrics.tags("cs_withheld_replies") == [{"tenant": "lumen", "reason": "unsupported_number"}]
+
+
+async def test_an_answer_whose_numbers_all_come_from_the_entry_is_given_whole() -> None:
+    deltas, reply, metrics, _ = await streamed(["You have seven ", "days. Start under My Orders"])
+    assert deltas == ["You have seven days.", " Start under My Orders"]
+    assert (reply.response, reply.outcome) == ("You have seven days. Start under My Orders", "answered")
+    assert metrics.tags("cs_withheld_replies") == []
+
+
+async def test_a_reply_object_without_text_is_the_fallback_counted_as_undecodable() -> None:
+    config = OrchestratorConfig.model_validate(orchestrator_args())
+    metrics = RecordingMetrics()
+    chat = ChatPipeline(
+        config, Retriever(0.8), PlainGenerator(['{"response": "', '", "confidence": 1}']), metrics=metrics
+    )
+    reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))
+    assert reply.outcome == "fallback"
+    assert metrics.tags("cs_withheld_replies") == [{"tenant": "lumen", "reason": "undecodable"}]

@@ -31,6 +31,7 @@ class RequestRecord:
     started: float = field(default_factory=time.monotonic)
     usage: Usage | None = None
     finish_reason: str = "stop"
+    withheld: str | None = None  # why a generated answer was replaced by the fallback (cs_withheld_replies)
     closed: bool = False
 
     def close(self, outcome: str, answer: Answer | None = None, reply: ChatReply | None = None) -> None:
@@ -44,8 +45,12 @@ class RequestRecord:
         seconds = time.monotonic() - self.started
         tags = {"tenant": self.tenant, "outcome": outcome}
         self.metrics.inc("cs_requests", tags)
+        if self.withheld is not None:
+            self.metrics.inc("cs_withheld_replies", {"tenant": self.tenant, "reason": self.withheld})
         self.metrics.observe("cs_request_seconds", seconds, tags)
         details: dict[str, Any] = {"tenant": self.tenant, "outcome": outcome, "duration_ms": round(seconds * 1000, 1)}
+        if self.withheld is not None:
+            details["withheld"] = self.withheld
         if answer is not None:
             cached = isinstance(answer, CachedAnswer)
             details |= {"intent": answer.intent, "adapter": answer.adapter, "cached": cached}

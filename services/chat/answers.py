@@ -3,9 +3,9 @@
 The pipeline decides the kind once, when it makes the answer: a cached reply, a reply
 given without the model (handover, guardrail, tool failure, fallback), or a generated
 stream. The kind carries the ``outcome`` label of ``cs_requests``; nothing reconstructs it
-afterwards. The one change of kind after the first token is the citation gate's: a
-generated answer that rests on no shown entry is delivered as a fallback answer
-(:mod:`services.chat.delivery`), which carries its own outcome.
+afterwards. The one change of kind after the first token is the delivery's checks': a
+generated answer that rests on no shown entry, or states a number none holds, is delivered
+as a fallback answer (:mod:`services.chat.delivery`), which carries its own outcome.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class GeneratedAnswer(Answer):
     fallback_text: str  # given instead when the reply object yields nothing that rests on the knowledge
     decoder: ReplyStreamDecoder | None = None  # structured replies: pulls the response out of the JSON
     cite: bool = False  # the reply must cite the knowledge entries it rests on (entries were shown)
+    evidence: list[str] | None = None  # texts its numbers must come from (None: numbers are not checked)
     cache_slot: str | None = None  # where to cache this answer once complete
     outcome: Outcome = "answered"
 

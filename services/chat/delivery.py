@@ -4,7 +4,11 @@ A generated answer under structured replies names the knowledge entries it rests
 (``cited``, before its response). An answer that had entries to rest on and cites none,
 or whose reply object never yields a response, is not given: the shopper gets the
 fallback sentence instead, and the request counts as a fallback. Nothing of the refused
-text is streamed, because the citations come first.
+text is streamed, because the citations come first. An answer from knowledge entries is
+also released sentence by sentence, each once its numbers are found in what the model was
+shown (:class:`~services.chat.number_check.NumberGuard`); at the first sentence stating a
+number none holds, generation stops and the fallback sentence follows what was shown.
+Each withheld answer is counted with its reason (``cs_withheld_replies``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from services.chat.answer_cache import AnswerCache
 from services.chat.answers import Answer, CachedAnswer, FixedAnswer, GeneratedAnswer, fallback
 from services.chat.contracts import ChatReply, Source, Usage
 from services.chat.grounding import Grounding, sources_of
+from services.chat.number_check import NumberGuard
 from services.chat.structured_reply import combined_confidence
 from services.errors import GenerationError
 from services.schemas import GenerationChunk
@@ -82,26 +87,42 @@ class ReplyDelivery:
     ) -> AsyncIterator[str | ChatReply]:
         parts: list[str] = []
         decoder = answer.decoder
-        refused = False
+        guard = NumberGuard(answer.evidence) if answer.evidence is not None else None
         async for chunk in _chunks(answer):
             _account(record, chunk)
             text = decoder.feed(chunk.text) if decoder else chunk.text
             cited = decoder.cited() if answer.cite and decoder is not None else None
             if cited is not None and not _rests_on(cited, answer.grounding):
-                refused = True
-                break  # the rest of a refused answer is never shown: stop generating it
+                record.withheld = "no_citation"
+                break  # the rest of a withheld answer is never shown: stop generating it
+            if guard is not None:
+                text, unsupported = guard.feed(text)
+                if unsupported:
+                    record.withheld = "unsupported_number"
+                    break
             if text:
                 parts.append(text)
                 yield text
-        if refused and hasattr(answer.rest, "aclose"):
+        if record.withheld is not None and hasattr(answer.rest, "aclose"):
             await answer.rest.aclose()  # cancels the engine's generation
+        if guard is not None and record.withheld is None:
+            text, unsupported = guard.flush()
+            if unsupported:
+                record.withheld = "unsupported_number"
+            elif text:
+                parts.append(text)
+                yield text
         response = "".join(parts).strip()
-        if answer.cite and decoder is not None and decoder.cited() is None:
-            refused = True  # the object never named its entries: nothing shows what it rests on
-        if decoder is not None and (refused or not response):  # nothing to give that rests on the knowledge
-            text = answer.fallback_text
+        if record.withheld is None and answer.cite and decoder is not None and decoder.cited() is None:
+            record.withheld = "no_citation"  # the object never named its entries: nothing shows what it rests on
+        if record.withheld is None and decoder is not None and not response:
+            record.withheld = "undecodable"
+        if record.withheld is not None:
+            # What was shown already passed every check; the fallback follows it as its own paragraph.
+            text = f"\n\n{answer.fallback_text}" if response else answer.fallback_text
             yield text
-            yield await self._finish(fallback(answer.conversation, text, answer.intent), record, text, 0.0)
+            said = (response + text) if response else text
+            yield await self._finish(fallback(answer.conversation, said, answer.intent), record, said, 0.0)
             return
         cited = decoder.cited() if decoder else None
         confidence = _evidence(answer, cited)

@@ -305,6 +305,9 @@ class ChatPipeline:
         need not.
         """
         schema, decoder = None, None
+        # An answer from entries states only numbers the model was shown; a tool's data is live, not checked.
+        from_entries = bool(basis["grounding"].chunks) and not actions
+        evidence = [m.content for m in messages] if self._config.check_numbers and from_entries else None
         must_cite = self._config.cite_sources and not actions
         entries = len(basis["grounding"].chunks) if must_cite else 0
         if self._config.structured_replies:
@@ -324,6 +327,7 @@ class ChatPipeline:
             rest=chunks,
             decoder=decoder,
             cite=decoder is not None and bool(entries),
+            evidence=evidence,
             fallback_text=self._fallback_text(basis["conversation"].tenant),
             cache_slot=cache_slot,
         )

@@ -93,6 +93,12 @@ class OrchestratorConfig(StrictModel):
         description="With structured replies, an answer from knowledge entries first cites the entries it rests on; "
         "one that cites none is replaced by the fallback. Off only for a model that cannot cite (a random test model).",
     )
+    check_numbers: bool = Field(
+        True,
+        description="An answer from knowledge entries is released sentence by sentence, each once every number it "
+        "states (digits, Chinese numerals, English number words) is found in what the model was shown; at the "
+        "first that is not, generation stops and the fallback follows.",
+    )
     answer_cache: AnswerCacheConfig = Field(
         default_factory=lambda: AnswerCacheConfig(), description="Cache of frequent questions' answers."
     )

@@ -30,6 +30,8 @@ BATCH_SIZE_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 
 #: Values of the ``outcome`` label of ``cs_requests``: a closed set, so the label stays bounded.
 REQUEST_OUTCOMES = ("answered", "fallback", "handover", "guardrail", "tool_failed", "error", "cancelled")
+#: Values of the ``reason`` label of ``cs_withheld_replies``.
+WITHHELD_REASONS = ("no_citation", "unsupported_number", "undecodable")
 #: Values of the ``stage`` label of ``cs_stage_seconds``.
 STAGES = ("embed", "retrieve", "rerank", "generate", "first_token")
 
@@ -82,6 +84,12 @@ CATALOG: tuple[MetricSpec, ...] = (
         + ".", "Orchestrator",
     ),
     MetricSpec(
+        "cs_withheld_replies", "counter", ("tenant", "reason"),
+        "Generated answers not given (the fallback sentence instead): no_citation (cites no shown entry), "
+        "unsupported_number (states a number no shown entry holds), undecodable (the reply object held no text).",
+        "Orchestrator", when="after an answer is withheld",
+    ),
+    MetricSpec(
         "cs_request_seconds", "histogram", ("tenant", "outcome"),
         "Whole chat request, from the API call to the last streamed byte.", "Orchestrator",
         boundaries=LATENCY_BUCKETS,
@@ -89,7 +97,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec(
         "cs_stage_seconds", "histogram", ("stage",),
         "Latency of one pipeline stage as the request sees it: embed (the message), retrieve (Milvus search), "
-        "rerank (the cross-encoder, with reranking on), generate (the whole LLM stream), first_token (LLM call to its first chunk).", "Orchestrator",
+        "rerank (the cross-encoder, with reranking on), generate (the whole LLM stream), first_token (LLM call to "
+        "its first chunk).", "Orchestrator",
         boundaries=LATENCY_BUCKETS,
     ),
     MetricSpec(
