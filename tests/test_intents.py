@@ -153,3 +153,31 @@ def test_counting_the_times_asked_and_asking_for_a_manager_are_recognized() -> N
     classifier = IntentClassifier(config)
     for message in ("Stop it. I want to speak to a manager.", "找你们经理来"):
         assert classifier.classify(message, [0.0], [], []).intent == "human_agent"
+
+
+def test_asking_to_be_put_through_to_a_person_is_a_request_for_a_human_in_both_languages() -> None:
+    classifier = IntentClassifier(IntentConfig(examples={}))  # the rules alone
+    for message in (
+        "Please transfer me to a representative.",
+        "Can you connect me with an agent",
+        "Just get me somebody who knows what they're doing",
+        "I want a real human, not this",
+        "找个客服来跟我说",
+        "不要再让机器人回复我",
+        "有没有活人？",
+    ):
+        assert classifier.classify(message, [0.0], [], []).intent == "human_agent", message
+    for message in ("Can I get a real wood table?", "Get me the invoice for my order", "客服电话是多少？"):
+        assert classifier.classify(message, [0.0], [], []).intent != "human_agent", message
+
+
+def test_counting_messages_and_saying_enough_are_frustration_in_both_languages() -> None:
+    config = IntentConfig()
+    assert frustration_signals("My fourth email about this deposit. Unbelievable.", [], config) == [
+        "angry words: unbelievable",
+        "says they asked before",
+    ]
+    assert "says they asked before" in frustration_signals("问了好几次了，还是没人处理", [], config)
+    assert "says they asked before" in frustration_signals("说了多少遍了！", [], config)
+    assert frustration_signals("I've had enough of waiting", [], config) == ["angry words: had enough"]
+    assert frustration_signals("Is my second order eligible for the discount?", [], config) == []

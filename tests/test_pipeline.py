@@ -468,3 +468,17 @@ async def test_a_reply_object_without_text_is_the_fallback_counted_as_undecodabl
     reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))
     assert reply.outcome == "fallback"
     assert metrics.tags("cs_withheld_replies") == [{"tenant": "lumen", "reason": "undecodable"}]
+
+
+async def test_an_answer_cut_off_by_the_token_budget_ends_at_its_last_complete_sentence() -> None:
+    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=False, check_numbers=True))
+
+    class CutOff(PlainGenerator):
+        async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+            for piece in ["Returns take 7 days. ", "Start one under My Or"]:
+                yield GenerationChunk(text=piece)
+            yield GenerationChunk(text="", finish_reason="length")
+
+    chat = ChatPipeline(config, Retriever(0.8), CutOff([]))
+    reply = await chat.answer(config.tenants[0], ChatRequest(user_id="u", message="Returns?"))
+    assert (reply.response, reply.finish_reason) == ("Returns take 7 days.", "length")

@@ -106,7 +106,8 @@ class ReplyDelivery:
         if record.withheld is not None and hasattr(answer.rest, "aclose"):
             await answer.rest.aclose()  # cancels the engine's generation
         if guard is not None and record.withheld is None:
-            text, unsupported = guard.flush()
+            # An answer cut off by the token budget ends at its last complete sentence, if it has one.
+            text, unsupported = guard.flush(drop_unfinished=record.finish_reason == "length" and bool(parts))
             if unsupported:
                 record.withheld = "unsupported_number"
             elif text:

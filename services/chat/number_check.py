@@ -121,9 +121,15 @@ class NumberGuard:
         ready, self._held = self._held[: ends[-1]], self._held[ends[-1] :]
         return self._judged(ready)
 
-    def flush(self) -> tuple[str, list[str]]:
-        """The rest of the answer once the stream has ended, judged the same way."""
-        ready, self._held = self._held, ""
+    def flush(self, *, drop_unfinished: bool = False) -> tuple[str, list[str]]:
+        """The rest of the answer once the stream has ended, judged the same way.
+
+        Args:
+            drop_unfinished: The stream was cut off (token budget): the sentence it was
+                writing is dropped rather than shown unfinished.
+
+        """
+        ready, self._held = ("" if drop_unfinished else self._held), ""
         return self._judged(ready)
 
     def _judged(self, text: str) -> tuple[str, list[str]]:
