@@ -16,6 +16,12 @@ Usage::
 
     cs-eval examples/eval/lumen_home.yaml --app-url http://127.0.0.1:8000 --api-key dev-lumen-key \
         --report eval-lumen.json --min-recall-at-3 0.9 --min-fallback-recall 0.95
+
+With ``--canary`` (and an admin key) the tenant's canary adapter version is measured
+instead of its active one: each question's session is chosen inside the canary's share of
+sessions, and a reply from any other version fails the run. ``--promote-on-pass`` then
+promotes the canary when every threshold holds, ``--abort-on-fail`` ends it when one does
+not, so a canary can be gated on the figures.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -168,10 +175,29 @@ def _acted(expect: ExpectedTool, action: dict[str, Any]) -> bool:
     return tool == expect.tool and all(action.get(k, arguments.get(k)) == v for k, v in expect.arguments.items())
 
 
-async def ask(client: Any, question: Question, api_key: str) -> Result:
+@dataclass(frozen=True)
+class CanaryTarget:
+    """The canary version a run measures: which tenant, which version id, what share of sessions."""
+
+    tenant: str
+    adapter: str  # name@version, as replies name it
+    percent: float
+
+    def session_for(self, question_id: str) -> str:
+        """A session id of this question that the canary serves (the registry's sticky bucket)."""
+        from services.adapters.registry import canary_bucket
+
+        for attempt in range(100_000):  # 1% canaries: ~100 tries
+            session_id = f"cs-eval-{question_id}-{attempt}"
+            if canary_bucket(self.tenant, session_id) < self.percent:
+                return session_id
+        raise RuntimeError(f"no session id falls inside a {self.percent}% canary")
+
+
+async def ask(client: Any, question: Question, api_key: str, canary: CanaryTarget | None = None) -> Result:
     """Send the question's turns in one session; score the reply to the last."""
     headers = {"Authorization": f"Bearer {api_key}"}
-    session_id = None
+    session_id = canary.session_for(question.id) if canary else None
     reply: dict[str, Any] = {}
     seconds = 0.0
     try:
@@ -186,6 +212,8 @@ async def ask(client: Any, question: Question, api_key: str) -> Result:
                 raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
             reply = response.json()
             session_id = reply.get("session_id")
+            if canary is not None and reply.get("adapter") != canary.adapter:
+                raise RuntimeError(f"answered by {reply.get('adapter')!r}, not the canary {canary.adapter!r}")
     except Exception as err:  # a failed question is reported, never dropped
         result = score(question, {}, seconds)
         result.error = f"{type(err).__name__}: {err}"
@@ -289,7 +317,14 @@ def write_chart(summary: dict[str, Any], path: Path) -> bool:
     return True
 
 
-async def run(questions: QuestionFile, app_url: str, api_key: str, concurrency: int, timeout_s: float) -> list[Result]:
+async def run(
+    questions: QuestionFile,
+    app_url: str,
+    api_key: str,
+    concurrency: int,
+    timeout_s: float,
+    canary: CanaryTarget | None = None,
+) -> list[Result]:
     """Ask every question (``concurrency`` at a time) with a progress bar."""
     import httpx
     from tqdm import tqdm
@@ -300,11 +335,45 @@ async def run(questions: QuestionFile, app_url: str, api_key: str, concurrency: 
 
             async def one(question: Question) -> Result:
                 async with limit:
-                    result = await ask(client, question, api_key)
+                    result = await ask(client, question, api_key, canary)
                 bar.update()
                 return result
 
             return list(await asyncio.gather(*(one(q) for q in questions.questions)))
+
+
+def canary_of(app_url: str, admin_key: str, tenant: str, timeout_s: float) -> CanaryTarget:
+    """The tenant's running canary, read from the admin API.
+
+    Raises:
+        ValueError: the admin API refused, or the tenant has no canary running.
+
+    """
+    import httpx
+
+    response = httpx.get(f"{app_url.rstrip('/')}/admin/adapters", headers={"X-API-Key": admin_key}, timeout=timeout_s)
+    if response.status_code != 200:
+        raise ValueError(f"the admin API answered {response.status_code}: {response.text[:300]}")
+    rollout = response.json().get("tenants", {}).get(tenant) or {}
+    canary = rollout.get("canary")
+    if not canary:
+        raise ValueError(f"tenant {tenant!r} has no canary running")
+    return CanaryTarget(tenant, f"{rollout['adapter']}@{canary['version']}", float(canary["percent"]))
+
+
+def settle_canary(app_url: str, admin_key: str, tenant: str, passed: bool, timeout_s: float) -> str:
+    """Promote (passed) or end (failed) the tenant's canary; what was done, for the log."""
+    import httpx
+
+    url = f"{app_url.rstrip('/')}/admin/tenants/{tenant}/adapter/canary"
+    headers = {"X-API-Key": admin_key}
+    if passed:
+        response = httpx.post(f"{url}/promote", headers=headers, timeout=timeout_s)
+    else:
+        response = httpx.delete(url, headers=headers, timeout=timeout_s)
+    if response.status_code != 200:
+        raise ValueError(f"the admin API answered {response.status_code}: {response.text[:300]}")
+    return "canary promoted" if passed else "canary ended"
 
 
 def _table(summary: dict[str, Any]) -> str:
@@ -331,15 +400,26 @@ def main(argv: list[str] | None = None) -> int:
     for flag, figure, bound in THRESHOLDS:
         side = "below" if bound == "min" else "above"
         parser.add_argument(f"--{flag.replace('_', '-')}", type=float, help=f"Fail when {figure} is {side} this.")
+    canary_flags = parser.add_argument_group("adapter canary")
+    canary_flags.add_argument(
+        "--canary", action="store_true", help="Measure the tenant's canary version (the file's store is the tenant)."
+    )
+    canary_flags.add_argument("--admin-key", help="Admin API key (with --canary).")
+    canary_flags.add_argument("--promote-on-pass", action="store_true", help="Promote the canary when all holds.")
+    canary_flags.add_argument("--abort-on-fail", action="store_true", help="End the canary when a threshold fails.")
     args = parser.parse_args(argv)
+    if (args.canary or args.promote_on_pass or args.abort_on_fail) and not (args.canary and args.admin_key):
+        parser.error("--promote-on-pass and --abort-on-fail need --canary, and --canary needs --admin-key")
     try:
         questions = load_questions(args.questions)
+        canary = canary_of(args.app_url, args.admin_key, questions.store, args.timeout) if args.canary else None
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.only:
         questions.questions = [q for q in questions.questions if q.id.startswith(args.only)]
-    results = asyncio.run(run(questions, args.app_url, args.api_key, max(1, args.concurrency), args.timeout))
+    concurrency = max(1, args.concurrency)
+    results = asyncio.run(run(questions, args.app_url, args.api_key, concurrency, args.timeout, canary))
     summary = report(results)
     print(_table(summary))
     for result in results:
@@ -356,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         misses.append(f"{summary['overall']['errors']} questions failed")
     for miss in misses:
         print(f"below threshold: {miss}", file=sys.stderr)
+    if canary is not None and (args.promote_on_pass if not misses else args.abort_on_fail):
+        try:
+            done = settle_canary(args.app_url, args.admin_key, canary.tenant, not misses, args.timeout)
+            print(f"{canary.adapter}: {done}")
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 1 if misses else 0
 
 

@@ -103,3 +103,13 @@ def test_the_shipped_evaluation_sets_name_only_documents_their_store_has(name: s
 def test_the_chart_is_written(tmp_path: Path) -> None:
     summary = report([score(q("a", "en", {"docs": ["x"]}), reply(["x"]), 1.0)])
     assert write_chart(summary, tmp_path / "chart.png") and (tmp_path / "chart.png").stat().st_size > 1000
+
+
+def test_canary_sessions_fall_inside_the_canary_share_and_differ_per_question() -> None:
+    from cs_tools.evaluate import CanaryTarget
+    from services.adapters.registry import canary_bucket
+
+    canary = CanaryTarget("lumen", "voice@v2", percent=5.0)
+    sessions = [canary.session_for(f"q{n}") for n in range(20)]
+    assert all(canary_bucket("lumen", s) < 5.0 for s in sessions)
+    assert len(set(sessions)) == 20 and canary.session_for("q3") == sessions[3]  # stable, so a rerun is the same run

@@ -276,3 +276,45 @@ def test_delete_refuses_versions_in_use(client: httpx.Client, references: dict[s
     assert client.delete("/admin/adapters/lumen-voice/versions/v1", headers=ADMIN).status_code == 204
     versions = client.get("/admin/adapters", headers=ADMIN).json()["adapters"]["lumen-voice"]
     assert sorted(versions) == ["v2"]
+
+
+def canary_questions(path: Path) -> Path:
+    answerable = {"language": "en", "question": QUESTION, "expect": {"docs": ["refund-time-en", "refund-time-zh"]}}
+    entries = [{"id": f"r{n}", **answerable} for n in range(4)]
+    unrelated = "Who won the football world cup in 2018?"
+    entries.append({"id": "o1", "language": "en", "question": unrelated, "expect": "out_of_kb"})
+    path.write_text(json.dumps({"store": "lumen", "questions": entries}))  # JSON is YAML
+    return path
+
+
+def test_cs_eval_measures_the_canary_version_and_promotes_it_when_it_passes(
+    client: httpx.Client, references: dict[str | None, str], tmp_path: Path
+) -> None:
+    from cs_tools.evaluate import main as cs_eval
+
+    activate(client, "v1")
+    reply = client.put("/admin/tenants/lumen/adapter/canary", json={"version": "v2", "percent": 20}, headers=ADMIN)
+    assert reply.status_code == 200, reply.text
+    report = tmp_path / "canary.json"
+    argv = [str(canary_questions(tmp_path / "q.yaml")), "--app-url", str(client.base_url), "--api-key", "test-key"]
+    argv += ["--canary", "--admin-key", "admin-key", "--report", str(report)]
+    # A threshold the canary misses ends it; the active version stays.
+    assert cs_eval([*argv, "--min-recall-at-1", "1.01", "--abort-on-fail"]) == 1
+    rollout = client.get("/admin/adapters", headers=ADMIN).json()["tenants"]["lumen"]
+    assert (rollout["active"], rollout["canary"]) == ("v1", None)
+    # Every question of a canary run is answered by the canary version, though it serves only 20%.
+    client.put("/admin/tenants/lumen/adapter/canary", json={"version": "v2", "percent": 20}, headers=ADMIN)
+    assert cs_eval([*argv, "--min-recall-at-3", "1", "--min-fallback-recall", "1", "--promote-on-pass"]) == 0
+    answers = [r for r in json.loads(report.read_text())["results"] if r["kind"] == "docs"]
+    assert {r["response"] for r in answers} == {references["lumen-voice@v2"]}
+    rollout = client.get("/admin/adapters", headers=ADMIN).json()["tenants"]["lumen"]
+    assert (rollout["active"], rollout["canary"]) == ("v2", None)
+
+
+def test_cs_eval_refuses_a_canary_run_without_a_canary(client: httpx.Client, tmp_path: Path) -> None:
+    from cs_tools.evaluate import main as cs_eval
+
+    activate(client, "v1")
+    argv = [str(canary_questions(tmp_path / "q.yaml")), "--app-url", str(client.base_url), "--api-key", "test-key"]
+    assert cs_eval([*argv, "--canary", "--admin-key", "admin-key"]) == 2
+    assert cs_eval([*argv, "--canary", "--admin-key", "wrong-key"]) == 2
