@@ -34,13 +34,17 @@ def reply_schema(max_chars: int, entries: int = 0) -> dict[str, object]:
 CHARS_PER_TOKEN = 3
 """Response characters allowed per token of max_tokens: about what English takes (Chinese takes fewer)."""
 
+# "As a full sentence": without it the 0.5B dev model often answers with a bare value or an
+# entry's title ("7", "退款到账时间"); with it, "You can return most items within 7 days of
+# delivery ..." (docs/evaluation.md).
 REPLY_INSTRUCTION = (
-    'Reply with a JSON object {"response": <your reply to the customer>, "confidence": <0 to 1, how sure you are '
-    "that the knowledge entries support your reply>}."
+    'Reply with a JSON object {"response": <your reply to the customer, as a full sentence in the customer\'s '
+    'language>, "confidence": <0 to 1, how sure you are that the knowledge entries support your reply>}.'
 )
 CITING_REPLY_INSTRUCTION = (
     'Reply with a JSON object {"cited": [numbers of the entries that answer the question; [] if none does], '
-    '"response": <your reply to the customer, using only those entries>, "confidence": <0 to 1>}.'
+    '"response": <your reply to the customer, as a full sentence in the customer\'s language, using only those '
+    'entries>, "confidence": <0 to 1>}.'
 )
 
 
