@@ -179,5 +179,6 @@ def test_counting_messages_and_saying_enough_are_frustration_in_both_languages()
     ]
     assert "says they asked before" in frustration_signals("问了好几次了，还是没人处理", [], config)
     assert "says they asked before" in frustration_signals("说了多少遍了！", [], config)
+    assert frustration_signals("退款申请提交一周了都没人管", [], config) == ["angry words: 没人管"]
     assert frustration_signals("I've had enough of waiting", [], config) == ["angry words: had enough"]
     assert frustration_signals("Is my second order eligible for the discount?", [], config) == []
