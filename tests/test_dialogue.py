@@ -85,3 +85,15 @@ def test_reranked_hits_are_judged_by_the_cross_encoder_not_the_cosine() -> None:
     assert [h.chunk.doc_id for h in grounding.chunks] == ["lexical"] and grounding.confidence == 0.9
     assert sources_of(grounding) == [{"doc_id": "lexical", "title": "Title lexical", "score": 0.9}]
     assert ground(reranked[1:], threshold=0.5, top_k=5, rerank_threshold=0.3).is_empty
+
+
+def test_the_prompt_ends_by_naming_the_customers_language() -> None:
+    from services.chat.grounding import written_in
+
+    assert written_in("我的订单LH-1001现在到哪里了？") == "Chinese"
+    assert written_in("退款多久到账？") == "Chinese"
+    assert written_in("How long do refunds take?") == "English"
+    assert written_in("LH-1001?") is None and written_in("👍") is None
+    grounding = ground([hit("returns", 0.9)], threshold=0.5, top_k=3)
+    system = build_messages("You are Lumen's assistant.", grounding, [], "可以开发票吗？")[0].content
+    assert system.endswith("The customer writes in Chinese: write your whole reply in Chinese.")

@@ -6,6 +6,7 @@ messages (persona + knowledge + recent turns + question) and shapes the sources.
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -98,12 +99,35 @@ def build_messages(persona: str, grounding: Grounding, history: list[Turn], ques
         f"[{n}] {hit.chunk.title}\n{hit.chunk.text}" for n, hit in enumerate(grounding.chunks, start=1)
     )
     system = f"{persona.strip()}\n\n{GROUNDING_RULES}\n\nKnowledge entries:\n{knowledge}"
+    if (language := written_in(question)) is not None:
+        # Said last, where small models heed it: with a persona and entries in another
+        # language, the 0.5B dev model otherwise answers a Chinese question in English.
+        system += f"\n\nThe customer writes in {language}: write your whole reply in {language}."
     messages = [ChatMessage(role="system", content=system)]
     for turn in history:
         messages.append(ChatMessage(role="user", content=turn.user))
         messages.append(ChatMessage(role="assistant", content=turn.assistant))
     messages.append(ChatMessage(role="user", content=question))
     return messages
+
+
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def written_in(text: str) -> str | None:
+    """The language of a shopper's message when it is clearly Chinese or English, else None.
+
+    Order numbers and product names in Latin letters are common in Chinese messages
+    ("我的订单LH-1001到哪了"), so any run of Han characters outweighs a few Latin words.
+    """
+    han = len(_HAN.findall(text))
+    latin = len(_LATIN_WORD.findall(text))
+    if han >= 2 and han >= latin:
+        return "Chinese"
+    if latin >= 2 and han == 0:
+        return "English"
+    return None
 
 
 def sources_of(grounding: Grounding) -> list[dict[str, str | float]]:
