@@ -287,13 +287,22 @@ def canary_questions(path: Path) -> Path:
     return path
 
 
+def register_copy(client: httpx.Client, store: Path, source: Path, version: str) -> None:
+    """Register a copy of an adapter as a version of its own (other tests may delete v1 and v2)."""
+    shutil.copytree(source, store / "lumen-voice" / version)
+    registered = client.post("/admin/adapters/lumen-voice/versions", json={"version": version}, headers=ADMIN)
+    assert registered.status_code == 201, registered.text
+
+
 def test_cs_eval_measures_the_canary_version_and_promotes_it_when_it_passes(
-    client: httpx.Client, references: dict[str | None, str], tmp_path: Path
+    client: httpx.Client, references: dict[str | None, str], tmp_path: Path, store: Path, adapters_dir: Path
 ) -> None:
     from cs_tools.evaluate import main as cs_eval
 
-    activate(client, "v1")
-    reply = client.put("/admin/tenants/lumen/adapter/canary", json={"version": "v2", "percent": 20}, headers=ADMIN)
+    register_copy(client, store, adapters_dir / "brand-a", "c1")
+    register_copy(client, store, adapters_dir / "brand-b", "c2")  # v2's weights: v2's answers
+    activate(client, "c1")
+    reply = client.put("/admin/tenants/lumen/adapter/canary", json={"version": "c2", "percent": 20}, headers=ADMIN)
     assert reply.status_code == 200, reply.text
     report = tmp_path / "canary.json"
     argv = [str(canary_questions(tmp_path / "q.yaml")), "--app-url", str(client.base_url), "--api-key", "test-key"]
@@ -301,20 +310,23 @@ def test_cs_eval_measures_the_canary_version_and_promotes_it_when_it_passes(
     # A threshold the canary misses ends it; the active version stays.
     assert cs_eval([*argv, "--min-recall-at-1", "1.01", "--abort-on-fail"]) == 1
     rollout = client.get("/admin/adapters", headers=ADMIN).json()["tenants"]["lumen"]
-    assert (rollout["active"], rollout["canary"]) == ("v1", None)
+    assert (rollout["active"], rollout["canary"]) == ("c1", None)
     # Every question of a canary run is answered by the canary version, though it serves only 20%.
-    client.put("/admin/tenants/lumen/adapter/canary", json={"version": "v2", "percent": 20}, headers=ADMIN)
+    client.put("/admin/tenants/lumen/adapter/canary", json={"version": "c2", "percent": 20}, headers=ADMIN)
     assert cs_eval([*argv, "--min-recall-at-3", "1", "--min-fallback-recall", "1", "--promote-on-pass"]) == 0
     answers = [r for r in json.loads(report.read_text())["results"] if r["kind"] == "docs"]
-    assert {r["response"] for r in answers} == {references["lumen-voice@v2"]}
+    assert len(answers) == 4 and {r["response"] for r in answers} == {references["lumen-voice@v2"]}
     rollout = client.get("/admin/adapters", headers=ADMIN).json()["tenants"]["lumen"]
-    assert (rollout["active"], rollout["canary"]) == ("v2", None)
+    assert (rollout["active"], rollout["canary"]) == ("c2", None)
 
 
-def test_cs_eval_refuses_a_canary_run_without_a_canary(client: httpx.Client, tmp_path: Path) -> None:
+def test_cs_eval_refuses_a_canary_run_without_a_canary(
+    client: httpx.Client, tmp_path: Path, store: Path, adapters_dir: Path
+) -> None:
     from cs_tools.evaluate import main as cs_eval
 
-    activate(client, "v1")
+    register_copy(client, store, adapters_dir / "brand-a", "c3")
+    activate(client, "c3")
     argv = [str(canary_questions(tmp_path / "q.yaml")), "--app-url", str(client.base_url), "--api-key", "test-key"]
     assert cs_eval([*argv, "--canary", "--admin-key", "admin-key"]) == 2
     assert cs_eval([*argv, "--canary", "--admin-key", "wrong-key"]) == 2

@@ -20,6 +20,7 @@ from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator
 pytestmark = [pytest.mark.integration, pytest.mark.cpu_platform]
 
 AUTH = {"Authorization": "Bearer test-key"}
+TINY_CONTEXT = 1280
 ADMIN = {"X-API-Key": "admin-key"}
 # A second brand with no knowledge of its own (nothing of Lumen's may reach it), speaking
 # through a LoRA adapter of its own.
@@ -65,7 +66,8 @@ def client(
     args = {
         "embedder": embedder_args(minilm_dir),
         "retriever": retriever_args(milvus_path),
-        "llm": llm_args(tiny_llm_dir, adapters_dir),
+        # 1280 tokens: three Chinese entries cost the tiny byte-level tokenizer ~900 tokens.
+        "llm": llm_args(tiny_llm_dir, adapters_dir, max_model_len=TINY_CONTEXT),
         "orchestrator": orchestrator_args(
             admin_api_keys=["admin-key"],
             tenants=[*orchestrator_args()["tenants"], NORDIC],
@@ -182,9 +184,12 @@ def test_session_id_is_kept_across_turns(client: httpx.Client) -> None:
 
 def test_a_coupon_question_over_the_tiny_context_is_a_clear_400(client: httpx.Client) -> None:
     # Coupon questions get the coupon tool's spec in the prompt; with a long conversation the
-    # tiny test model's 1024-token context overflows: a 400 that says so, not a crash.
-    reply = chat(client, message="Can I use two coupons on one order? " + "Please explain. " * 110)
-    assert reply.status_code == 400 and "the model's context is 1024" in reply.json()["error"]["message"]
+    # tiny test model's context overflows: a 400 that says so, not a crash.
+    message = "Can I use two coupons on one order? " + "Please explain again. " * 88
+    assert len(message) <= 2000
+    reply = chat(client, message=message)
+    assert reply.status_code == 400, reply.text
+    assert f"the model's context is {TINY_CONTEXT}" in reply.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -203,17 +208,17 @@ def test_x_api_key_header_is_accepted(client: httpx.Client) -> None:
 
 
 def test_engine_errors_keep_their_status_and_message(client: httpx.Client) -> None:
-    # A relevant message long enough to overflow the tiny model's 1024-token context:
+    # A relevant message long enough to overflow the tiny model's context:
     # the LLM replica raises InvalidRequestError, which must cross Ray as a clean 400.
     policies = {d["doc_id"]: d["text"] for d in json.loads(SAMPLE_KB.read_text())["documents"]}
     quoted = " ".join(policies[d] for d in ("refund-time-en", "returns-7day-en", "return-shipping-fee-en"))
     message = f"Your site says: {quoted} So how long does a card refund take?"
-    assert len(message) <= 2000
+    message = (message + " " + quoted)[:2000]
     reply = chat(client, message=message)
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["code"] == "invalid_request"
-    assert "the model's context is 1024" in error["message"]
+    assert f"the model's context is {TINY_CONTEXT}" in error["message"]
     assert "Traceback" not in reply.text
 
 

@@ -35,7 +35,12 @@ async def test_vectors_are_normalized_and_dense_only(embedder: Any) -> None:
     assert len(emb.dense) == 384
     assert norm(emb.dense) == pytest.approx(1.0, abs=1e-3)
     assert emb.sparse is None
-    assert await embedder.info.remote() == {"dimension": 384, "has_sparse": False, "max_length": 256}
+    assert await embedder.info.remote() == {
+        "dimension": 384,
+        "has_sparse": False,
+        "max_length": 256,
+        "has_reranker": False,
+    }
 
 
 async def test_token_counts_come_from_the_model_tokenizer(embedder: Any) -> None:
