@@ -122,7 +122,7 @@ class ReplyDelivery:
             # What was shown already passed every check; the fallback follows it as its own paragraph.
             text = f"\n\n{answer.fallback_text}" if response else answer.fallback_text
             yield text
-            said = (response + text) if response else text
+            said = response + text
             yield await self._finish(fallback(answer.conversation, said, answer.intent), record, said, 0.0)
             return
         cited = decoder.cited() if decoder else None

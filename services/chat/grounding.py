@@ -82,6 +82,11 @@ def relevance_of(hit: RetrievedChunk) -> float | None:
     return hit.rerank_score if hit.rerank_score is not None else hit.dense_score
 
 
+def passage_of(hit: RetrievedChunk) -> str:
+    """A hit as the model and the cross-encoder read it: its title, then its text."""
+    return f"{hit.chunk.title}\n{hit.chunk.text}"
+
+
 def build_messages(persona: str, grounding: Grounding, history: list[Turn], question: str) -> list[ChatMessage]:
     """Build the chat-template messages for one answer.
 
@@ -95,9 +100,7 @@ def build_messages(persona: str, grounding: Grounding, history: list[Turn], ques
         System message (persona, rules, numbered knowledge), the turns, then the question.
 
     """
-    knowledge = "\n\n".join(
-        f"[{n}] {hit.chunk.title}\n{hit.chunk.text}" for n, hit in enumerate(grounding.chunks, start=1)
-    )
+    knowledge = "\n\n".join(f"[{n}] {passage_of(hit)}" for n, hit in enumerate(grounding.chunks, start=1))
     system = f"{persona.strip()}\n\n{GROUNDING_RULES}\n\nKnowledge entries:\n{knowledge}"
     if (language := written_in(question)) is not None:
         # Said last, where small models heed it: with a persona and entries in another

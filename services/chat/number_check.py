@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 # Digits with thousands separators and decimals: 1,299.00 / 3.5 / 48.
 _DIGITS = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|\d+(?:\.\d+)?")
@@ -43,37 +43,35 @@ _WORD = re.compile(r"\b(" + "|".join(_WORDS) + r")\b", re.IGNORECASE)
 _CJK_IDIOMS = re.compile(r"一(些|起|下|直|定|般|切|样|旦|点|致|律|经|共|次性)|万一|不一|统一|唯一|之一|第一时间|十分")
 
 
-def _cjk_value(numeral: str) -> int | None:
-    """The value of a Chinese numeral such as 七, 十五, 二十四, 两百, 三千五百; None when it is not one."""
-    if all(c in _CJK_DIGITS for c in numeral):  # digit by digit: 二〇二六
+def _cjk_value(numeral: str) -> int:
+    """The value of a Chinese numeral such as 七, 十五, 二十四, 两百, 三千五百, 两万, or digit by digit 二〇二六."""
+    if all(c in _CJK_DIGITS for c in numeral):
         return int("".join(str(_CJK_DIGITS[c]) for c in numeral))
     total, current = 0, 0
     for char in numeral:
         if char in _CJK_DIGITS:
             current = _CJK_DIGITS[char]
+            continue
+        unit = _CJK_UNITS[char]
+        if unit == 10_000:  # 万 multiplies everything before it
+            total = (total + current) * unit
         else:
-            unit = _CJK_UNITS[char]
-            total += (current or 1) * unit if unit < 10_000 else 0
-            if unit == 10_000:
-                total = (total + current) * unit
-            current = 0
+            total += (current or 1) * unit  # 十五: a unit without a digit counts once
+        current = 0
     return total + current
+
+
+def _mentions(text: str) -> list[tuple[str, Decimal]]:
+    """Each number stated in a text, as written and as a value, in reading order by kind."""
+    found = [(m.group(), Decimal(m.group().replace(",", ""))) for m in _DIGITS.finditer(text)]
+    found += [(m.group(), Decimal(_cjk_value(m.group()))) for m in _CJK_NUMERAL.finditer(_CJK_IDIOMS.sub(" ", text))]
+    found += [(m.group(), Decimal(_WORDS[m.group().lower()])) for m in _WORD.finditer(text)]
+    return [(written, value.normalize()) for written, value in found]
 
 
 def numbers_in(text: str) -> set[Decimal]:
     """Every number stated in a text, as values (digits, Chinese numerals, English number words)."""
-    values: set[Decimal] = set()
-    for match in _DIGITS.finditer(text):
-        try:
-            values.add(Decimal(match.group().replace(",", "")).normalize())
-        except InvalidOperation:  # pragma: no cover - the pattern admits only numbers
-            continue
-    for match in _CJK_NUMERAL.finditer(_CJK_IDIOMS.sub(" ", text)):
-        value = _cjk_value(match.group())
-        if value is not None:
-            values.add(Decimal(value).normalize())
-    values.update(Decimal(_WORDS[m.group().lower()]).normalize() for m in _WORD.finditer(text))
-    return values
+    return {value for _, value in _mentions(text)}
 
 
 def allowed_numbers(evidence: Iterable[str]) -> set[Decimal]:
@@ -89,10 +87,7 @@ def allowed_numbers(evidence: Iterable[str]) -> set[Decimal]:
 
 def unsupported_numbers(answer: str, allowed: set[Decimal]) -> list[str]:
     """The numbers stated in ``answer`` that are not ``allowed``, as written, in the answer's order."""
-    stated = [m.group() for m in _DIGITS.finditer(answer)]
-    stated += [m.group() for m in _CJK_NUMERAL.finditer(_CJK_IDIOMS.sub(" ", answer))]
-    stated += [m.group() for m in _WORD.finditer(answer)]
-    return [s for s in dict.fromkeys(stated) if not numbers_in(s) <= allowed]
+    return list(dict.fromkeys(written for written, value in _mentions(answer) if value not in allowed))
 
 
 # A sentence ends at CJK end punctuation, a newline, or ASCII end punctuation before a space

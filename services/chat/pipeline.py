@@ -33,7 +33,7 @@ from services.chat.answers import (
 from services.chat.clients import AdapterResolver, AnswerGenerator, KnowledgeSearch, PassageReranker
 from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest
 from services.chat.delivery import ReplyDelivery, ReplyStream
-from services.chat.grounding import Grounding, build_messages, ground
+from services.chat.grounding import Grounding, build_messages, ground, passage_of
 from services.chat.intents import CHIT_CHAT, COMPLAINT, HUMAN_AGENT, OUT_OF_SCOPE, SENSITIVE, Classification
 from services.chat.structured_reply import (
     CHARS_PER_TOKEN,
@@ -253,7 +253,7 @@ class ChatPipeline:
     async def _rerank(self, question: str, hits: list[RetrievedChunk]) -> list[RetrievedChunk]:
         """The hits with their cross-encoder scores, best first."""
         assert self._reranker is not None
-        scores = await self._reranker.rerank(question, [f"{h.chunk.title}\n{h.chunk.text}" for h in hits])
+        scores = await self._reranker.rerank(question, [passage_of(h) for h in hits])
         if len(scores) != len(hits):
             raise DependencyUnavailableError(f"the reranker scored {len(scores)} of {len(hits)} passages")
         scored = [h.model_copy(update={"rerank_score": round(s, 4)}) for h, s in zip(hits, scores, strict=True)]

@@ -17,6 +17,7 @@ from ray import serve
 
 from services.app import build_app
 from tests.conftest import embedder_args, llm_args, orchestrator_args, retriever_args
+from tests.integration.test_app_http import scraped_series
 
 pytestmark = [pytest.mark.integration, pytest.mark.cpu_platform]
 
@@ -102,16 +103,9 @@ def test_a_question_no_passage_answers_gets_the_fallback(client: httpx.Client, r
     assert (reply["outcome"], reply["confidence"], reply["sources"]) == ("fallback", 0.0, [])
     # The reranker's latency reaches Prometheus (Ray exports on its own schedule: poll, bounded).
     deadline = time.monotonic() + 90
-    while not _rerank_histogram_of(ray_cluster["metrics_url"], "cs-rerank"):
+    while not any(
+        labels.get("application") == "cs-rerank"
+        for labels in scraped_series(ray_cluster["metrics_url"]).get("ray_cs_rerank_seconds_count", [])
+    ):
         assert time.monotonic() < deadline, "ray_cs_rerank_seconds was never exported"
         time.sleep(1)
-
-
-def _rerank_histogram_of(metrics_url: str, application: str) -> bool:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
-        for sample in family.samples:
-            if sample.name == "ray_cs_rerank_seconds_count" and sample.labels.get("application") == application:
-                return sample.value > 0
-    return False
