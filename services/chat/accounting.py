@@ -32,6 +32,7 @@ class RequestRecord:
     usage: Usage | None = None
     finish_reason: str = "stop"
     withheld: str | None = None  # why a generated answer was replaced by the fallback (cs_withheld_replies)
+    retried: str | None = None  # why a generated answer was asked for again (cs_reply_retries)
     closed: bool = False
 
     def close(self, outcome: str, answer: Answer | None = None, reply: ChatReply | None = None) -> None:
@@ -47,10 +48,11 @@ class RequestRecord:
         self.metrics.inc("cs_requests", tags)
         if self.withheld is not None:
             self.metrics.inc("cs_withheld_replies", {"tenant": self.tenant, "reason": self.withheld})
+        if self.retried is not None:
+            self.metrics.inc("cs_reply_retries", {"tenant": self.tenant, "reason": self.retried})
         self.metrics.observe("cs_request_seconds", seconds, tags)
         details: dict[str, Any] = {"tenant": self.tenant, "outcome": outcome, "duration_ms": round(seconds * 1000, 1)}
-        if self.withheld is not None:
-            details["withheld"] = self.withheld
+        details |= {k: v for k, v in (("withheld", self.withheld), ("retried", self.retried)) if v is not None}
         if answer is not None:
             cached = isinstance(answer, CachedAnswer)
             details |= {"intent": answer.intent, "adapter": answer.adapter, "cached": cached}

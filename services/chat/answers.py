@@ -10,12 +10,13 @@ as a fallback answer (:mod:`services.chat.delivery`), which carries its own outc
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from services.chat.contracts import ChatReply
 from services.chat.grounding import Grounding
+from services.chat.reply_form import Misfit
 from services.chat.structured_reply import ReplyStreamDecoder
 from services.config import TenantConfig
 from services.schemas import GenerationChunk
@@ -78,6 +79,8 @@ class GeneratedAnswer(Answer):
     cite: bool = False  # the reply must cite the knowledge entries it rests on (entries were shown)
     evidence: list[str] | None = None  # texts its numbers must come from (None: numbers are not checked)
     cache_slot: str | None = None  # where to cache this answer once complete
+    # A second, plain-text generation when the first is not an answer's form (a fragment, the wrong language).
+    retry: Callable[[Misfit], AsyncIterator[GenerationChunk]] | None = None
     outcome: Outcome = "answered"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from services.chat.accounting import RequestRecord
 from services.chat.answer_cache import AnswerCache
@@ -22,7 +23,8 @@ from services.chat.answers import Answer, CachedAnswer, FixedAnswer, GeneratedAn
 from services.chat.contracts import ChatReply, Source, Usage
 from services.chat.grounding import Grounding, sources_of
 from services.chat.number_check import NumberGuard
-from services.chat.structured_reply import combined_confidence
+from services.chat.reply_form import Misfit, misfit
+from services.chat.structured_reply import ReplyStreamDecoder, combined_confidence
 from services.errors import GenerationError
 from services.schemas import GenerationChunk
 from services.sessions import SessionMemory, Turn
@@ -85,38 +87,27 @@ class ReplyDelivery:
     async def _deliver_generated(
         self, answer: GeneratedAnswer, record: RequestRecord
     ) -> AsyncIterator[str | ChatReply]:
-        parts: list[str] = []
-        decoder = answer.decoder
-        guard = NumberGuard(answer.evidence) if answer.evidence is not None else None
-        async for chunk in _chunks(answer):
-            _account(record, chunk)
-            text = decoder.feed(chunk.text) if decoder else chunk.text
-            cited = decoder.cited() if answer.cite and decoder is not None else None
-            if cited is not None and not _rests_on(cited, answer.grounding):
-                record.withheld = "no_citation"
-                break  # the rest of a withheld answer is never shown: stop generating it
-            if guard is not None:
-                text, unsupported = guard.feed(text)
-                if unsupported:
-                    record.withheld = "unsupported_number"
-                    break
-            if text:
-                parts.append(text)
+        shown: list[str] = []
+        first = _Try(
+            _chunks(answer), answer.rest, answer.decoder, NumberGuard(answer.evidence), judged=answer.retry is not None
+        )
+        async for text in _read(answer, record, first, shown):
+            yield text
+        attempt = first
+        if first.misfit is not None and answer.retry is not None:
+            # Asked once more in plain text; what it says is judged the same way, and a second misfit is withheld.
+            record.retried = first.misfit
+            again = aiter(answer.retry(first.misfit))
+            attempt = _Try(again, again, None, NumberGuard(answer.evidence), judged=True)
+            async for text in _read(answer, record, attempt, shown):
                 yield text
-        if record.withheld is not None and hasattr(answer.rest, "aclose"):
-            await answer.rest.aclose()  # cancels the engine's generation
-        if guard is not None and record.withheld is None:
-            # An answer cut off by the token budget ends at its last complete sentence, if it has one.
-            text, unsupported = guard.flush(drop_unfinished=record.finish_reason == "length" and bool(parts))
-            if unsupported:
-                record.withheld = "unsupported_number"
-            elif text:
-                parts.append(text)
-                yield text
-        response = "".join(parts).strip()
+        if record.withheld is None and attempt.misfit is not None:
+            record.withheld = attempt.misfit
+        response = "".join(shown).strip()
+        decoder = first.decoder
         if record.withheld is None and answer.cite and decoder is not None and decoder.cited() is None:
             record.withheld = "no_citation"  # the object never named its entries: nothing shows what it rests on
-        if record.withheld is None and decoder is not None and not response:
+        if record.withheld is None and not response:
             record.withheld = "undecodable"
         if record.withheld is not None:
             # What was shown already passed every check; the fallback follows it as its own paragraph.
@@ -160,6 +151,67 @@ class ReplyDelivery:
         if conversation.remember:
             turn = Turn(user=conversation.question, assistant=text, reply_id=reply_id)
             await self._sessions.append(conversation.tenant.tenant, conversation.session_id, turn)
+
+
+@dataclass
+class _Try:
+    """One generation of the answer as it is read: its chunks, their decoder and the gate that releases text."""
+
+    chunks: AsyncIterator[GenerationChunk]
+    source: AsyncIterator[GenerationChunk]  # what to close to stop the engine generating
+    decoder: ReplyStreamDecoder | None
+    guard: NumberGuard
+    judged: bool  # its form is judged: a misfit stops it (to retry or withhold) instead of being shown
+    misfit: Misfit | None = None
+
+
+async def _read(answer: GeneratedAnswer, record: RequestRecord, attempt: _Try, shown: list[str]) -> AsyncIterator[str]:
+    """The text of one try that passes every check, sentence by sentence; ``shown`` collects it.
+
+    A try stops at the first check that fails: the reply cites no shown entry or states a
+    number none holds (``record.withheld``), or, before anything is shown, it is not an
+    answer's form (``attempt.misfit``: a fragment or the wrong language), when it may be retried.
+    """
+    conversation = answer.conversation
+    titles = [hit.chunk.title for hit in answer.grounding.chunks]
+    from_entries = bool(titles) and not answer.actions
+
+    def misfit_of(text: str, *, complete: bool) -> Misfit | None:
+        if shown or not attempt.judged:
+            return None  # only the start of a reply is judged: what is shown stays shown
+        return misfit(text, conversation.question, titles, from_entries=from_entries, complete=complete)
+
+    decoder = attempt.decoder
+    async for chunk in attempt.chunks:
+        _account(record, chunk)
+        text = decoder.feed(chunk.text) if decoder else chunk.text
+        cited = decoder.cited() if answer.cite and decoder is not None else None
+        if cited is not None and not _rests_on(cited, answer.grounding):
+            record.withheld = "no_citation"
+            break  # the rest of a withheld answer is never shown: stop generating it
+        text, unsupported = attempt.guard.feed(text)
+        if unsupported:
+            record.withheld = "unsupported_number"
+            break
+        attempt.misfit = misfit_of(text, complete=False) if text else None
+        if attempt.misfit is not None:
+            break
+        if text:
+            shown.append(text)
+            yield text
+    if record.withheld is not None or attempt.misfit is not None:
+        if hasattr(attempt.source, "aclose"):
+            await attempt.source.aclose()  # cancels the engine's generation
+        return
+    # An answer cut off by the token budget ends at its last complete sentence, if it has one.
+    text, unsupported = attempt.guard.flush(drop_unfinished=record.finish_reason == "length" and bool(shown))
+    if unsupported:
+        record.withheld = "unsupported_number"
+        return
+    attempt.misfit = misfit_of(text, complete=True)
+    if attempt.misfit is None and text:
+        shown.append(text)
+        yield text
 
 
 async def _chunks(answer: GeneratedAnswer) -> AsyncIterator[GenerationChunk]:

@@ -114,8 +114,9 @@ def build_messages(persona: str, grounding: Grounding, history: list[Turn], ques
     return messages
 
 
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN_WORD = re.compile(r"[A-Za-z]{2,}")
+HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+"""One Han character (CJK unified ideographs, extension A, compatibility)."""
+LATIN_WORD = re.compile(r"[A-Za-z]{2,}")
 
 
 def written_in(text: str) -> str | None:
@@ -124,8 +125,8 @@ def written_in(text: str) -> str | None:
     Order numbers and product names in Latin letters are common in Chinese messages
     ("我的订单LH-1001到哪了"), so any run of Han characters outweighs a few Latin words.
     """
-    han = len(_HAN.findall(text))
-    latin = len(_LATIN_WORD.findall(text))
+    han = len(HAN.findall(text))
+    latin = len(LATIN_WORD.findall(text))
     if han >= 2 and han >= latin:
         return "Chinese"
     if latin >= 2 and han == 0:

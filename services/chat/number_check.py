@@ -103,12 +103,21 @@ class NumberGuard:
     that states a number the evidence does not hold.
     """
 
-    def __init__(self, evidence: Iterable[str]) -> None:
-        self._allowed = allowed_numbers(evidence)
+    def __init__(self, evidence: Iterable[str] | None) -> None:
+        """Check against the numbers of ``evidence``.
+
+        With None, numbers are not checked: only the first sentence is held (so that the
+        reply's form can be judged before anything is shown), then text passes as it comes.
+        """
+        self._allowed = allowed_numbers(evidence) if evidence is not None else None
         self._held = ""
+        self._released = False
 
     def feed(self, text: str) -> tuple[str, list[str]]:
         """Add streamed text; return the complete sentences now safe to show, or the numbers that are not."""
+        if self._allowed is None and self._released:
+            text, self._held = self._held + text, ""
+            return text, []
         self._held += text
         ends = [m.end() for m in _SENTENCE_END.finditer(self._held)]
         if not ends:
@@ -128,5 +137,8 @@ class NumberGuard:
         return self._judged(ready)
 
     def _judged(self, text: str) -> tuple[str, list[str]]:
+        self._released = self._released or bool(text)
+        if self._allowed is None:
+            return text, []
         bad = unsupported_numbers(text, self._allowed)
         return ("", bad) if bad else (text, [])

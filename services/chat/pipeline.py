@@ -35,6 +35,7 @@ from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest
 from services.chat.delivery import ReplyDelivery, ReplyStream
 from services.chat.grounding import Grounding, build_messages, ground, passage_of
 from services.chat.intents import CHIT_CHAT, COMPLAINT, HUMAN_AGENT, OUT_OF_SCOPE, SENSITIVE, Classification
+from services.chat.reply_form import Misfit, retry_messages
 from services.chat.structured_reply import (
     CHARS_PER_TOKEN,
     ReplyStreamDecoder,
@@ -304,7 +305,7 @@ class ChatPipeline:
         rests on a tool's data (``actions``) or on no entries (questions about the assistant)
         need not.
         """
-        schema, decoder = None, None
+        schema, decoder, plain = None, None, messages
         # An answer from entries states only numbers the model was shown; a tool's data is live, not checked.
         from_entries = bool(basis["grounding"].chunks) and not actions
         evidence = [m.content for m in messages] if self._config.check_numbers and from_entries else None
@@ -314,11 +315,17 @@ class ChatPipeline:
             messages = with_reply_instruction(messages, cite=bool(entries))
             schema = reply_schema(self._config.sampling.max_tokens * CHARS_PER_TOKEN, entries)
             decoder = ReplyStreamDecoder()
-        tenant = basis["conversation"].tenant.tenant
+        conversation: Conversation = basis["conversation"]
+        tenant = conversation.tenant.tenant
         chunks = aiter(
             self._generator.stream(messages, self._config.sampling, basis["adapter"], json_schema=schema, tenant=tenant)
         )
         first = await _first_chunk(chunks)
+
+        def retry(reason: Misfit) -> AsyncIterator[GenerationChunk]:
+            again = retry_messages(plain, reason, conversation.question)
+            return self._generator.stream(again, self._config.sampling, basis["adapter"], tenant=tenant)
+
         return GeneratedAnswer(
             **basis,
             confidence=confidence,
@@ -328,8 +335,9 @@ class ChatPipeline:
             decoder=decoder,
             cite=decoder is not None and bool(entries),
             evidence=evidence,
-            fallback_text=self._fallback_text(basis["conversation"].tenant),
+            fallback_text=self._fallback_text(conversation.tenant),
             cache_slot=cache_slot,
+            retry=retry,
         )
 
     def _replies(self, tenant: TenantConfig) -> StandardReplies:

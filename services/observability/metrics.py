@@ -31,7 +31,9 @@ BATCH_SIZE_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 #: Values of the ``outcome`` label of ``cs_requests``: a closed set, so the label stays bounded.
 REQUEST_OUTCOMES = ("answered", "fallback", "handover", "guardrail", "tool_failed", "error", "cancelled")
 #: Values of the ``reason`` label of ``cs_withheld_replies``.
-WITHHELD_REASONS = ("no_citation", "unsupported_number", "undecodable")
+WITHHELD_REASONS = ("no_citation", "unsupported_number", "undecodable", "fragment", "wrong_language")
+#: Values of the ``reason`` label of ``cs_reply_retries``.
+RETRY_REASONS = ("fragment", "wrong_language")
 #: Values of the ``stage`` label of ``cs_stage_seconds``.
 STAGES = ("embed", "retrieve", "rerank", "generate", "first_token")
 
@@ -86,8 +88,16 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec(
         "cs_withheld_replies", "counter", ("tenant", "reason"),
         "Generated answers not given (the fallback sentence instead): no_citation (cites no shown entry), "
-        "unsupported_number (states a number no shown entry holds), undecodable (the reply object held no text).",
+        "unsupported_number (states a number no shown entry holds), undecodable (the reply held no text), "
+        "fragment or wrong_language (its plain-text retry was still a bare value or title, or in another language "
+        "than the shopper's).",
         "Orchestrator", when="after an answer is withheld",
+    ),
+    MetricSpec(
+        "cs_reply_retries", "counter", ("tenant", "reason"),
+        "Generated answers asked for again in plain text before anything was shown: fragment (a bare value, a "
+        "word or an entry's title) or wrong_language (not in the shopper's language).",
+        "Orchestrator", when="after an answer is retried",
     ),
     MetricSpec(
         "cs_request_seconds", "histogram", ("tenant", "outcome"),
