@@ -183,24 +183,33 @@ class CanaryTarget:
     adapter: str  # name@version, as replies name it
     percent: float
 
-    def session_for(self, question_id: str) -> str:
-        """A session id of this question that the canary serves (the registry's sticky bucket)."""
+    async def session_for(self, client: Any, user_id: str, headers: dict[str, str]) -> str:
+        """A session of this user that the canary serves (the registry's sticky bucket).
+
+        Session ids are issued by the server (``POST /v1/sessions``, which generates
+        nothing), so sessions are opened until one falls inside the canary's share.
+        """
         from services.adapters.registry import canary_bucket
 
-        for attempt in range(100_000):  # 1% canaries: ~100 tries
-            session_id = f"cs-eval-{question_id}-{attempt}"
+        for _ in range(max(10, int(2000 / max(self.percent, 0.01)))):  # a 1% canary: ~100 sessions
+            response = await client.post("/v1/sessions", json={"user_id": user_id}, headers=headers)
+            if response.status_code != 201:
+                raise RuntimeError(f"HTTP {response.status_code} opening a session: {response.text[:300]}")
+            session_id = str(response.json()["session_id"])
             if canary_bucket(self.tenant, session_id) < self.percent:
                 return session_id
-        raise RuntimeError(f"no session id falls inside a {self.percent}% canary")
+        raise RuntimeError(f"no session opened falls inside a {self.percent}% canary")
 
 
 async def ask(client: Any, question: Question, api_key: str, canary: CanaryTarget | None = None) -> Result:
     """Send the question's turns in one session; score the reply to the last."""
     headers = {"Authorization": f"Bearer {api_key}"}
-    session_id = canary.session_for(question.id) if canary else None
+    session_id: str | None = None
     reply: dict[str, Any] = {}
     seconds = 0.0
     try:
+        if canary is not None:
+            session_id = await canary.session_for(client, question.user_id, headers)
         for message in question.messages:
             body: dict[str, Any] = {"user_id": question.user_id, "message": message}
             if session_id:

@@ -29,7 +29,7 @@ from services.config import LLMConfig, ObservabilityConfig, OrchestratorConfig, 
 from services.errors import ServiceError
 from services.observability.logs import configure_replica_logging
 from services.observability.metrics import RayMetrics, names_for
-from services.sessions import RedisSessionMemory, open_session_memory
+from services.sessions import RedisSessionMemory, SessionIds, open_session_memory
 from services.tools import ToolRunner
 
 
@@ -66,6 +66,10 @@ class Orchestrator:
         self._knowledge = RetrieverClient(retriever, config.dependency_timeout_s, config.ingest_timeout_s, metrics)
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         self._sessions = open_session_memory(config.session, redis_url)
+        if config.session.backend == "redis" and settings.session_secret is None:
+            # Each replica would sign with its own random key and refuse the others' session ids.
+            raise ValueError("session.backend is redis: set CS_SESSION_SECRET, shared by every orchestrator replica")
+        secret = settings.session_secret.get_secret_value().encode() if settings.session_secret else None
         embedder_client = EmbedderClient(embedder, config.dependency_timeout_s, metrics)
         self._pipeline = ChatPipeline(
             config,
@@ -84,6 +88,7 @@ class Orchestrator:
             metrics,
             ToolRunner(config.tools, metrics=metrics) if config.tools.enabled else None,
             embedder_client,
+            SessionIds(secret),
         )
         self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
 

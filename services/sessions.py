@@ -11,8 +11,12 @@ the most recent that fit ``max_history_tokens`` (estimated; see :func:`estimate_
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import re
+import secrets
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -71,31 +75,66 @@ class SessionMemory(Protocol):
         ...
 
 
+class SessionIds:
+    """Issues session ids bound to one (tenant, user) and recognizes them when presented again.
+
+    An id is a random nonce and an HMAC-SHA256 of (tenant, user, nonce) under the replicas'
+    shared key, so it is unguessable, any replica can check it without a lookup, and an id
+    presented by another user or under another tenant's key is simply not theirs: it
+    neither reveals nor extends the conversation it was issued for.
+    """
+
+    def __init__(self, secret: bytes | None = None) -> None:
+        # Without a shared key each replica makes its own: fine for in-process sessions,
+        # which live and die with the replica anyway.
+        self._secret = secret or secrets.token_bytes(32)
+
+    def issue(self, tenant: str, user_id: str) -> str:
+        """A new session id of this user."""
+        nonce = secrets.token_urlsafe(16)
+        return f"{nonce}.{self._mac(tenant, user_id, nonce)}"
+
+    def owns(self, tenant: str, user_id: str, session_id: str) -> bool:
+        """Whether ``session_id`` was issued to this user of this tenant."""
+        nonce, dot, mac = session_id.rpartition(".")
+        return bool(dot and nonce) and hmac.compare_digest(mac, self._mac(tenant, user_id, nonce))
+
+    def _mac(self, tenant: str, user_id: str, nonce: str) -> str:
+        message = "\0".join((tenant, user_id, nonce)).encode("utf-8", "surrogatepass")
+        digest = hmac.new(self._secret, message, hashlib.sha256).digest()[:18]
+        return base64.urlsafe_b64encode(digest).decode("ascii")
+
+
 class InProcessSessionMemory:
-    """Sessions in this process, least recently used dropped beyond ``max_sessions``."""
+    """Sessions in this process: per tenant, its least recently used dropped beyond ``max_sessions``.
+
+    The bound is per tenant so that one tenant opening sessions by the thousand never
+    evicts another tenant's conversations.
+    """
 
     def __init__(self, config: SessionConfig) -> None:
         self._config = config
-        self._sessions: OrderedDict[tuple[str, str], list[Turn]] = OrderedDict()
+        self._tenants: dict[str, OrderedDict[str, list[Turn]]] = {}
 
     async def history(self, tenant: str, session_id: str) -> list[Turn]:
         """Recent turns, oldest first."""
-        turns = self._sessions.get((tenant, session_id), [])
-        if turns:
-            self._sessions.move_to_end((tenant, session_id))
+        sessions = self._tenants.get(tenant)
+        turns = sessions.get(session_id, []) if sessions is not None else []
+        if turns and sessions is not None:
+            sessions.move_to_end(session_id)
         if not self._config.max_turns:
             return []
         return within_budget(turns[-self._config.max_turns :], self._config.max_history_tokens)
 
     async def append(self, tenant: str, session_id: str, turn: Turn) -> None:
         """Record a turn; keep at most ``max_turns`` per session."""
-        key = (tenant, session_id)
-        turns = self._sessions.setdefault(key, [])
+        sessions = self._tenants.setdefault(tenant, OrderedDict())
+        turns = sessions.setdefault(session_id, [])
         turns.append(turn)
         del turns[: -max(self._config.max_turns, 1)]
-        self._sessions.move_to_end(key)
-        while len(self._sessions) > self._config.max_sessions:
-            self._sessions.popitem(last=False)
+        sessions.move_to_end(session_id)
+        while len(sessions) > self._config.max_sessions:
+            sessions.popitem(last=False)
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -142,6 +142,8 @@ def ray_cluster(otlp_collector: tuple[Any, str]) -> Iterator[dict[str, Any]]:
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector[1],
             "OTEL_SERVICE_NAME": "cs-platform-tests",
             "OTEL_BSP_SCHEDULE_DELAY": "200",
+            # Orchestrator replicas sharing Redis sessions share the key of their ids, as in production.
+            "CS_SESSION_SECRET": "test-session-secret-shared-by-every-replica",
         }
     )
     tracing = {"enabled": True, "exporter_import_path": TRACING_EXPORTER, "sampling_ratio": 1.0}
@@ -200,6 +202,8 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
         "cite_sources": False,
         # Its random text may hold any digit: the number check is tested with stand-in generators.
         "check_numbers": False,
+        # Nor is its text in any language: the form check is tested with stand-in generators too.
+        "check_form": False,
         "tenants": [
             {
                 "tenant": "lumen",

@@ -105,11 +105,26 @@ def test_the_chart_is_written(tmp_path: Path) -> None:
     assert write_chart(summary, tmp_path / "chart.png") and (tmp_path / "chart.png").stat().st_size > 1000
 
 
-def test_canary_sessions_fall_inside_the_canary_share_and_differ_per_question() -> None:
+class SessionIssuer:
+    """Stands in for ``POST /v1/sessions``: issues ids as the server does."""
+
+    def __init__(self) -> None:
+        from services.sessions import SessionIds
+
+        self.ids, self.opened = SessionIds(), 0
+
+    async def post(self, path: str, json: dict[str, Any], headers: dict[str, str]) -> Any:
+        assert path == "/v1/sessions"
+        self.opened += 1
+        body = {"session_id": self.ids.issue("lumen", json["user_id"]), "user_id": json["user_id"]}
+        return type("Response", (), {"status_code": 201, "json": lambda _: body, "text": ""})()
+
+
+async def test_canary_sessions_are_opened_until_one_falls_inside_the_canary_share() -> None:
     from cs_tools.evaluate import CanaryTarget
     from services.adapters.registry import canary_bucket
 
-    canary = CanaryTarget("lumen", "voice@v2", percent=5.0)
-    sessions = [canary.session_for(f"q{n}") for n in range(20)]
-    assert all(canary_bucket("lumen", s) < 5.0 for s in sessions)
-    assert len(set(sessions)) == 20 and canary.session_for("q3") == sessions[3]  # stable, so a rerun is the same run
+    canary, client = CanaryTarget("lumen", "voice@v2", percent=5.0), SessionIssuer()
+    sessions = [await canary.session_for(client, "shopper-1", {}) for _ in range(20)]
+    assert all(canary_bucket("lumen", s) < 5.0 for s in sessions) and len(set(sessions)) == 20
+    assert client.opened > 20  # most sessions fall outside a 5% share and are not used

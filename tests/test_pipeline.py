@@ -79,14 +79,16 @@ async def test_relevant_knowledge_is_answered_and_history_feeds_the_next_prompt(
     # (tests/test_reply_form.py); with check_numbers every sentence is (tested below).
     chat, generator = pipeline(dense=0.8, check_numbers=False)
     tenant = chat._config.tenants[0]
-    first = await chat.answer(tenant, ChatRequest(user_id="u", message="Returns?", session_id="s1"))
+    first = await chat.answer(tenant, ChatRequest(user_id="u", message="Returns?"))
+    session = first.session_id  # issued by the server
     # Structured replies (as shipped): the response is decoded out of the model's JSON, and
     # the evidence 0.8 is lowered by the model's own 0.5.
     answer = 'Within 7 days \u2014 see "Returns".'
     assert (first.response, first.confidence) == (answer, combined_confidence(0.8, 0.5))
     assert [s.doc_id for s in first.sources] == ["returns"]
     items = [
-        i async for i in await chat.prepare(tenant, ChatRequest(user_id="u", message="And refunds?", session_id="s1"))
+        i
+        async for i in await chat.prepare(tenant, ChatRequest(user_id="u", message="And refunds?", session_id=session))
     ]
     assert items[:-1] == [answer] and isinstance(items[-1], ChatReply)
     second_prompt = generator.calls[1]
@@ -221,7 +223,9 @@ async def test_feedback_names_a_recent_reply_of_the_callers_own_session() -> Non
     lumen = config.tenants[0]
     reply = await chat.answer(lumen, ChatRequest(user_id="u", message="Returns?"))
     assert reply.reply_id and metrics.tags("cs_requests") == [{"tenant": "lumen", "outcome": "answered"}]
-    verdict = FeedbackRequest(session_id=reply.session_id, reply_id=reply.reply_id, helpful=True, resolved=False)
+    verdict = FeedbackRequest(
+        session_id=reply.session_id, user_id="u", reply_id=reply.reply_id, helpful=True, resolved=False
+    )
     await chat.feedback(lumen, verdict)
     assert metrics.tags("cs_feedback") == [
         {"tenant": "lumen", "verdict": "helpful"},
@@ -230,8 +234,10 @@ async def test_feedback_names_a_recent_reply_of_the_callers_own_session() -> Non
     other = lumen.model_copy(update={"tenant": "other"})
     with pytest.raises(NotFoundError, match="not among the recent replies"):
         await chat.feedback(other, verdict)  # another tenant cannot see, nor rate, this session
+    with pytest.raises(NotFoundError, match="not among the recent replies"):
+        await chat.feedback(lumen, verdict.model_copy(update={"user_id": "someone-else"}))  # nor another shopper
     with pytest.raises(ValueError, match="give helpful, resolved or both"):
-        FeedbackRequest(session_id="s", reply_id="r")
+        FeedbackRequest(session_id="s", user_id="u", reply_id="r")
 
 
 async def test_structured_replies_stream_the_response_and_combine_confidences() -> None:

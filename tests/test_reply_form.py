@@ -87,7 +87,8 @@ class Scripted:
 
 
 async def answered(first: str, again: str, message: str) -> tuple[list[str], ChatReply, RecordingMetrics, Scripted]:
-    config = OrchestratorConfig.model_validate(orchestrator_args(structured_replies=True, check_numbers=True))
+    args = orchestrator_args(structured_replies=True, check_numbers=True, check_form=True)
+    config = OrchestratorConfig.model_validate(args)
     generator, metrics = Scripted(first, again), RecordingMetrics()
     chat = ChatPipeline(config, Retriever(0.8), generator, metrics=metrics)
     items = [i async for i in await chat.prepare(config.tenants[0], ChatRequest(user_id="u", message=message))]
@@ -123,3 +124,12 @@ async def test_a_retry_is_checked_for_invented_numbers_too() -> None:
     _, reply, metrics, _ = await answered("Returns", "You can return items within 30 days.", "Returns?")
     assert reply.outcome == "fallback"
     assert metrics.tags("cs_withheld_replies") == [{"tenant": "lumen", "reason": "unsupported_number"}]
+
+
+async def test_with_the_form_check_off_a_fragment_is_shown_as_written() -> None:
+    config = OrchestratorConfig.model_validate(orchestrator_args(check_form=False))
+    generator, metrics = Scripted("Returns", "unused"), RecordingMetrics()
+    reply = await ChatPipeline(config, Retriever(0.8), generator, metrics=metrics).answer(
+        config.tenants[0], ChatRequest(user_id="u", message="Returns?")
+    )
+    assert (reply.response, reply.outcome, len(generator.calls)) == ("Returns", "answered", 1)

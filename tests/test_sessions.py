@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.config import SessionConfig
-from services.sessions import InProcessSessionMemory, Turn, estimate_tokens, within_budget
+from services.sessions import InProcessSessionMemory, SessionIds, Turn, estimate_tokens, within_budget
 
 
 async def test_sessions_keep_last_turns_and_are_tenant_scoped() -> None:
@@ -43,3 +43,34 @@ def test_token_estimate_counts_cjk_per_character() -> None:
     assert estimate_tokens("退货政策") == 4
     assert estimate_tokens("return policy") == 4
     assert within_budget([Turn("a", "b")], 0) == []
+
+
+def test_a_session_id_is_recognized_only_for_the_user_and_tenant_it_was_issued_to() -> None:
+    ids = SessionIds(b"k" * 32)
+    issued = ids.issue("lumen", "shopper-1")
+    assert ids.owns("lumen", "shopper-1", issued)
+    assert not ids.owns("lumen", "shopper-2", issued)
+    assert not ids.owns("voltmart", "shopper-1", issued)
+    assert not any(ids.owns("lumen", "shopper-1", made_up) for made_up in ["1", "a.b", ".", issued + "x"])
+    # Another replica with the shared key recognizes it; one with another key does not.
+    assert SessionIds(b"k" * 32).owns("lumen", "shopper-1", issued)
+    assert not SessionIds(b"j" * 32).owns("lumen", "shopper-1", issued)
+
+
+def test_issued_ids_are_unguessable_and_fit_the_session_id_field() -> None:
+    import re
+
+    from services.chat.contracts import SESSION_ID_PATTERN
+
+    ids = SessionIds()
+    issued = {ids.issue("t", "u") for _ in range(1000)}
+    assert len(issued) == 1000 and all(re.fullmatch(SESSION_ID_PATTERN, s) and len(s) <= 128 for s in issued)
+
+
+async def test_one_tenant_opening_many_sessions_never_evicts_another_tenants() -> None:
+    memory = InProcessSessionMemory(SessionConfig(max_sessions=2, max_turns=4))
+    await memory.append("quiet", "s", Turn("u", "a"))
+    for n in range(50):
+        await memory.append("busy", f"s{n}", Turn("u", "a"))
+    assert await memory.history("quiet", "s")
+    assert await memory.history("busy", "s49") and not await memory.history("busy", "s0")

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from services.api.auth import Caller
 from services.api.models import ErrorBody
-from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest
+from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest, SessionReply, SessionRequest
 from services.errors import ServiceError
 
 if TYPE_CHECKING:
@@ -74,11 +74,23 @@ async def chat(
     )
 
 
+@router.post("/sessions", status_code=201, responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}})
+async def open_session(body: SessionRequest, tenant: Caller, request: Request) -> SessionReply:
+    """Open a conversation for a shopper: its id, issued to that shopper of the caller's tenant.
+
+    Optional: a first message without ``session_id`` opens one too. Only this shopper can
+    continue it; the id presented with another ``user_id`` is a 404.
+    """
+    pipeline: ChatPipeline = request.app.state.pipeline
+    return SessionReply(session_id=pipeline.open_session(tenant, body.user_id), user_id=body.user_id)
+
+
 @router.post("/feedback", status_code=204, responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
 async def feedback(body: FeedbackRequest, tenant: Caller, request: Request) -> Response:
     """Record whether a reply helped and whether the issue was resolved (feeds the feedback metrics).
 
-    The reply must be one of the session's recent replies (``session.max_turns``).
+    The reply must be one of the recent replies (``session.max_turns``) of a session issued
+    to ``user_id``.
     """
     pipeline: ChatPipeline = request.app.state.pipeline
     await pipeline.feedback(tenant, body)

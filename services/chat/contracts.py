@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
+UserId = Annotated[str, Field(min_length=1, max_length=128, description="The storefront's id of the shopper.")]
 
 
 class ChatRequest(BaseModel):
@@ -16,10 +19,11 @@ class ChatRequest(BaseModel):
         None,
         min_length=1,
         max_length=128,
-        pattern=r"^[A-Za-z0-9._:-]+$",
-        description="Conversation id; omit it to start a new conversation (the reply carries the new id).",
+        pattern=SESSION_ID_PATTERN,
+        description="Conversation id, as issued by the server to this user (a reply's session_id, or POST "
+        "/v1/sessions); omit it to start a new conversation. An id not issued to this user is a 404.",
     )
-    user_id: str = Field(min_length=1, max_length=128, description="The storefront's id of the shopper.")
+    user_id: UserId
     message: str = Field(description="The shopper's message.")
     stream: bool = Field(False, description="Answer as Server-Sent Events instead of one JSON body.")
 
@@ -84,7 +88,8 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    session_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    session_id: str = Field(min_length=1, max_length=128, pattern=SESSION_ID_PATTERN)
+    user_id: UserId
     reply_id: str = Field(min_length=1, max_length=64)
     helpful: bool | None = Field(None, description="Was the answer helpful (accurate)?")
     resolved: bool | None = Field(None, description="Was the shopper's issue resolved?")
@@ -95,3 +100,18 @@ class FeedbackRequest(BaseModel):
         if self.helpful is None and self.resolved is None:
             raise ValueError("give helpful, resolved or both")
         return self
+
+
+class SessionRequest(BaseModel):
+    """Open a conversation for a shopper before its first message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: UserId
+
+
+class SessionReply(BaseModel):
+    """A new conversation's id, issued to one shopper of the caller's tenant."""
+
+    session_id: str
+    user_id: str

@@ -11,7 +11,6 @@ Every step before the first token still fails as a clean HTTP error. The returne
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -48,7 +47,7 @@ from services.errors import DependencyUnavailableError, GenerationError, Invalid
 from services.observability.metrics import Metrics
 from services.observability.tracing import tracer
 from services.schemas import ChatMessage, GenerationChunk, RetrievedChunk
-from services.sessions import InProcessSessionMemory, SessionMemory, Turn, within_budget
+from services.sessions import InProcessSessionMemory, SessionIds, SessionMemory, Turn, within_budget
 from services.tools import ToolRunner
 
 logger = logging.getLogger(__name__)
@@ -70,6 +69,7 @@ class ChatPipeline:
         metrics: Metrics | None = None,
         tools: ToolRunner | None = None,
         reranker: PassageReranker | None = None,
+        session_ids: SessionIds | None = None,
     ) -> None:
         self._config = config
         self._retriever = retriever
@@ -78,6 +78,7 @@ class ChatPipeline:
         self._resolve_adapter = adapter_resolver
         self._analyzer = analyzer
         self._sessions = sessions or InProcessSessionMemory(config.session)
+        self._session_ids = session_ids or SessionIds()
         self._cache = cache
         self._knowledge_version = knowledge_version
         self._metrics = metrics or Metrics()
@@ -163,7 +164,12 @@ class ChatPipeline:
             raise InvalidRequestError(
                 f"message has {len(request.message)} characters; the limit is {self._config.max_message_chars}"
             )
-        session_id = request.session_id or uuid.uuid4().hex
+        if request.session_id is None:
+            session_id = self.open_session(tenant, request.user_id)
+        elif history is None:
+            session_id = self._owned_session(tenant, request.user_id, request.session_id)
+        else:
+            session_id = request.session_id  # the caller keeps this conversation: nothing is read or written
         # Shoppers' words and ids only at DEBUG: INFO logs carry no personal data.
         logger.debug("message from user %r in session %r: %r", request.user_id, session_id, request.message)
         remember = history is None
@@ -173,6 +179,25 @@ class ChatPipeline:
             session = self._config.session
             history = within_budget(history[-session.max_turns :], session.max_history_tokens)
         return Conversation(tenant, session_id, request.user_id, request.message, history, remember)
+
+    def open_session(self, tenant: TenantConfig, user_id: str) -> str:
+        """A new conversation's id, issued to this user of this tenant (nothing is stored until its first turn)."""
+        return self._session_ids.issue(tenant.tenant, user_id)
+
+    def _owned_session(self, tenant: TenantConfig, user_id: str, session_id: str) -> str:
+        """``session_id`` when it was issued to this user of this tenant.
+
+        Raises:
+            NotFoundError: it was not (another user's, another tenant's, or made up by the
+                client): the same answer in every case, so it reveals nothing about the session.
+
+        """
+        if not self._session_ids.owns(tenant.tenant, user_id, session_id):
+            raise NotFoundError(
+                "session_id is not a session of this user; omit it to start a new conversation "
+                "(the reply carries the id), or open one with POST /v1/sessions"
+            )
+        return session_id
 
     def _adapter_of(self, conversation: Conversation) -> str | None:
         """The adapter registered for the tenant now (a canary may pick per session), else the configured one."""
@@ -337,7 +362,7 @@ class ChatPipeline:
             evidence=evidence,
             fallback_text=self._fallback_text(conversation.tenant),
             cache_slot=cache_slot,
-            retry=retry,
+            retry=retry if self._config.check_form else None,
         )
 
     def _replies(self, tenant: TenantConfig) -> StandardReplies:
@@ -352,10 +377,13 @@ class ChatPipeline:
         """Record the shopper's verdict on one of the session's recent replies.
 
         Raises:
-            NotFoundError: no such reply in this tenant's session (another tenant's is invisible).
+            NotFoundError: no such reply among the recent ones of this user's session (another
+                user's or tenant's session is invisible: the same error).
 
         """
-        turns = await self._sessions.history(tenant.tenant, request.session_id)
+        turns = []
+        if self._session_ids.owns(tenant.tenant, request.user_id, request.session_id):
+            turns = await self._sessions.history(tenant.tenant, request.session_id)
         if not any(t.reply_id == request.reply_id for t in turns):
             raise NotFoundError(
                 f"reply {request.reply_id!r} is not among the recent replies of session {request.session_id!r}"

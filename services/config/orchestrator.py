@@ -99,6 +99,12 @@ class OrchestratorConfig(StrictModel):
         "states (digits, Chinese numerals, English number words) is found in what the model was shown; at the "
         "first that is not, generation stops and the fallback follows.",
     )
+    check_form: bool = Field(
+        True,
+        description="Before anything is shown, a reply must be an answer: not a bare value, a single word or an "
+        "entry's title, and in the shopper's language; one that is not is asked for once more in plain text, then "
+        "replaced by the fallback. Off only for a model that writes random text (a test model).",
+    )
     answer_cache: AnswerCacheConfig = Field(
         default_factory=lambda: AnswerCacheConfig(), description="Cache of frequent questions' answers."
     )

@@ -19,7 +19,9 @@ class SessionConfig(StrictModel):
     max_turns: int = Field(6, ge=0, le=100, description="Earlier turns (user + assistant pairs) in the prompt.")
     max_history_tokens: int = Field(1500, ge=0, description="Estimated tokens of history in the prompt, at most.")
     ttl_s: int = Field(86400, ge=60, description="Redis: a conversation idle this long is forgotten.")
-    max_sessions: int = Field(10000, ge=1, description="In process: sessions kept (least recently used dropped).")
+    max_sessions: int = Field(
+        10000, ge=1, description="In process: sessions kept per tenant (its least recently used dropped)."
+    )
     redis_timeout_s: float = Field(2.0, gt=0, description="Redis: bound on one command.")
 
 

@@ -22,4 +22,10 @@ class ServiceSettings(BaseSettings):
     )
     milvus_token: SecretStr | None = Field(None, description="Milvus token ('user:password' or API key).")
     redis_url: SecretStr | None = Field(None, description="Redis URL with credentials (sessions, answer cache).")
+    session_secret: SecretStr | None = Field(
+        None,
+        description="Key that signs session ids (at least 32 characters); every orchestrator replica must share it "
+        "when sessions live in Redis. Unset: a random key per replica, for in-process sessions.",
+        min_length=32,
+    )
     config_base_dir: Path | None = Field(None, description="Folder that relative paths in the config start from.")

@@ -6,7 +6,6 @@ import asyncio
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +69,8 @@ def client(base_url: str) -> Iterator[httpx.Client]:
 
 def chat(client: httpx.Client, session: str | None = None) -> dict[str, Any]:
     # A fresh session by default: history would change the prompt and so the greedy answer.
-    session = session or uuid.uuid4().hex
-    reply = client.post("/v1/chat", json={"user_id": "u", "message": QUESTION, "session_id": session}, headers=CHAT)
+    body = {"user_id": "u", "message": QUESTION} | ({"session_id": session} if session else {})
+    reply = client.post("/v1/chat", json=body, headers=CHAT)
     assert reply.status_code == 200, reply.text
     body: dict[str, Any] = reply.json()
     return body
@@ -141,10 +140,10 @@ class Swap:
     ended: float
 
 
-async def stream_chat(http: httpx.AsyncClient, session: str, record: Streamed) -> None:
-    """Send one streamed chat request, filling ``record`` as its events arrive."""
+async def stream_chat(http: httpx.AsyncClient, record: Streamed) -> None:
+    """Send one streamed chat request in a new session, filling ``record`` as its events arrive."""
     record.sent = time.monotonic()
-    body = {"user_id": "u", "message": QUESTION, "session_id": session, "stream": True}
+    body = {"user_id": "u", "message": QUESTION, "stream": True}
     async with http.stream("POST", "/v1/chat", json=body, headers=CHAT) as reply:
         record.status = reply.status_code
         event = None
@@ -185,13 +184,11 @@ def test_swapping_under_load_never_fails_or_mixes_versions(
         stop = asyncio.Event()
         async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
 
-            async def worker(w: int) -> None:
-                n = 0
+            async def worker() -> None:
                 while not stop.is_set():
                     record = Streamed(sent=time.monotonic())
                     records.append(record)  # in flight from now on
-                    await stream_chat(http, f"load-{w}-{n}", record)
-                    n += 1
+                    await stream_chat(http, record)
 
             async def swapper() -> None:
                 active = "v1"
@@ -216,7 +213,7 @@ def test_swapping_under_load_never_fails_or_mixes_versions(
                     active = new
                 stop.set()
 
-            workers = [asyncio.create_task(worker(w)) for w in range(4)]
+            workers = [asyncio.create_task(worker()) for _ in range(4)]
             try:
                 await swapper()
             finally:
@@ -260,7 +257,9 @@ def test_canary_is_sticky_per_session_then_promoted(client: httpx.Client, refere
     activate(client, "v1")
     reply = client.put("/admin/tenants/lumen/adapter/canary", json={"version": "v2", "percent": 50}, headers=ADMIN)
     assert reply.status_code == 200, reply.text
-    sessions = [f"canary-{n}" for n in range(16)]
+    opened = [client.post("/v1/sessions", json={"user_id": "u"}, headers=CHAT) for _ in range(16)]
+    assert all(o.status_code == 201 for o in opened)
+    sessions = [o.json()["session_id"] for o in opened]
     first = {s: chat(client, s) for s in sessions}
     assert {r["adapter"] for r in first.values()} == {"lumen-voice@v1", "lumen-voice@v2"}
     assert all(r["response"] == references[r["adapter"]] for r in first.values())

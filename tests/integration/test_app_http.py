@@ -156,7 +156,7 @@ def test_unrelated_question_gets_the_fallback(client: httpx.Client) -> None:
 
 
 def test_streaming_yields_deltas_then_the_final_reply(client: httpx.Client) -> None:
-    reply = chat(client, message="How long does a card refund take?", stream=True, session_id="stream-1")
+    reply = chat(client, message="How long does a card refund take?", stream=True)
     assert reply.status_code == 200
     assert reply.headers["content-type"].startswith("text/event-stream")
     events = parse_sse(reply.text)
@@ -166,7 +166,7 @@ def test_streaming_yields_deltas_then_the_final_reply(client: httpx.Client) -> N
     assert len(deltas) >= 2
     final = events[-1][1]
     assert final["response"] == "".join(deltas).strip()
-    assert final["session_id"] == "stream-1"
+    assert final["session_id"]  # issued by the server
     assert "refund-time-en" in [s["doc_id"] for s in final["sources"]]
 
 
@@ -176,10 +176,26 @@ def test_streamed_fallback_is_one_delta_and_final(client: httpx.Client) -> None:
     assert events[1][1]["confidence"] == 0
 
 
-def test_session_id_is_kept_across_turns(client: httpx.Client) -> None:
-    first = chat(client, message="Can I return a sofa?", session_id="conv-42").json()
-    second = chat(client, message="And a lamp?", session_id="conv-42").json()
-    assert first["session_id"] == second["session_id"] == "conv-42"
+def test_a_session_is_continued_only_by_the_shopper_it_was_issued_to(client: httpx.Client) -> None:
+    first = chat(client, message="Can I return a sofa?").json()
+    second = chat(client, message="And a lamp?", session_id=first["session_id"]).json()
+    assert second["session_id"] == first["session_id"]
+    # Another shopper, another tenant's key, or an id the client made up: the same 404, nothing revealed.
+    stranger = client.post(
+        "/v1/chat", json={"user_id": "shopper-2", "message": "What did I ask?", "session_id": first["session_id"]},
+        headers=AUTH,
+    )  # fmt: skip
+    other_tenant = client.post(
+        "/v1/chat",
+        json={"user_id": "shopper-1", "message": "hi", "session_id": first["session_id"]},
+        headers=NORDIC_AUTH,
+    )
+    made_up = chat(client, message="And a lamp?", session_id="conv-42")
+    for refused in (stranger, other_tenant, made_up):
+        assert refused.status_code == 404 and "not a session of this user" in refused.json()["error"]["message"]
+    opened = client.post("/v1/sessions", json={"user_id": "shopper-1"}, headers=AUTH)
+    assert opened.status_code == 201 and opened.json()["user_id"] == "shopper-1"
+    assert chat(client, message="hello", session_id=opened.json()["session_id"]).status_code == 200
 
 
 def test_a_coupon_question_over_the_tiny_context_is_a_clear_400(client: httpx.Client) -> None:
@@ -448,12 +464,14 @@ def test_handover_and_guardrails_over_http(client: httpx.Client) -> None:
 
 def test_feedback_reaches_the_metrics(client: httpx.Client, ray_cluster: dict[str, Any]) -> None:
     reply = chat(client, message="How do I reset my password?").json()
-    body = {"session_id": reply["session_id"], "reply_id": reply["reply_id"], "helpful": False, "resolved": False}
+    body = {"session_id": reply["session_id"], "user_id": "shopper-1", "reply_id": reply["reply_id"]}
+    body |= {"helpful": False, "resolved": False}
     assert client.post("/v1/feedback", json=body, headers=AUTH).status_code == 204
     nordic = {"Authorization": "Bearer nordic-key"}
     assert client.post("/v1/feedback", json=body, headers=nordic).status_code == 404  # not its session
     assert client.post("/v1/feedback", json=body | {"reply_id": "nope"}, headers=AUTH).status_code == 404
-    missing = client.post("/v1/feedback", json={"session_id": "s", "reply_id": "r"}, headers=AUTH)
+    assert client.post("/v1/feedback", json=body | {"user_id": "shopper-2"}, headers=AUTH).status_code == 404
+    missing = client.post("/v1/feedback", json={"session_id": "s", "user_id": "u", "reply_id": "r"}, headers=AUTH)
     assert missing.status_code == 422 and "give helpful, resolved or both" in missing.text
 
     def scrape() -> str:
@@ -488,7 +506,8 @@ def test_a_forced_tool_call_reaches_the_storefront_as_the_authenticated_shopper(
 def test_a_conversation_continues_on_the_other_orchestrator_replica(client: httpx.Client) -> None:
     first = chat(client, message="Can I return a sofa?")
     reply, replica = first.json(), first.headers["X-Served-By"]
-    feedback = {"session_id": reply["session_id"], "reply_id": reply["reply_id"], "helpful": True}
+    feedback = {"session_id": reply["session_id"], "user_id": "shopper-1", "reply_id": reply["reply_id"]}
+    feedback["helpful"] = True
     # Feedback is accepted only for a reply in the session's memory. Send it until the
     # other replica has served it (Serve spreads requests over both; bounded).
     for _ in range(40):
@@ -536,7 +555,8 @@ def exercise_every_path(client: httpx.Client, adapters_dir: Path) -> None:
     url = "/admin/knowledge/lumen/sources/metrics-test"
     assert client.put(url, json={"complete": True, "documents": [DOG_POLICY]}, headers=admin).status_code == 200
     assert client.put(url, json={"complete": False, "deleted_doc_ids": ["pets-en"]}, headers=admin).status_code == 200
-    feedback = {"session_id": answered["session_id"], "reply_id": answered["reply_id"], "helpful": True}
+    feedback = {"session_id": answered["session_id"], "user_id": "shopper-1", "reply_id": answered["reply_id"]}
+    feedback["helpful"] = True
     assert client.post("/v1/feedback", json=feedback, headers=AUTH).status_code == 204
 
 

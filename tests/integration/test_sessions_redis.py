@@ -12,7 +12,7 @@ from services.chat.contracts import ChatRequest
 from services.chat.pipeline import ChatPipeline
 from services.config import OrchestratorConfig, SessionConfig
 from services.errors import DependencyUnavailableError
-from services.sessions import RedisSessionMemory, Turn
+from services.sessions import RedisSessionMemory, SessionIds, Turn
 from tests.conftest import orchestrator_args
 from tests.redis_server import redis_server
 from tests.test_pipeline import Generator, Retriever
@@ -31,7 +31,8 @@ def replica(url: str) -> tuple[ChatPipeline, Generator]:
     config = OrchestratorConfig.model_validate(orchestrator_args(session={"backend": "redis", "max_turns": 4}))
     generator = Generator()
     sessions = RedisSessionMemory(config.session, url)
-    return ChatPipeline(config, Retriever(0.9), generator, sessions=sessions), generator
+    ids = SessionIds(b"the key every replica shares......")
+    return ChatPipeline(config, Retriever(0.9), generator, sessions=sessions, session_ids=ids), generator
 
 
 async def test_a_conversation_continues_on_another_replica(redis_url: str) -> None:
@@ -62,3 +63,12 @@ async def test_a_redis_outage_is_a_503_not_a_forgotten_conversation() -> None:
     memory = RedisSessionMemory(SessionConfig(backend="redis"), f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(DependencyUnavailableError, match="session memory \\(Redis\\) failed"):
         await memory.history("lumen", "s1")
+
+
+async def test_random_shoppers_on_redis_sessions_never_read_another_conversation(redis_url: str) -> None:
+    from tests.test_session_isolation import isolation_pipeline, random_conversations
+
+    memory = RedisSessionMemory(SessionConfig(backend="redis", max_turns=50), redis_url)
+    chat, generator = isolation_pipeline(memory, SessionIds(b"the key every replica shares......"))
+    assert await random_conversations(chat, generator, requests=300, seed=11) > 20
+    await memory.close()
