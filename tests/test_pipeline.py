@@ -75,8 +75,8 @@ async def test_tenant_fallback_overrides_the_default() -> None:
 
 
 async def test_relevant_knowledge_is_answered_and_history_feeds_the_next_prompt() -> None:
-    # Without check_numbers only the first sentence is held whole, for its form to be judged
-    # (tests/test_reply_form.py); with check_numbers every sentence is (tested below).
+    # Streamed piece by piece: with check_numbers whole sentences are released (tested below),
+    # with check_form the first sentence (tests/test_reply_form.py).
     chat, generator = pipeline(dense=0.8, check_numbers=False)
     tenant = chat._config.tenants[0]
     first = await chat.answer(tenant, ChatRequest(user_id="u", message="Returns?"))
@@ -90,7 +90,7 @@ async def test_relevant_knowledge_is_answered_and_history_feeds_the_next_prompt(
         i
         async for i in await chat.prepare(tenant, ChatRequest(user_id="u", message="And refunds?", session_id=session))
     ]
-    assert items[:-1] == [answer] and isinstance(items[-1], ChatReply)
+    assert items[:-1] == ["Within ", "7 days \u2014 ", 'see "Returns"', "."] and isinstance(items[-1], ChatReply)
     second_prompt = generator.calls[1]
     # The conversation remembers the decoded answer, not the JSON the model wrote.
     assert [m.content for m in second_prompt[1:]] == ["Returns?", answer, "And refunds?"]
@@ -100,7 +100,7 @@ async def test_plain_text_replies_stream_the_models_text_as_is() -> None:
     chat, generator = pipeline(dense=0.8, structured_replies=False, check_numbers=False)
     tenant = chat._config.tenants[0]
     items = [i async for i in await chat.prepare(tenant, ChatRequest(user_id="u", message="Returns?"))]
-    assert items[:-1] == ["Within 7 days."]
+    assert items[:-1] == ["Within ", "7 days."]
     reply = items[-1]
     assert isinstance(reply, ChatReply) and (reply.response, reply.confidence) == ("Within 7 days.", 0.8)
     assert generator.kwargs[0]["json_schema"] is None and REPLY_INSTRUCTION not in generator.calls[0][0].content

@@ -88,9 +88,10 @@ class ReplyDelivery:
         self, answer: GeneratedAnswer, record: RequestRecord
     ) -> AsyncIterator[str | ChatReply]:
         shown: list[str] = []
-        first = _Try(
-            _chunks(answer), answer.rest, answer.decoder, NumberGuard(answer.evidence), judged=answer.retry is not None
-        )
+        judged = answer.retry is not None
+        # Text is held back only for a check: its numbers, or the form of its first sentence.
+        guard = NumberGuard(answer.evidence) if answer.evidence is not None or judged else None
+        first = _Try(_chunks(answer), answer.rest, answer.decoder, guard, judged=judged)
         async for text in _read(answer, record, first, shown):
             yield text
         attempt = first
@@ -160,7 +161,7 @@ class _Try:
     chunks: AsyncIterator[GenerationChunk]
     source: AsyncIterator[GenerationChunk]  # what to close to stop the engine generating
     decoder: ReplyStreamDecoder | None
-    guard: NumberGuard
+    guard: NumberGuard | None  # None: text passes as it comes
     judged: bool  # its form is judged: a misfit stops it (to retry or withhold) instead of being shown
     misfit: Misfit | None = None
 
@@ -189,7 +190,7 @@ async def _read(answer: GeneratedAnswer, record: RequestRecord, attempt: _Try, s
         if cited is not None and not _rests_on(cited, answer.grounding):
             record.withheld = "no_citation"
             break  # the rest of a withheld answer is never shown: stop generating it
-        text, unsupported = attempt.guard.feed(text)
+        text, unsupported = attempt.guard.feed(text) if attempt.guard is not None else (text, [])
         if unsupported:
             record.withheld = "unsupported_number"
             break
@@ -204,6 +205,8 @@ async def _read(answer: GeneratedAnswer, record: RequestRecord, attempt: _Try, s
             await attempt.source.aclose()  # cancels the engine's generation
         return
     # An answer cut off by the token budget ends at its last complete sentence, if it has one.
+    if attempt.guard is None:
+        return
     text, unsupported = attempt.guard.flush(drop_unfinished=record.finish_reason == "length" and bool(shown))
     if unsupported:
         record.withheld = "unsupported_number"
