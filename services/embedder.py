@@ -18,7 +18,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from services.config import EmbedderConfig, ObservabilityConfig, RerankerConfig
-from services.errors import DependencyUnavailableError
+from services.errors import DependencyUnavailableError, InvalidRequestError, ServiceError
 from services.observability.gpu import start_gpu_sampling
 from services.observability.logs import configure_replica_logging
 from services.observability.metrics import Metrics, RayMetrics, names_for
@@ -247,9 +247,19 @@ class Embedder:
         return await asyncio.to_thread(self._backend.count_tokens, texts)
 
     async def embed(self, texts: list[str], kind: TextKind = "query") -> list[Embedding]:
-        """Embed texts; concurrent callers are batched together."""
+        """Embed texts; concurrent callers are batched together.
+
+        Raises:
+            InvalidRequestError: the model cannot read one of these texts (it read the others of its batch).
+            DependencyUnavailableError: the model failed.
+
+        """
         batch = self._embed_query_batch if kind == "query" else self._embed_passage_batch
-        return list(await asyncio.gather(*(batch(text) for text in texts)))
+        results = await asyncio.gather(*(batch(text) for text in texts))
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return list(results)
 
     async def rerank(self, query: str, passages: list[str]) -> list[float]:
         """Cross-encoder relevance (0..1) of each passage to the query, in the passages' order.
@@ -273,21 +283,42 @@ class Embedder:
             return scores
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _embed_query_batch(self, texts: list[str]) -> list[Embedding]:
+    async def _embed_query_batch(self, texts: list[str]) -> list[Embedding | ServiceError]:
         return await self._encode(texts, "query")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _embed_passage_batch(self, texts: list[str]) -> list[Embedding]:
+    async def _embed_passage_batch(self, texts: list[str]) -> list[Embedding | ServiceError]:
         return await self._encode(texts, "passage")
 
-    async def _encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
+    async def _encode(self, texts: list[str], kind: TextKind) -> list[Embedding | ServiceError]:
+        """Each text's embedding, or the error that is its caller's alone.
+
+        Serve sets an exception raised here on every request of the batch, whatever tenant
+        sent it; so when the batch fails, each text is encoded alone, and only those the
+        model cannot read fail (returned, not raised: Serve hands each caller its own item).
+        """
         # Serve's batcher runs this in the trace context of the batch's first request.
         with tracer().start_as_current_span("embedder.encode", attributes={"kind": kind, "batch_size": len(texts)}):
             started = time.monotonic()
-            vectors = await self._run_model(texts, kind)
+            try:
+                vectors: list[Embedding | ServiceError] = list(await self._run_model(texts, kind))
+            except DependencyUnavailableError as err:
+                if len(texts) == 1:
+                    return [err]
+                vectors = [await self._encode_alone(text, kind) for text in texts]
+                if all(isinstance(v, ServiceError) for v in vectors):
+                    return [err] * len(texts)  # nothing reads: the model is down, not one text bad
+                vectors = [_unreadable(v) if isinstance(v, ServiceError) else v for v in vectors]
             self._metrics.observe("cs_embed_batch_seconds", time.monotonic() - started, {"kind": kind})
             self._metrics.observe("cs_embed_batch_size", len(texts), {"kind": kind})
             return vectors
+
+    async def _encode_alone(self, text: str, kind: TextKind) -> Embedding | ServiceError:
+        try:
+            [vector] = await self._run_model([text], kind)
+        except DependencyUnavailableError as err:
+            return err
+        return vector
 
     async def _run_model(self, texts: list[str], kind: TextKind) -> list[Embedding]:
         try:
@@ -304,6 +335,12 @@ class Embedder:
                 await asyncio.to_thread(self._reranker.score, "health", ["health"])
             except Exception as err:
                 raise DependencyUnavailableError(f"reranking failed: {type(err).__name__}: {err}") from err
+
+
+def _unreadable(err: ServiceError) -> InvalidRequestError:
+    """The error of a text the model cannot read, while it read the rest of its batch."""
+    logger.warning("one text of a batch could not be embedded: %s", err.message)  # the error, not the text
+    return InvalidRequestError("the embedding model cannot read this text")
 
 
 def build_embedder(config: EmbedderConfig, observability: ObservabilityConfig | None = None) -> Application:

@@ -30,6 +30,13 @@ class InvalidRequestError(ServiceError):
     code = "invalid_request"
 
 
+class PayloadTooLargeError(ServiceError):
+    """A request body over the route's size limit (refused before it is parsed or authenticated)."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
 class AuthenticationError(ServiceError):
     """Missing or unknown API key."""
 

@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from services.errors import ServiceError
+from services.observability.logs import serve_request_id
 
 logger = logging.getLogger(__name__)
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
-    """A JSON error body: ``{"error": {"code": ..., "message": ...}}``."""
-    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
+    """A JSON error body: ``{"error": {"code": ..., "message": ..., "request_id": ...}}``.
+
+    ``request_id`` is Serve's id of the request (also its ``X-Request-Id`` header and the
+    ``request_id`` of its log lines), so a caller's report leads to the logs; nothing else
+    about the server goes into an error body.
+    """
+    error = {"code": code, "message": message, "request_id": serve_request_id() or uuid.uuid4().hex}
+    return JSONResponse(status_code=status, content={"error": error})
+
+
+def service_error_response(exc: ServiceError) -> JSONResponse:
+    """The response of a domain error (its status and code); 5xx are logged."""
+    if exc.status_code >= 500:
+        logger.warning("%s: %s", exc.code, exc.message)
+    return error_response(exc.status_code, exc.code, exc.message)
 
 
 def describe_validation_error(exc: RequestValidationError) -> tuple[int, str, str]:
@@ -43,9 +58,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        if exc.status_code >= 500:
-            logger.warning("%s: %s", exc.code, exc.message)
-        return error_response(exc.status_code, exc.code, exc.message)
+        return service_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

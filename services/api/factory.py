@@ -12,6 +12,7 @@ from services.adapters.admin import AdapterAdmin
 from services.api import admin, chat, health, openai_compat
 from services.api.auth import ApiKeyAuth
 from services.api.errors import install_error_handlers
+from services.api.hygiene import RequestHygieneMiddleware
 from services.config import OrchestratorConfig
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ def create_api(
     app.state.knowledge = knowledge
     app.state.tenant_ids = {t.tenant for t in config.tenants}
     install_error_handlers(app)
+    # Outermost but for X-Served-By: no route, dependency or model sees a body that breaks the limits.
+    app.add_middleware(RequestHygieneMiddleware, limits=config.limits)
     if served_by:
         app.add_middleware(ServedByMiddleware, replica=served_by)
 

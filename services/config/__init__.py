@@ -13,7 +13,7 @@ from services.config.embedder import EmbedderConfig, RerankerConfig
 from services.config.intents import IntentConfig, StandardReplies
 from services.config.llm import LLMConfig, SamplingConfig
 from services.config.observability import ObservabilityConfig
-from services.config.orchestrator import OrchestratorConfig, RerankingConfig, TenantConfig
+from services.config.orchestrator import OrchestratorConfig, RequestLimits, RerankingConfig, TenantConfig
 from services.config.retriever import ChunkingConfig, RetrieverConfig
 from services.config.sessions import AnswerCacheConfig, SessionConfig
 from services.config.settings import ServiceSettings
@@ -31,6 +31,7 @@ __all__ = [
     "LLMConfig",
     "ObservabilityConfig",
     "OrchestratorConfig",
+    "RequestLimits",
     "RerankerConfig",
     "RerankingConfig",
     "RetrieverConfig",

@@ -43,6 +43,23 @@ class RerankingConfig(StrictModel):
     )
 
 
+class RequestLimits(StrictModel):
+    """Bounds on what one HTTP request may send, enforced before the body is parsed or the key checked."""
+
+    max_body_bytes: int = Field(
+        1024**2, ge=1024, description="Largest body of the public API (/v1/*); a larger one is a 413."
+    )
+    max_admin_body_bytes: int = Field(
+        64 * 1024**2, ge=1024, description="Largest body of an admin request (a knowledge source's batch)."
+    )
+    max_archive_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Largest adapter archive upload (PUT /admin/adapters/.../archive)."
+    )
+    max_openai_messages: int = Field(
+        64, ge=1, description="Most messages of one OpenAI-compatible request (its conversation so far)."
+    )
+
+
 class OrchestratorConfig(StrictModel):
     """The ingress and the dialogue pipeline."""
 
@@ -109,6 +126,7 @@ class OrchestratorConfig(StrictModel):
         default_factory=lambda: AnswerCacheConfig(), description="Cache of frequent questions' answers."
     )
     max_message_chars: int = Field(2000, ge=1, description="Longest accepted shopper message.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Bounds on one HTTP request.")
     admin_api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="Keys of the admin API, as 'sha256:<hex>' digests or plain (dev); CS_ADMIN_KEYS adds more.",

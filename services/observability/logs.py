@@ -24,7 +24,7 @@ PLATFORM_LOGGERS = ("services", "knowledge_sync")
 JSON_FIELDS = ("asctime", "levelname", "name", "message")
 
 
-def _serve_request_id() -> str | None:
+def serve_request_id() -> str | None:
     """Serve's id of the request being handled in this task, if any."""
     try:
         # Serve keeps the request context in a private contextvar; its public
@@ -46,7 +46,7 @@ class RequestContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Annotate the record; never drops it."""
-        request_id = _serve_request_id()
+        request_id = serve_request_id()
         if request_id:
             record.request_id = request_id
         context = trace.get_current_span().get_span_context()
