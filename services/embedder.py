@@ -255,11 +255,12 @@ class Embedder:
 
         """
         batch = self._embed_query_batch if kind == "query" else self._embed_passage_batch
-        results = await asyncio.gather(*(batch(text) for text in texts))
-        for result in results:
-            if isinstance(result, Exception):
+        embeddings: list[Embedding] = []
+        for result in await asyncio.gather(*(batch(text) for text in texts)):
+            if isinstance(result, ServiceError):
                 raise result
-        return list(results)
+            embeddings.append(result)
+        return embeddings
 
     async def rerank(self, query: str, passages: list[str]) -> list[float]:
         """Cross-encoder relevance (0..1) of each passage to the query, in the passages' order.
