@@ -14,6 +14,7 @@ class ServiceError(Exception):
 
     status_code: int = 500
     code: str = "internal_error"
+    retry_after_s: int | None = None  # sent as Retry-After: when trying again may succeed
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -63,6 +64,21 @@ class DependencyUnavailableError(ServiceError):
 
     status_code = 503
     code = "dependency_unavailable"
+    retry_after_s: int | None = 2
+
+
+class OverloadedError(DependencyUnavailableError):
+    """A deployment's queue is full: the request was refused at once rather than left waiting."""
+
+    code = "overloaded"
+    retry_after_s = 1
+
+
+class DeadlineExceededError(ServiceError):
+    """The request did not finish within ``orchestrator.request_timeout_s``; its generation was stopped."""
+
+    status_code = 504
+    code = "deadline_exceeded"
 
 
 class KnowledgeBaseUnavailableError(DependencyUnavailableError):

@@ -41,7 +41,7 @@ def test_health_is_503_naming_the_failing_deployment() -> None:
 
 def test_outage_is_a_503_with_its_code_not_an_empty_answer() -> None:
     reply = make_client({}).post("/v1/chat", json={"user_id": "u", "message": "hi"}, headers={"X-API-Key": "test-key"})
-    assert reply.status_code == 503
+    assert reply.status_code == 503 and reply.headers["Retry-After"] == "2"
     error = reply.json()["error"]
     assert error.pop("request_id")  # leads to the request's log lines
     assert error == {"code": "knowledge_base_unavailable", "message": "Milvus search failed: connection refused"}

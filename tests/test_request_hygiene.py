@@ -109,3 +109,12 @@ def test_field_paths_reach_nested_lists_and_keys() -> None:
     assert invalid_text_at({"a": [{"b": "ok"}, {"b": "\ud800"}]}) == "a[1].b"
     assert invalid_text_at({"\x00": 1}) == "body (a field name)"
     assert invalid_text_at({"a": ["fine", 1, None]}) is None
+
+
+def test_an_openai_request_over_the_message_limit_is_a_400(app: Any) -> None:
+    client, pipeline = app
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * 40 + [
+        {"role": "user", "content": "and?"}
+    ]
+    reply = client.post("/v1/chat/completions", json={"model": "lumen", "messages": messages}, headers=KEY)
+    assert reply.status_code == 400 and reply.json()["error"]["message"] == "messages: 81 messages; the limit is 64"

@@ -160,3 +160,14 @@ async def test_a_tool_call_that_does_not_parse_never_reaches_the_shopper(storefr
     reply = await chat.answer(config.tenants[0], ChatRequest(user_id="shopper-1", message="Where is LH-1001?"))
     assert "<tool_call>" not in reply.response and reply.response == "Please give me your order number."
     assert generator.tools_offered == [True, False] and reply.actions == []
+
+
+async def test_a_caller_that_names_no_shopper_gets_no_tool_call(storefront: tuple[str, FastAPI]) -> None:
+    url, _ = storefront
+    config = OrchestratorConfig.model_validate(orchestrator_args(tools=tools_config(url)))
+    generator = ToolCallingGenerator()
+    chat = ChatPipeline(config, Retriever(0.1), generator, tools=ToolRunner(config.tools))
+    question = ChatRequest(user_id="openai-client", message="Where is LH-1001?")
+    reply = await chat.answer(config.tenants[0], question, history=[], tools=False)
+    assert reply.actions == [] and reply.outcome == "fallback"  # nothing to answer from, and no tool acted
+    assert generator.calls == []

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from services.api.auth import Caller
+from services.api.errors import error_detail
 from services.api.models import ErrorBody
 from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest, SessionReply, SessionRequest
 from services.errors import ServiceError
@@ -38,7 +39,7 @@ async def _events(stream: ReplyStream) -> AsyncIterator[str]:
     except ServiceError as err:
         # Headers are sent already: report the failure in-band and end the stream.
         logger.warning("stream failed: %s", err.message)
-        yield sse_event("error", {"error": {"code": err.code, "message": err.message}})
+        yield sse_event("error", {"error": error_detail(err.code, err.message)})
 
 
 @router.post(

@@ -15,22 +15,28 @@ from services.observability.logs import serve_request_id
 logger = logging.getLogger(__name__)
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
+def error_response(status: int, code: str, message: str, retry_after_s: int | None = None) -> JSONResponse:
     """A JSON error body: ``{"error": {"code": ..., "message": ..., "request_id": ...}}``.
 
     ``request_id`` is Serve's id of the request (also its ``X-Request-Id`` header and the
     ``request_id`` of its log lines), so a caller's report leads to the logs; nothing else
     about the server goes into an error body.
     """
-    error = {"code": code, "message": message, "request_id": serve_request_id() or uuid.uuid4().hex}
-    return JSONResponse(status_code=status, content={"error": error})
+    error = error_detail(code, message)
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return JSONResponse(status_code=status, content={"error": error}, headers=headers)
+
+
+def error_detail(code: str, message: str) -> dict[str, str]:
+    """The ``error`` object of a response body or of an SSE ``error`` event."""
+    return {"code": code, "message": message, "request_id": serve_request_id() or uuid.uuid4().hex}
 
 
 def service_error_response(exc: ServiceError) -> JSONResponse:
     """The response of a domain error (its status and code); 5xx are logged."""
     if exc.status_code >= 500:
         logger.warning("%s: %s", exc.code, exc.message)
-    return error_response(exc.status_code, exc.code, exc.message)
+    return error_response(exc.status_code, exc.code, exc.message, exc.retry_after_s)
 
 
 def describe_validation_error(exc: RequestValidationError) -> tuple[int, str, str]:

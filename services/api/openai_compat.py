@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.api.auth import Caller, require_same_tenant
+from services.api.errors import error_detail
 from services.api.models import ErrorBody
 from services.chat.contracts import ChatReply, ChatRequest
 from services.config import TenantConfig
@@ -56,7 +57,12 @@ class CompletionRequest(BaseModel):
     model: str = Field(description="The tenant's assistant: its tenant id (see GET /v1/models).")
     messages: list[OpenAIMessage] = Field(min_length=1)
     stream: bool = False
-    user: str | None = Field(None, max_length=128, description="The shopper's id.")
+    user: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="The shopper's id; without it no tool acts (order status, tickets, handover stay off).",
+    )
 
 
 def _assistant(caller: TenantConfig, model: str, request: Request) -> None:
@@ -113,10 +119,14 @@ async def models(caller: Caller) -> dict[str, Any]:
 async def chat_completions(body: CompletionRequest, caller: Caller, request: Request) -> Any:
     """Answer the last user message as the tenant's assistant (OpenAI chat-completion format)."""
     _assistant(caller, body.model, request)
+    limit = request.app.state.config.limits.max_openai_messages
+    if len(body.messages) > limit:
+        raise InvalidRequestError(f"messages: {len(body.messages)} messages; the limit is {limit}")
     history, question = _split(body.messages)
     pipeline: ChatPipeline = request.app.state.pipeline
     chat = ChatRequest(user_id=body.user or "openai-client", message=question)
-    stream = await pipeline.prepare(caller, chat, history=history)
+    # Without `user` nobody is the shopper: no tool may act (on orders, tickets) for a shared identity.
+    stream = await pipeline.prepare(caller, chat, history=history, tools=body.user is not None)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return StreamingResponse(
@@ -162,5 +172,5 @@ async def _chunks(stream: ReplyStream, completion_id: str, created: int, model: 
                 yield event({"content": item})
     except ServiceError as err:
         # Headers are sent: report in-band, as OpenAI's servers do, then end the stream.
-        yield f"data: {json.dumps({'error': {'message': err.message, 'code': err.code}})}\n\n"
+        yield f"data: {json.dumps({'error': error_detail(err.code, err.message)})}\n\n"
     yield "data: [DONE]\n\n"

@@ -38,6 +38,7 @@ class Conversation:
     question: str
     history: list[Turn]
     remember: bool  # False when the caller keeps the conversation (OpenAI-style requests)
+    deadline: float | None = None  # time.monotonic() by which the answer must be complete
 
 
 @dataclass(kw_only=True)

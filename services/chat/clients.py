@@ -8,6 +8,7 @@ their stage.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from opentelemetry import trace
 
 from services.config import ChunkingConfig, SamplingConfig
-from services.errors import DependencyUnavailableError, ServiceError
+from services.errors import DeadlineExceededError, DependencyUnavailableError, OverloadedError, ServiceError
 from services.observability.metrics import Metrics
 from services.observability.tracing import tracer
 from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
     from services.knowledge.ingest import SourceBatch
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -55,8 +58,13 @@ class AnswerGenerator(Protocol):
         tools: list[dict[str, Any]] | None = None,
         json_schema: dict[str, Any] | None = None,
         tenant: str | None = None,
+        deadline: float | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        """Chunks of text; the last carries the finish reason (and the tool calls, when tools were given)."""
+        """Chunks of text; the last carries the finish reason (and the tool calls, when tools were given).
+
+        ``deadline`` (``time.monotonic()``) is when the whole request must be done: past it
+        the stream ends with :class:`DeadlineExceededError` and the generation is stopped.
+        """
         ...
 
 
@@ -90,7 +98,18 @@ async def call_dependency(name: str, call: Callable[[], Awaitable[T]], timeout_s
         cause = getattr(err, "cause", err)
         if isinstance(cause, ServiceError):
             raise cause from None
-        raise DependencyUnavailableError(f"{name} failed: {type(err).__name__}: {err}") from err
+        if _is_back_pressure(err):
+            # Its queue is full (max_queued_requests): say so at once, rather than wait in line.
+            raise OverloadedError(f"{name} is at capacity; try again shortly") from err
+        # The type says what failed; Ray's own text (addresses, pids, tracebacks) stays in the logs.
+        logger.warning("%s failed: %s: %s", name, type(err).__name__, err)
+        raise DependencyUnavailableError(f"{name} failed ({type(err).__name__})") from err
+
+
+def _is_back_pressure(err: Exception) -> bool:
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(err, BackPressureError)
 
 
 @contextmanager
@@ -162,8 +181,14 @@ class LLMClient:
         tools: list[dict[str, Any]] | None = None,
         json_schema: dict[str, Any] | None = None,
         tenant: str | None = None,
+        deadline: float | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        """Stream from the LLM deployment; each chunk must arrive within the timeout."""
+        """Stream from the LLM deployment; each chunk must arrive within the timeout, all by ``deadline``.
+
+        However the stream ends early (a timeout, the deadline, an error, or the caller
+        closing it: a withheld answer, a client gone), the deployment call is cancelled, so
+        the engine stops generating instead of running on to ``max_tokens``.
+        """
         handle = self._handle.options(stream=True, multiplexed_model_id=adapter or "")
         request = GenerationRequest(
             messages=messages, sampling=sampling, tools=tools, json_schema=json_schema, tenant=tenant
@@ -175,6 +200,8 @@ class LLMClient:
         attributes["structured"] = json_schema is not None
         span = tracer().start_span("cs.generate", attributes=attributes)
         started = time.monotonic()
+        chunks: DeploymentResponseGenerator | None = None
+        finished = False
         try:
             with trace.use_span(span, end_on_exit=False):
                 chunks = cast("DeploymentResponseGenerator", handle.generate.remote(request))
@@ -182,8 +209,9 @@ class LLMClient:
             first = True
             while True:
                 try:
-                    chunk = await call_dependency("LLM", iterator.__anext__, self._timeout_s)
+                    chunk = await self._next(iterator, deadline)
                 except StopAsyncIteration:
+                    finished = True
                     self._metrics.observe("cs_stage_seconds", time.monotonic() - started, {"stage": "generate"})
                     return
                 if first:
@@ -195,7 +223,23 @@ class LLMClient:
             span.set_status(trace.StatusCode.ERROR, str(err))
             raise
         finally:
+            if chunks is not None and not finished:
+                chunks.cancel()
             span.end()
+
+    async def _next(self, iterator: AsyncIterator[GenerationChunk], deadline: float | None) -> GenerationChunk:
+        """The next chunk, within the per-chunk timeout and the request's deadline."""
+        if deadline is None or deadline - time.monotonic() >= self._timeout_s:
+            return await call_dependency("LLM", iterator.__anext__, self._timeout_s)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError("the answer was not complete within the request's time limit")
+        try:
+            return await call_dependency("LLM", iterator.__anext__, left)
+        except DependencyUnavailableError as err:
+            if time.monotonic() >= deadline:
+                raise DeadlineExceededError("the answer was not complete within the request's time limit") from err
+            raise
 
 
 class EmbedderClient:

@@ -11,6 +11,7 @@ Every step before the first token still fails as a clean HTTP error. The returne
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -86,7 +87,7 @@ class ChatPipeline:
         self._delivery = ReplyDelivery(self._sessions, cache)
 
     async def prepare(
-        self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None
+        self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None, *, tools: bool = True
     ) -> ReplyStream:
         """Decide the answer and start generating it; every failure here is still a clean HTTP error.
 
@@ -100,25 +101,31 @@ class ChatPipeline:
             request: The message.
             history: Earlier turns sent by the caller (OpenAI-style); then session memory is
                 neither read nor written.
+            tools: Whether tools may act for this caller; False when the request names no
+                shopper (an OpenAI-style call without ``user``), so no shared identity acts.
 
         """
         span = tracer().start_span("cs.chat", attributes={"tenant": tenant.tenant})
         record = RequestRecord(tenant.tenant, self._metrics, span)
         try:
             with trace.use_span(span, end_on_exit=False):
-                answer = await self._decide(tenant, request, history)
+                answer = await self._decide(tenant, request, history, tools)
         except BaseException as err:
             record.close("error" if isinstance(err, Exception) else "cancelled")
             raise
         return ReplyStream(self._delivery, answer, record)
 
-    async def answer(self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None) -> ChatReply:
+    async def answer(
+        self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None, *, tools: bool = True
+    ) -> ChatReply:
         """The whole reply at once."""
-        return await (await self.prepare(tenant, request, history)).reply()
+        return await (await self.prepare(tenant, request, history, tools=tools)).reply()
 
     # --- the steps that decide the answer -----------------------------------------------------
 
-    async def _decide(self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None) -> Answer:
+    async def _decide(
+        self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None, tools: bool
+    ) -> Answer:
         conversation = await self._conversation(tenant, request, history)
         # Resolved once per request: a swap while this answer streams does not touch it.
         adapter = self._adapter_of(conversation)
@@ -133,7 +140,7 @@ class ChatPipeline:
         grounding = NO_GROUNDING if about_assistant else await self._ground(conversation, analysis)
         confidence = about_assistant or grounding.confidence
         intent_name = intent.intent if intent else None
-        offered = self._tool_rounds.offered(intent_name, request.message) if self._tool_rounds else []
+        offered = self._tool_rounds.offered(intent_name, request.message) if self._tool_rounds and tools else []
         if grounding.is_empty and not about_assistant and not offered:
             return fallback(conversation, self._fallback_text(tenant), intent_name)
         messages = build_messages(tenant.persona, grounding, conversation.history, request.message)
@@ -178,7 +185,8 @@ class ChatPipeline:
         else:
             session = self._config.session
             history = within_budget(history[-session.max_turns :], session.max_history_tokens)
-        return Conversation(tenant, session_id, request.user_id, request.message, history, remember)
+        deadline = time.monotonic() + self._config.request_timeout_s
+        return Conversation(tenant, session_id, request.user_id, request.message, history, remember, deadline)
 
     def open_session(self, tenant: TenantConfig, user_id: str) -> str:
         """A new conversation's id, issued to this user of this tenant (nothing is stored until its first turn)."""
@@ -301,6 +309,7 @@ class ChatPipeline:
             tenant=conversation.tenant.tenant,
             user_id=conversation.user_id,
             intent=intent,
+            deadline=conversation.deadline,
         )
 
     def _tools_stopped(self, rounds: RoundsResult, basis: dict[str, Any], confidence: float) -> FixedAnswer:
@@ -343,13 +352,22 @@ class ChatPipeline:
         conversation: Conversation = basis["conversation"]
         tenant = conversation.tenant.tenant
         chunks = aiter(
-            self._generator.stream(messages, self._config.sampling, basis["adapter"], json_schema=schema, tenant=tenant)
+            self._generator.stream(
+                messages,
+                self._config.sampling,
+                basis["adapter"],
+                json_schema=schema,
+                tenant=tenant,
+                deadline=conversation.deadline,
+            )
         )
         first = await _first_chunk(chunks)
 
         def retry(reason: Misfit) -> AsyncIterator[GenerationChunk]:
             again = retry_messages(plain, reason, conversation.question)
-            return self._generator.stream(again, self._config.sampling, basis["adapter"], tenant=tenant)
+            return self._generator.stream(
+                again, self._config.sampling, basis["adapter"], tenant=tenant, deadline=conversation.deadline
+            )
 
         return GeneratedAnswer(
             **basis,

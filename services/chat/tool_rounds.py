@@ -69,6 +69,7 @@ class ToolRounds:
         tenant: str,
         user_id: str,
         intent: str | None,
+        deadline: float | None = None,
     ) -> RoundsResult:
         """Let the model call tools, appending its calls and their results to ``messages``."""
         specs = [function_spec(t) for t in offered]
@@ -77,11 +78,15 @@ class ToolRounds:
         for round_no in range(self._config.max_rounds):
             forced = required if round_no == 0 else None
             if forced is not None:
-                text = await self._collect(messages, adapter, forced_call_schema(forced), tenant)
+                text = await self._collect(messages, adapter, forced_call_schema(forced), tenant, deadline)
                 calls = forced_call(text)
                 text = f"{TOOL_CALL_TAG}\n{text}\n</tool_call>"
             else:
-                stream = aiter(self._generator.stream(messages, self._sampling, adapter, tools=specs, tenant=tenant))
+                stream = aiter(
+                    self._generator.stream(
+                        messages, self._sampling, adapter, tools=specs, tenant=tenant, deadline=deadline
+                    )
+                )
                 head, opening = await _opening(stream)
                 if not opening.lstrip().startswith(TOOL_CALL_TAG):
                     result.text = _chain(head, stream)  # a text answer: streamed as it comes
@@ -111,13 +116,18 @@ class ToolRounds:
         return result
 
     async def _collect(
-        self, messages: list[ChatMessage], adapter: str | None, json_schema: dict[str, Any], tenant: str
+        self,
+        messages: list[ChatMessage],
+        adapter: str | None,
+        json_schema: dict[str, Any],
+        tenant: str,
+        deadline: float | None,
     ) -> str:
         """One whole structured generation's text."""
         parts = [
             chunk.text
             async for chunk in self._generator.stream(
-                messages, self._sampling, adapter, json_schema=json_schema, tenant=tenant
+                messages, self._sampling, adapter, json_schema=json_schema, tenant=tenant, deadline=deadline
             )
         ]
         return "".join(parts)

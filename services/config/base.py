@@ -50,6 +50,12 @@ class DeploymentOptions(StrictModel):
     max_ongoing_requests: int = Field(
         64, ge=1, description="Concurrent requests per replica; Serve's default of 5 queues streaming chats."
     )
+    max_queued_requests: int = Field(
+        -1,
+        ge=-1,
+        description="Requests waiting for a replica beyond max_ongoing_requests, at most; more are refused at once "
+        "(a 503 with Retry-After) instead of waiting. -1: no bound.",
+    )
     autoscaling_config: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling_config, verbatim.")
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica (fractional on small boxes).")
     num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica.")
@@ -71,6 +77,7 @@ class DeploymentOptions(StrictModel):
         options: dict[str, Any] = {
             "num_replicas": self.num_replicas,
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": actor_options,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,

@@ -132,7 +132,15 @@ class OrchestratorConfig(StrictModel):
         description="Keys of the admin API, as 'sha256:<hex>' digests or plain (dev); CS_ADMIN_KEYS adds more.",
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of answers.")
-    dependency_timeout_s: float = Field(120, gt=0, description="Bound on one retrieval or generation.")
+    dependency_timeout_s: float = Field(
+        120, gt=0, description="Bound on one call of another deployment (a retrieval, one generated chunk)."
+    )
+    request_timeout_s: float = Field(
+        300,
+        gt=0,
+        description="Bound on a whole chat request, first byte to last; past it the generation is stopped and the "
+        "request ends with a 504 (or, when streaming, an error event).",
+    )
     ingest_timeout_s: float = Field(3600, gt=0, description="Bound on one knowledge ingest through the app.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
