@@ -112,7 +112,7 @@ def test_field_paths_reach_nested_lists_and_keys() -> None:
 
 
 def test_an_openai_request_over_the_message_limit_is_a_400(app: Any) -> None:
-    client, pipeline = app
+    client, _ = app
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * 40 + [
         {"role": "user", "content": "and?"}
     ]
