@@ -106,9 +106,11 @@ class Orchestrator:
         )
 
     async def _check_dependencies(self) -> dict[str, str]:
+        timeout_s = self._config.health_probe_timeout_s
+
         async def one(handle: DeploymentHandle) -> str:
             try:
-                await call_dependency("health", lambda: handle.check_health.remote(), 10)
+                await call_dependency("health", lambda: handle.check_health.remote(), timeout_s)
                 return "ok"
             except ServiceError as err:
                 return f"error: {err.message}"

@@ -133,3 +133,47 @@ def test_every_response_names_the_replica_that_served_it() -> None:
     error = client.post("/v1/chat", json={"user_id": "u", "message": "hi"}, headers={"X-API-Key": "test-key"})
     assert error.status_code == 503 and error.headers["X-Served-By"] == "replica-7"
     assert "X-Served-By" not in make_client({}).get("/healthz").headers
+
+
+def test_liveness_asks_no_dependency() -> None:
+    assert make_client({"llm": "error: down"}).get("/livez").json() == {"status": "ok"}
+
+
+async def test_readiness_answers_from_the_last_probe_while_a_probe_hangs() -> None:
+    import asyncio
+    import time
+
+    from services.api.health import HealthMonitor
+
+    calls = 0
+    hang = asyncio.Event()
+
+    async def probe() -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await hang.wait()  # the LLM replica was killed: its check never answers
+        return {"llm": "ok"}
+
+    monitor = HealthMonitor(probe, interval_s=0.01)
+    assert (await monitor.reading())[0] == {"llm": "ok"}
+    while calls < 2:
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    results, age = await monitor.reading()
+    assert results == {"llm": "ok"} and age is not None and time.monotonic() - started < 0.1
+    await monitor.close()
+
+
+async def test_readiness_is_starting_until_the_first_probe_ends() -> None:
+    import asyncio
+
+    from services.api.health import HealthMonitor
+
+    async def slow() -> dict[str, str]:
+        await asyncio.sleep(10)
+        return {}
+
+    monitor = HealthMonitor(slow, interval_s=1)
+    assert await monitor.reading(wait_s=0.05) == (None, None)
+    await monitor.close()

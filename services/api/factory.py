@@ -12,6 +12,7 @@ from services.adapters.admin import AdapterAdmin
 from services.api import admin, chat, health, openai_compat
 from services.api.auth import ApiKeyAuth
 from services.api.errors import install_error_handlers
+from services.api.health import HealthMonitor
 from services.api.hygiene import RequestHygieneMiddleware
 from services.config import OrchestratorConfig
 
@@ -74,7 +75,7 @@ def create_api(
     app.state.config = config
     app.state.pipeline = pipeline
     app.state.auth = auth
-    app.state.check_dependencies = check_dependencies
+    app.state.health = HealthMonitor(check_dependencies, config.health_probe_interval_s)
     app.state.adapter_admin = adapter_admin
     app.state.admin_keys = admin_keys or []
     app.state.knowledge = knowledge

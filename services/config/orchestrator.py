@@ -142,6 +142,12 @@ class OrchestratorConfig(StrictModel):
         "request ends with a 504 (or, when streaming, an error event).",
     )
     ingest_timeout_s: float = Field(3600, gt=0, description="Bound on one knowledge ingest through the app.")
+    health_probe_interval_s: float = Field(
+        5, gt=0, description="How often each orchestrator replica probes the deployments for /healthz."
+    )
+    health_probe_timeout_s: float = Field(
+        3, gt=0, description="How long one deployment's health check may take before it counts as down."
+    )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
     @model_validator(mode="after")
