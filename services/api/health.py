@@ -86,7 +86,7 @@ async def healthz(request: Request) -> JSONResponse:
         body = {"status": "starting", "deployments": {"orchestrator": "ok"}, "checked_s_ago": None}
         return JSONResponse(status_code=503, content=body)
     healthy = all(state == "ok" for state in results.values())
-    body = {
+    body: dict[str, object] = {
         "status": "ok" if healthy else "unavailable",
         "deployments": {"orchestrator": "ok", **results},
         "checked_s_ago": age,
