@@ -83,8 +83,8 @@ async def healthz(request: Request) -> JSONResponse:
     monitor: HealthMonitor = request.app.state.health
     results, age = await monitor.reading()
     if results is None:
-        body = {"status": "starting", "deployments": {"orchestrator": "ok"}, "checked_s_ago": None}
-        return JSONResponse(status_code=503, content=body)
+        starting = {"status": "starting", "deployments": {"orchestrator": "ok"}, "checked_s_ago": None}
+        return JSONResponse(status_code=503, content=starting)
     healthy = all(state == "ok" for state in results.values())
     body: dict[str, object] = {
         "status": "ok" if healthy else "unavailable",
