@@ -86,7 +86,7 @@ class Orchestrator:
             open_answer_cache(config.answer_cache, redis_url),
             self._knowledge.generation,
             metrics,
-            ToolRunner(config.tools, metrics=metrics) if config.tools.enabled else None,
+            ToolRunner(config.tools, config.tenants, metrics=metrics) if config.tools.enabled else None,
             embedder_client,
             SessionIds(secret),
         )

@@ -6,12 +6,18 @@ in any schema the model sees, arguments the model adds beyond the schema are dro
 the URL and body get the authenticated request's ``user_id``. Arguments are validated
 against the schema before anything is called. A failing tool gives the model (and the
 reply's actions) a clear error instead of an exception.
+
+Each tenant calls its own storefront (``tenants[].tools``, else the shared
+``tools.storefront_url``), with its own credentials, and every call names the tenant
+(``X-CS-Tenant``), so a storefront serving several brands scopes the lookup to the brand
+whose key made the request. A call that changes something carries an ``Idempotency-Key``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -21,7 +27,7 @@ from urllib.parse import quote
 import httpx
 import jsonschema
 
-from services.config import ToolConfig, ToolsConfig
+from services.config import TenantConfig, ToolConfig, ToolsConfig
 from services.observability.metrics import Metrics
 from services.observability.tracing import inject_headers, tracer
 from services.schemas import ToolCall
@@ -65,22 +71,31 @@ class ToolRunner:
     def __init__(
         self,
         config: ToolsConfig,
+        tenants: list[TenantConfig] | None = None,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        """Tools of ``config`` for ``tenants``.
+
+        Raises:
+            ValueError: a tenant's ``credentials_env`` names an unset environment variable.
+
+        """
         self._config = config
         self._tools = {t.name: t for t in config.definitions}
+        self._storefronts = {t.tenant: _storefront(config, t) for t in tenants or []}
         self._client = httpx.AsyncClient(timeout=config.timeout_s, transport=transport)
         self._metrics = metrics or Metrics()
 
-    def offered(self, intent: str | None, message: str) -> list[ToolConfig]:
-        """Tools offered for a message: by its intent or by a pattern it matches.
+    def offered(self, intent: str | None, message: str, tenant: str | None = None) -> list[ToolConfig]:
+        """Tools offered for a tenant's message: by its intent or by a pattern it matches.
 
         Only relevant tools reach the prompt: tool specs there distract small models from
         answering policy questions (seen with the 0.5B dev model).
         """
-        if not self._config.enabled:
+        storefront = self._storefronts.get(tenant or "")
+        if not self._config.enabled or (storefront is not None and not storefront.enabled):
             return []
         return [
             t
@@ -93,20 +108,35 @@ class ToolRunner:
         name = self._config.required_for_intents.get(intent or "")
         return self._tools.get(name) if name and self._config.enabled else None
 
-    async def run(self, call: ToolCall, user_id: str) -> ToolResult:
-        """Validate and execute one call for the authenticated shopper (a span and a latency sample each)."""
+    def changes_something(self, call: ToolCall) -> bool:
+        """Whether this call would change state in the storefront (at most one per message)."""
+        tool = self._tools.get(call.name)
+        return tool is not None and tool.changes_something
+
+    async def run(
+        self, call: ToolCall, user_id: str, tenant: str | None = None, idempotency_key: str | None = None
+    ) -> ToolResult:
+        """Validate and execute one call for the authenticated shopper of a tenant (a span and a latency sample each).
+
+        Args:
+            call: The model's call.
+            user_id: The authenticated shopper.
+            tenant: Whose storefront is called (and named in ``X-CS-Tenant``).
+            idempotency_key: Sent as ``Idempotency-Key`` with calls that change something.
+
+        """
         # A name the model made up must not become a label value: one "unknown" bucket.
         name = call.name if call.name in self._tools else "unknown"
         with tracer().start_as_current_span("cs.tool_call", attributes={"tool": name}) as span:
             started = time.monotonic()
-            result = await self._run(call, user_id)
+            result = await self._run(call, user_id, tenant, idempotency_key)
             outcome = "ok" if result.ok else "failed"
             span.set_attributes({"outcome": outcome, "action": str(result.action.get("type"))})
             tags = {"tool": name, "outcome": outcome}
             self._metrics.observe("cs_tool_call_seconds", time.monotonic() - started, tags)
             return result
 
-    async def _run(self, call: ToolCall, user_id: str) -> ToolResult:
+    async def _run(self, call: ToolCall, user_id: str, tenant: str | None, idempotency_key: str | None) -> ToolResult:
         tool = self._tools.get(call.name)
         if tool is None:
             return ToolResult(
@@ -123,14 +153,24 @@ class ToolRunner:
         if tool.name == TRANSFER_TO_HUMAN or tool.url is None:
             reason = str(arguments.get("reason", "requested by the assistant"))
             return ToolResult(json.dumps({"status": "transferred"}), {"type": "handoff", "reason": reason}, True)
-        return await self._http(tool, arguments, user_id)
+        return await self._http(tool, arguments, user_id, tenant, idempotency_key)
 
-    async def _http(self, tool: ToolConfig, arguments: dict[str, Any], user_id: str) -> ToolResult:
+    async def _http(
+        self,
+        tool: ToolConfig,
+        arguments: dict[str, Any],
+        user_id: str,
+        tenant: str | None,
+        idempotency_key: str | None,
+    ) -> ToolResult:
         assert tool.url is not None
+        storefront = self._storefronts.get(tenant or "") or _storefront(self._config, None)
         fill = {k: quote(str(v), safe="") for k, v in arguments.items()}
-        url = tool.url.format_map(fill | {"user_id": quote(user_id, safe=""), "storefront_url": self._base()})
+        url = tool.url.format_map(fill | {"user_id": quote(user_id, safe=""), "storefront_url": storefront.url})
         # The storefront continues the trace if it speaks W3C trace context.
-        headers = dict(inject_headers({}))
+        headers = dict(inject_headers({})) | storefront.headers
+        if tool.changes_something and idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
         try:
             if tool.method == "GET":
                 reply = await self._client.get(url, headers=headers)
@@ -153,9 +193,6 @@ class ToolRunner:
             return ToolResult(json.dumps({"error": message}), self._failed(tool.name, message), False)
         return ToolResult(json.dumps(body, ensure_ascii=False), self._done(tool, arguments, _dict(body)), True)
 
-    def _base(self) -> str:
-        return (self._config.storefront_url or "").rstrip("/")
-
     @staticmethod
     def _done(tool: ToolConfig, arguments: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
         if tool.name == "create_support_ticket":
@@ -171,6 +208,27 @@ class ToolRunner:
     async def close(self) -> None:
         """Close the HTTP client."""
         await self._client.aclose()
+
+
+@dataclass(frozen=True)
+class _Storefront:
+    enabled: bool
+    url: str
+    headers: dict[str, str]
+
+
+def _storefront(config: ToolsConfig, tenant: TenantConfig | None) -> _Storefront:
+    """Where and how a tenant's tool calls go."""
+    if tenant is None:
+        return _Storefront(True, (config.storefront_url or "").rstrip("/"), {})
+    own = tenant.tools
+    headers = {"X-CS-Tenant": tenant.tenant}
+    if own.credentials_env:
+        token = os.environ.get(own.credentials_env)
+        if not token:
+            raise ValueError(f"tenant {tenant.tenant}: tools.credentials_env {own.credentials_env} is not set")
+        headers["Authorization"] = f"Bearer {token}"
+    return _Storefront(own.enabled, (own.storefront_url or config.storefront_url or "").rstrip("/"), headers)
 
 
 def _dict(body: Any) -> dict[str, Any]:

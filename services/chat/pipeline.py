@@ -10,6 +10,7 @@ Every step before the first token still fails as a clean HTTP error. The returne
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -134,13 +135,14 @@ class ChatPipeline:
         if intent is not None and (standard := self._standard_reply(conversation, intent)) is not None:
             return standard
         about_assistant = self._about_assistant(analysis)
-        cache_slot = await self._cache_slot(conversation, adapter)
+        intent_name = intent.intent if intent else None
+        offered = self._offered(conversation, intent_name, tools)
+        # A message that may need a tool depends on live data: never answered from the cache.
+        cache_slot = None if offered else await self._cache_slot(conversation, adapter)
         if cache_slot and (cached := await self._cached(conversation, cache_slot)) is not None:
             return cached
         grounding = NO_GROUNDING if about_assistant else await self._ground(conversation, analysis)
         confidence = about_assistant or grounding.confidence
-        intent_name = intent.intent if intent else None
-        offered = self._tool_rounds.offered(intent_name, request.message) if self._tool_rounds and tools else []
         if grounding.is_empty and not about_assistant and not offered:
             return fallback(conversation, self._fallback_text(tenant), intent_name)
         messages = build_messages(tenant.persona, grounding, conversation.history, request.message)
@@ -206,6 +208,12 @@ class ChatPipeline:
                 "(the reply carries the id), or open one with POST /v1/sessions"
             )
         return session_id
+
+    def _offered(self, conversation: Conversation, intent: str | None, tools: bool) -> list[ToolConfig]:
+        """The tools the model may call for this message (none when no shopper is named)."""
+        if self._tool_rounds is None or not tools:
+            return []
+        return self._tool_rounds.offered(intent, conversation.question, conversation.tenant.tenant)
 
     def _adapter_of(self, conversation: Conversation) -> str | None:
         """The adapter registered for the tenant now (a canary may pick per session), else the configured one."""
@@ -310,6 +318,7 @@ class ChatPipeline:
             user_id=conversation.user_id,
             intent=intent,
             deadline=conversation.deadline,
+            idempotency_key=_idempotency_key(conversation),
         )
 
     def _tools_stopped(self, rounds: RoundsResult, basis: dict[str, Any], confidence: float) -> FixedAnswer:
@@ -412,6 +421,12 @@ class ChatPipeline:
         if request.resolved is not None:
             verdict = "resolved" if request.resolved else "unresolved"
             self._metrics.inc("cs_feedback", {"tenant": tenant.tenant, "verdict": verdict})
+
+
+def _idempotency_key(conversation: Conversation) -> str:
+    """The same for the same message of the same shopper in the same conversation (a retried request)."""
+    parts = (conversation.tenant.tenant, conversation.user_id, conversation.session_id, conversation.question)
+    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 async def _first_chunk(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:

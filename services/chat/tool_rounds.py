@@ -27,6 +27,9 @@ TOOL_CONFIDENCE = 0.9
 TOOL_CALL_TAG = "<tool_call>"
 
 
+ONE_CHANGE = "only one change (such as a ticket) per message: this call was not made"
+
+
 @dataclass
 class RoundsResult:
     """How the rounds ended.
@@ -56,9 +59,9 @@ class ToolRounds:
         budget = max(answer_sampling.max_tokens, config.max_call_tokens)
         self._sampling = answer_sampling.model_copy(update={"max_tokens": budget})
 
-    def offered(self, intent: str | None, message: str) -> list[ToolConfig]:
-        """The tools offered for this message (by intent or message pattern)."""
-        return self._runner.offered(intent, message)
+    def offered(self, intent: str | None, message: str, tenant: str | None = None) -> list[ToolConfig]:
+        """The tools offered for this tenant's message (by intent or message pattern)."""
+        return self._runner.offered(intent, message, tenant)
 
     async def run(
         self,
@@ -70,8 +73,15 @@ class ToolRounds:
         user_id: str,
         intent: str | None,
         deadline: float | None = None,
+        idempotency_key: str | None = None,
     ) -> RoundsResult:
-        """Let the model call tools, appending its calls and their results to ``messages``."""
+        """Let the model call tools, appending its calls and their results to ``messages``.
+
+        At most one call that changes something (a ticket) runs per message, sent with
+        ``idempotency_key`` (the same for the same message in the same conversation, so a
+        retried request opens no second ticket); a further one gets an error result.
+        """
+        changed = False
         specs = [function_spec(t) for t in offered]
         required = self._runner.required(intent)
         result = RoundsResult()
@@ -99,7 +109,12 @@ class ToolRounds:
                 return result
             messages.append(ChatMessage(role="assistant", content=text))
             for call in calls:
-                outcome = await self._runner.run(call, user_id)
+                if self._runner.changes_something(call):
+                    if changed:
+                        messages.append(ChatMessage(role="tool", content=json.dumps({"error": ONE_CHANGE})))
+                        continue
+                    changed = True
+                outcome = await self._runner.run(call, user_id, tenant, idempotency_key)
                 result.actions.append(outcome.action)
                 messages.append(ChatMessage(role="tool", content=outcome.content))
                 if not outcome.ok:

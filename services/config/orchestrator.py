@@ -8,7 +8,7 @@ from services.config.base import TENANT_PATTERN, DeploymentOptions, StrictModel,
 from services.config.intents import IntentConfig, StandardReplies
 from services.config.llm import SamplingConfig
 from services.config.sessions import AnswerCacheConfig, SessionConfig
-from services.config.tools import ToolsConfig
+from services.config.tools import TenantTools, ToolsConfig
 from services.security import key_digest
 
 
@@ -24,6 +24,9 @@ class TenantConfig(StrictModel):
         default_factory=list,
         description="API keys of this tenant: 'sha256:<hex>' digests (see cs-api-key), or plain keys on a dev box; "
         "production keys usually come from CS_API_KEYS.",
+    )
+    tools: TenantTools = Field(
+        default_factory=TenantTools, description="This tenant's storefront for tools (URL, credentials)."
     )
 
 
@@ -149,6 +152,18 @@ class OrchestratorConfig(StrictModel):
         3, gt=0, description="How long one deployment's health check may take before it counts as down."
     )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+
+    @model_validator(mode="after")
+    def _every_tenant_has_a_storefront(self) -> OrchestratorConfig:
+        if not (self.tools.enabled and self.tools.uses_storefront) or self.tools.storefront_url:
+            return self
+        missing = [t.tenant for t in self.tenants if t.tools.enabled and not t.tools.storefront_url]
+        if missing:
+            raise ValueError(
+                f"tools use {{storefront_url}} but neither tools.storefront_url nor tenants' tools.storefront_url "
+                f"is set for {', '.join(missing)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _candidates_cover_top_k(self) -> OrchestratorConfig:

@@ -24,10 +24,20 @@ class ToolConfig(StrictModel):
         description="URL template: {storefront_url}, {user_id} and argument names are filled in (URL-quoted); "
         "None for transfer_to_human, which is handled by the platform.",
     )
+    side_effect: bool | None = Field(
+        None,
+        description="The call changes something (opens a ticket): at most one such call per message, sent with an "
+        "Idempotency-Key. Default: true for POST, false for GET.",
+    )
     intents: list[str] = Field(default_factory=list, description="Offered for messages of these intents.")
     patterns: list[str] = Field(
         default_factory=list, description="Also offered when the message matches one of these regular expressions."
     )
+
+    @property
+    def changes_something(self) -> bool:
+        """Whether a call of this tool changes state in the storefront (not a lookup)."""
+        return self.side_effect if self.side_effect is not None else self.method == "POST"
 
     @model_validator(mode="after")
     def _object_schema(self) -> ToolConfig:
@@ -39,11 +49,26 @@ class ToolConfig(StrictModel):
         return self
 
 
+class TenantTools(StrictModel):
+    """A tenant's own storefront: where its tools call and with which credentials."""
+
+    enabled: bool = Field(True, description="False: this tenant's assistant calls no tool.")
+    storefront_url: str | None = Field(None, description="This tenant's storefront API; the shared one otherwise.")
+    credentials_env: str | None = Field(
+        None,
+        pattern=r"^[A-Z_][A-Z0-9_]{0,127}$",
+        description="Name of the environment variable holding the token sent as 'Authorization: Bearer' to this "
+        "tenant's storefront (the secret itself never goes into the config).",
+    )
+
+
 class ToolsConfig(StrictModel):
     """Function calling against the storefront/CRM."""
 
     enabled: bool = Field(False, description="Offer tools to the model.")
-    storefront_url: str | None = Field(None, description="Base URL of the storefront API ({storefront_url}).")
+    storefront_url: str | None = Field(
+        None, description="Base URL of the storefront API ({storefront_url}) of tenants without their own."
+    )
     definitions: list[ToolConfig] = Field(
         default_factory=lambda: [ToolConfig.model_validate(t) for t in defaults("tools")],
         description="The tools; the defaults are get_order_status, create_support_ticket, check_coupon_rules and "
@@ -63,7 +88,9 @@ class ToolsConfig(StrictModel):
         unknown = set(self.required_for_intents.values()) - names
         if unknown:
             raise ValueError(f"required_for_intents names unknown tools {sorted(unknown)}")
-        uses_storefront = any(t.url and "{storefront_url}" in t.url for t in self.definitions)
-        if self.enabled and uses_storefront and not self.storefront_url:
-            raise ValueError("tools use {storefront_url} but storefront_url is not set")
         return self
+
+    @property
+    def uses_storefront(self) -> bool:
+        """Whether some tool's URL is under ``{storefront_url}``."""
+        return any(t.url and "{storefront_url}" in t.url for t in self.definitions)
