@@ -167,7 +167,8 @@ def _report(outcomes: list[SourceOutcome], rejects_path: Path) -> None:
     """Print one summary line per source and write the rejects report."""
     for o in outcomes:
         if o.report is None:
-            print(f"{o.tenant}/{o.source}: FAILED, nothing changed: {o.error}", file=sys.stderr)
+            # The error says whether anything changed (a timed-out run may still commit).
+            print(f"{o.tenant}/{o.source}: FAILED: {o.error}", file=sys.stderr)
             continue
         r = o.report
         print(

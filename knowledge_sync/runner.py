@@ -30,7 +30,7 @@ from knowledge_sync.sources import (
 )
 from services.config import ChunkingConfig
 from services.errors import ServiceError
-from services.knowledge.ingest import PassageEncoder, SourceBatch, SyncReport, sync_source
+from services.knowledge.ingest import MassDeleteError, PassageEncoder, SourceBatch, SyncReport, sync_source
 from services.knowledge.store import MilvusKnowledgeStore, SourceState, TenantState
 
 
@@ -62,8 +62,9 @@ class SyncTarget(Protocol):
         batch: SourceBatch,
         chunking: ChunkingConfig,
         on_embedded: Callable[[int, int], None] | None,
+        max_delete_fraction: float | None = None,
     ) -> SyncReport:
-        """Apply one batch atomically."""
+        """Apply one batch atomically; refuse a complete one deleting more than ``max_delete_fraction``."""
         ...
 
 
@@ -88,10 +89,16 @@ class StoreTarget:
         batch: SourceBatch,
         chunking: ChunkingConfig,
         on_embedded: Callable[[int, int], None] | None,
+        max_delete_fraction: float | None = None,
     ) -> SyncReport:
         """Run the pipeline here."""
         try:
-            return sync_source(self._store, self._embedder, tenant, source, batch, chunking, on_embedded=on_embedded)
+            return sync_source(
+                self._store, self._embedder, tenant, source, batch, chunking,
+                on_embedded=on_embedded, max_delete_fraction=max_delete_fraction,
+            )  # fmt: skip
+        except MassDeleteError as err:
+            raise SourceError(err.message) from err
         except ServiceError as err:
             raise TargetError(err.message) from err
 
@@ -115,9 +122,14 @@ class AppTarget:
         batch: SourceBatch,
         chunking: ChunkingConfig,
         on_embedded: Callable[[int, int], None] | None,
+        max_delete_fraction: float | None = None,
     ) -> SyncReport:
         """PUT /admin/knowledge/{tenant}/sources/{source}."""
         body = batch.model_dump(mode="json") | {"chunking": chunking.model_dump()}
+        if max_delete_fraction is None:
+            body["allow_mass_delete"] = True
+        else:
+            body["max_delete_fraction"] = max_delete_fraction
         return SyncReport.model_validate(self._request("PUT", f"/admin/knowledge/{tenant}/sources/{source}", body))
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
@@ -129,9 +141,12 @@ class AppTarget:
             raise TargetError(f"the app at {self._client.base_url} is unreachable: {err}") from err
         if reply.status_code != 200:
             try:
-                message = reply.json()["error"]["message"]
+                error = reply.json()["error"]
+                message, code = str(error["message"]), error.get("code")
             except (ValueError, KeyError, TypeError):
-                message = reply.text[:500]
+                message, code = reply.text[:500], None
+            if code == MassDeleteError.code:
+                raise SourceError(message)  # the pull, not the app, is what is wrong
             raise TargetError(f"the app answered {reply.status_code}: {message}")
         return reply.json()
 
@@ -213,15 +228,15 @@ def _run_one(
             mapper.add(record)
         outcome.rejects = mapper.rejects
         batch = mapper.batch(complete=not incremental)
-        if not incremental and not options.allow_mass_delete:
-            _check_mass_delete(config, previous, batch)
         with tqdm(desc=f"{label} embed", unit=" chunks", disable=not options.progress) as bar:
 
             def on_embedded(done: int, total: int) -> None:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            report = target.apply(tenant, config.name, batch, chunking, on_embedded)
+            # Checked where the run holds its lease, against the committed state (the app's, or Milvus's).
+            guard = None if incremental or options.allow_mass_delete else config.max_delete_fraction
+            report = target.apply(tenant, config.name, batch, chunking, on_embedded, guard)
         outcome.report = report.model_copy(update={"rejected": len(mapper.rejects)})
         outcome.last_success = time.time()
         outcome.code = ExitCode.REJECTS if mapper.rejects else ExitCode.OK
@@ -230,20 +245,6 @@ def _run_one(
     except TargetError as err:
         outcome.error, outcome.code = str(err), ExitCode.TARGET_FAILED
     return outcome
-
-
-def _check_mass_delete(config: SourceConfig, previous: SourceState, batch: SourceBatch) -> None:
-    """Refuse a complete pull that would delete most of a source: usually a broken export, not a decision."""
-    if previous.documents == 0:
-        return
-    remaining = len(batch.documents) + len(batch.kept_doc_ids)
-    vanishing = previous.documents - remaining
-    if vanishing > config.max_delete_fraction * previous.documents:
-        raise SourceError(
-            f"source {config.name}: this pull would delete {vanishing} of {previous.documents} documents "
-            f"(more than max_delete_fraction {config.max_delete_fraction:g}); nothing was changed. "
-            "If that is intended, run again with --allow-mass-delete"
-        )
 
 
 def exit_code(outcomes: list[SourceOutcome]) -> ExitCode:

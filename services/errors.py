@@ -31,6 +31,13 @@ class InvalidRequestError(ServiceError):
     code = "invalid_request"
 
 
+class SyncOutcomeUnknownError(ServiceError):
+    """A knowledge sync outlived its caller's wait: it goes on and may still commit."""
+
+    status_code = 504
+    code = "sync_outcome_unknown"
+
+
 class PayloadTooLargeError(ServiceError):
     """A request body over the route's size limit (refused before it is parsed or authenticated)."""
 

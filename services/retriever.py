@@ -9,6 +9,7 @@ app, because a Milvus Lite file admits one process: the app's.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,6 +19,7 @@ from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
 from services.config import ChunkingConfig, ObservabilityConfig, RetrieverConfig, ServiceSettings
+from services.knowledge.lease import InProcessSyncLease, RedisSyncLease, SyncLease
 from services.knowledge.store import MilvusKnowledgeStore, tenant_filter
 from services.observability.logs import configure_replica_logging
 from services.observability.metrics import Metrics, RayMetrics, names_for
@@ -25,7 +27,7 @@ from services.observability.tracing import tracer
 from services.schemas import Embedding, RetrievedChunk
 
 if TYPE_CHECKING:
-    from services.knowledge.ingest import SourceBatch
+    from services.knowledge.ingest import SourceBatch, SyncReport
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class Retriever:
         *,
         store: MilvusKnowledgeStore | None = None,
         metrics: Metrics | None = None,
+        sync_lease: SyncLease | None = None,
     ) -> None:
         observability = observability or ObservabilityConfig()
         configure_replica_logging(observability.log_level, observability.log_format)
@@ -79,7 +82,8 @@ class Retriever:
                 token=token.get_secret_value() if token else None,
             )
         self._store = store
-        self._ingest_lock = asyncio.Lock()
+        self._lease = sync_lease or open_sync_lease(config)
+        self._runs: set[asyncio.Task[SyncReport]] = set()  # syncs under way, kept to their end
 
     async def search(
         self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
@@ -99,27 +103,50 @@ class Retriever:
             return hits
 
     async def ingest(
-        self, tenant: str, source: str, batch: SourceBatch, chunking: ChunkingConfig | None = None
+        self,
+        tenant: str,
+        source: str,
+        batch: SourceBatch,
+        chunking: ChunkingConfig | None = None,
+        max_delete_fraction: float | None = None,
     ) -> dict[str, Any]:
         """Apply one source's batch to a tenant's knowledge base through this replica's connection.
 
         The knowledge-sync pipeline runs here, unchanged, so a running app (which holds
         the only connection a Milvus Lite file allows) takes new policies without a
-        restart, atomically. Passages are embedded by the Embedder deployment. Runs are
-        serialized: the store's atomicity assumes one writer per tenant.
+        restart, atomically. Passages are embedded by the Embedder deployment.
+
+        One run per tenant at a time, across replicas: the run holds the tenant's sync
+        lease from its first read to its commit; a second is refused at once (409) and
+        changes nothing. A run whose caller goes away (a cancelled request, a timeout) goes
+        on to its end and keeps the lease until then, because a run cut short in its worker
+        thread could not be stopped anyway.
 
         Returns:
             The run's :class:`~services.knowledge.ingest.SyncReport` as a dict.
+
+        Raises:
+            ConflictError: another run of the tenant is under way, or would delete too much.
 
         """
         from services.knowledge.ingest import sync_source
 
         tenant_filter(tenant)  # refuse odd tenant ids before any work
         embedder = HandleEmbeddingBackend(self._embedder, await self._embedder.info.remote())
-        async with self._ingest_lock:
-            report = await asyncio.to_thread(
-                sync_source, self._store, embedder, tenant, source, batch, chunking or ChunkingConfig()
-            )
+
+        async def run() -> SyncReport:
+            async with self._lease.hold(tenant):
+                return await asyncio.to_thread(
+                    sync_source, self._store, embedder, tenant, source, batch, chunking or ChunkingConfig(),
+                    max_delete_fraction=max_delete_fraction,
+                )  # fmt: skip
+
+        # Serve cancels every call a cancelled request made, the Embedder calls of this run's
+        # thread included: in a context of its own the run is nobody's child, so it is never cut short.
+        task = asyncio.create_task(run(), context=contextvars.Context())
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+        report = await asyncio.shield(task)
         for outcome in ("added", "updated", "deleted", "unchanged", "rejected"):
             tags = {"tenant": tenant, "source": source, "outcome": outcome}
             self._metrics.inc("cs_knowledge_ingest_records", tags, getattr(report, outcome))
@@ -141,6 +168,22 @@ class Retriever:
         store = getattr(self, "_store", None)
         if store is not None:
             store.close()
+
+
+def open_sync_lease(config: RetrieverConfig) -> SyncLease:
+    """The configured sync lease; Redis needs a URL (``sync_lease.redis_url`` or ``CS_REDIS_URL``).
+
+    Raises:
+        ValueError: Redis is chosen but no URL is given.
+
+    """
+    if config.sync_lease.backend == "memory":
+        return InProcessSyncLease()
+    secret = ServiceSettings().redis_url
+    url = secret.get_secret_value() if secret else config.sync_lease.redis_url
+    if not url:
+        raise ValueError("sync_lease.backend is redis but neither sync_lease.redis_url nor CS_REDIS_URL is set")
+    return RedisSyncLease(url, config.sync_lease.ttl_s)
 
 
 def build_retriever(

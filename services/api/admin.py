@@ -139,7 +139,12 @@ class KnowledgeAdmin(Protocol):
     """Knowledge ingest and state of the running app (the Retriever deployment)."""
 
     async def ingest(
-        self, tenant: str, source: str, batch: SourceBatch, chunking: ChunkingConfig | None
+        self,
+        tenant: str,
+        source: str,
+        batch: SourceBatch,
+        chunking: ChunkingConfig | None,
+        max_delete_fraction: float | None = None,
     ) -> dict[str, Any]:
         """Apply one source's batch atomically; returns the sync report."""
         ...
@@ -164,6 +169,14 @@ class KnowledgeUpload(SourceBatch):
     """One pull of a source, as ``cs-knowledge-sync --app-url`` sends it."""
 
     chunking: ChunkingConfig | None = Field(None, description="Chunk size and overlap; defaults when absent.")
+    max_delete_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="A complete pull deleting more of the source's documents than this is refused (409, "
+        "mass_delete_refused) and changes nothing.",
+    )
+    allow_mass_delete: bool = Field(False, description="Accept a complete pull that deletes most of the source.")
 
 
 @router.get("/knowledge/{tenant}")
@@ -180,5 +193,8 @@ async def sync_source(knowledge: Knowledge, tenant: Tenant, source: Source, body
     ``complete: false`` changes only the given documents and ``deleted_doc_ids``. The
     run is atomic: the assistant sees all of it once it returns, or none of it if it fails.
     """  # fmt: skip
-    batch = SourceBatch.model_validate(body.model_dump(exclude={"chunking"}))
-    return await knowledge.ingest(tenant, source, batch, body.chunking)
+    batch = SourceBatch.model_validate(
+        body.model_dump(exclude={"chunking", "max_delete_fraction", "allow_mass_delete"})
+    )
+    guard = None if body.allow_mass_delete else body.max_delete_fraction
+    return await knowledge.ingest(tenant, source, batch, body.chunking, guard)

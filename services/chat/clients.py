@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from opentelemetry import trace
 
 from services.config import ChunkingConfig, SamplingConfig
-from services.errors import DeadlineExceededError, DependencyUnavailableError, OverloadedError, ServiceError
+from services.errors import (
+    DeadlineExceededError,
+    DependencyUnavailableError,
+    OverloadedError,
+    ServiceError,
+    SyncOutcomeUnknownError,
+)
 from services.observability.metrics import Metrics
 from services.observability.tracing import tracer
 from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk
@@ -133,14 +139,34 @@ class RetrieverClient:
         self._metrics = metrics or Metrics()
 
     async def ingest(
-        self, tenant: str, source: str, batch: SourceBatch, chunking: ChunkingConfig | None
+        self,
+        tenant: str,
+        source: str,
+        batch: SourceBatch,
+        chunking: ChunkingConfig | None,
+        max_delete_fraction: float | None = None,
     ) -> dict[str, Any]:
-        """Sync one source's batch in the Retriever deployment (atomic; see the knowledge store)."""
-        return await call_dependency(
-            "knowledge retriever",
-            lambda: self._handle.ingest.remote(tenant, source, batch, chunking),
-            self._ingest_timeout_s,
-        )
+        """Sync one source's batch in the Retriever deployment (atomic; see the knowledge store).
+
+        Raises:
+            SyncOutcomeUnknownError: it did not finish in time; the run goes on and may still commit.
+
+        """
+        try:
+            return await asyncio.wait_for(
+                self._handle.ingest.remote(tenant, source, batch, chunking, max_delete_fraction),
+                self._ingest_timeout_s,
+            )
+        except TimeoutError as err:
+            raise SyncOutcomeUnknownError(
+                f"the sync of {tenant}/{source} did not finish within {self._ingest_timeout_s:g} s; it goes on in the "
+                f"Retriever and may still commit: see GET /admin/knowledge/{tenant} before sending it again"
+            ) from err
+        except Exception as err:
+            cause = getattr(err, "cause", err)
+            if isinstance(cause, ServiceError):
+                raise cause from None
+            raise DependencyUnavailableError(f"knowledge retriever failed ({type(err).__name__})") from err
 
     async def generation(self, tenant: str) -> int:
         """The tenant's committed knowledge generation (the answer cache's knowledge version)."""

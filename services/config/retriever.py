@@ -26,6 +26,18 @@ class ChunkingConfig(StrictModel):
         return self
 
 
+class SyncLeaseConfig(StrictModel):
+    """Where the one-sync-per-tenant lease lives (services/knowledge/lease.py)."""
+
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: one Retriever replica (Milvus Lite); redis: any number of replicas."
+    )
+    redis_url: str | None = Field(None, description="redis://host:6379/0 without a password; CS_REDIS_URL wins.")
+    ttl_s: float = Field(
+        60, ge=5, description="A lease not renewed this long is free (a replica died mid-run); renewed every ttl/3."
+    )
+
+
 class RetrieverConfig(StrictModel):
     """The Milvus knowledge store and hybrid search."""
 
@@ -44,7 +56,19 @@ class RetrieverConfig(StrictModel):
         description="Weight of each signal in RRF (default 1); raise bm25 when the embedder is weak in a language.",
     )
     timeout_s: float = Field(10, gt=0, description="Timeout of one Milvus call.")
+    sync_lease: SyncLeaseConfig = Field(
+        default_factory=SyncLeaseConfig, description="The lease that lets one knowledge sync per tenant run at a time."
+    )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+
+    @model_validator(mode="after")
+    def _one_writer_or_a_shared_lease(self) -> RetrieverConfig:
+        if self.sync_lease.backend == "memory" and self.deployment.num_replicas != 1:
+            raise ValueError(
+                "several Retriever replicas need sync_lease.backend: redis, so that two syncs of one tenant never run "
+                "at once on different replicas"
+            )
+        return self
 
     @property
     def is_lite(self) -> bool:

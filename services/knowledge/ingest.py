@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.config import SOURCE_PATTERN, ChunkingConfig
+from services.errors import ConflictError
 from services.knowledge.chunking import chunk_documents
 from services.knowledge.documents import KnowledgeDocument
 from services.knowledge.store import MilvusKnowledgeStore, SourceState
@@ -70,6 +71,30 @@ class SourceBatch(BaseModel):
     cursor_is_datetime: bool = False
 
 
+class MassDeleteError(ConflictError):
+    """A complete pull that would delete most of a source: usually a broken export, not a decision."""
+
+    code = "mass_delete_refused"
+
+
+def check_mass_delete(source: str, previous_documents: int, batch: SourceBatch, max_fraction: float) -> None:
+    """Refuse a complete pull that would delete more than ``max_fraction`` of the source's documents.
+
+    Raises:
+        MassDeleteError: it would; nothing was changed.
+
+    """
+    if not batch.complete or previous_documents == 0:
+        return
+    vanishing = previous_documents - len(batch.documents) - len(batch.kept_doc_ids)
+    if vanishing > max_fraction * previous_documents:
+        raise MassDeleteError(
+            f"source {source}: this pull would delete {vanishing} of {previous_documents} documents "
+            f"(more than max_delete_fraction {max_fraction:g}); nothing was changed. If that is intended, "
+            "send it again allowing a mass delete (cs-knowledge-sync --allow-mass-delete)"
+        )
+
+
 class SyncReport(BaseModel):
     """What a run changed, counted in source records (documents) and in chunks."""
 
@@ -95,6 +120,7 @@ def sync_source(
     chunking: ChunkingConfig,
     *,
     on_embedded: Callable[[int, int], None] | None = None,
+    max_delete_fraction: float | None = None,
 ) -> SyncReport:
     """Apply one source's batch to the tenant's knowledge base and commit it.
 
@@ -106,18 +132,24 @@ def sync_source(
         batch: Documents, deletions and the cursor of this pull.
         chunking: Chunk size and overlap; capped to what the embedder reads.
         on_embedded: Called with (chunks embedded so far, chunks to embed) for progress.
+        max_delete_fraction: Refuse a complete pull deleting more of the source than this
+            (checked against the committed state, under the run's lease); None: no check.
 
     Returns:
         The counts of this run.
 
     Raises:
         ConflictError: another run committed meanwhile; nothing changed.
+        MassDeleteError: the pull would delete more than ``max_delete_fraction``; nothing changed.
         KnowledgeBaseUnavailableError: Milvus failed; nothing changed.
 
     """
     started = time.monotonic()
     if not _SOURCE_NAME.fullmatch(source):
         raise ValueError(f"invalid source name {source!r}")
+    if max_delete_fraction is not None:
+        previous = store.tenant_state(tenant).sources.get(source, SourceState())
+        check_mass_delete(source, previous.documents, batch, max_delete_fraction)
     generation = store.begin(tenant)
     state = store.tenant_state(tenant)
     live: dict[str, set[str]] = defaultdict(set)

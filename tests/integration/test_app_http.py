@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,9 @@ def lumen_sources(client: httpx.Client) -> Iterator[list[str]]:
     yield names
     for name in names:
         emptied = client.put(
-            f"/admin/knowledge/lumen/sources/{name}", json={"complete": True, "documents": []}, headers=ADMIN
+            f"/admin/knowledge/lumen/sources/{name}",
+            json={"complete": True, "documents": [], "allow_mass_delete": True},  # emptying it is the point
+            headers=ADMIN,
         )
         assert emptied.status_code == 200, emptied.text
 
@@ -570,8 +573,9 @@ def test_every_documented_metric_is_scraped_with_its_labels(
     lumen_sources.append("metrics-test")
     exercise_every_path(client, adapters_dir)
     # GPU gauges need a GPU; the reranker's latency is scraped where reranking is on (test_reranking);
-    # withheld answers need a model that cites or states numbers (stand-ins in test_pipeline).
-    elsewhere = {"cs_rerank_seconds", "cs_withheld_replies"}
+    # withheld and retried answers need a model that cites, states numbers or writes in a language
+    # (stand-ins in test_pipeline and test_reply_form).
+    elsewhere = {"cs_rerank_seconds", "cs_withheld_replies", "cs_reply_retries"}
     expected = [spec for spec in CATALOG if not spec.name.startswith("cs_gpu_") and spec.name not in elsewhere]
     suffix = {"counter": "", "gauge": "", "histogram": "_bucket"}
 
@@ -718,3 +722,39 @@ def test_cs_eval_measures_the_running_app_and_gates_on_its_thresholds(client: ht
     assert overall["errors"] == 0 and overall["latency_p50_s"] > 0
     assert {r["id"]: r["outcome"] for r in written["results"]}["o1"] == "fallback"
     assert cs_eval([*argv, "--min-recall-at-1", "1.01"]) == 1  # a missed threshold fails the gate
+
+
+def test_the_server_refuses_a_mass_delete_and_keeps_the_source(client: httpx.Client, lumen_sources: list[str]) -> None:
+    lumen_sources.append("guarded")
+    url = "/admin/knowledge/lumen/sources/guarded"
+    documents = [DOG_POLICY, {**DOG_POLICY, "doc_id": "pets-2", "title": "Cats in our showrooms"}]
+    assert client.put(url, json={"complete": True, "documents": documents}, headers=ADMIN).status_code == 200
+    refused = client.put(url, json={"complete": True, "documents": []}, headers=ADMIN)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "mass_delete_refused"
+    state = client.get("/admin/knowledge/lumen", headers=ADMIN).json()
+    assert state["sources"]["guarded"]["documents"] == 2  # nothing was changed
+
+
+def test_a_sync_whose_caller_left_goes_on_to_commit_and_a_second_meanwhile_is_refused(
+    ray_cluster: dict[str, Any], client: httpx.Client, lumen_sources: list[str]
+) -> None:
+    lumen_sources.append("long-run")
+    url = "/admin/knowledge/lumen/sources/long-run"
+    documents = [
+        {"doc_id": f"rule-{n}", "title": f"House rule {n}", "text": f"House rule {n}: " + "Be kind to the staff. " * 20}
+        for n in range(400)
+    ]
+    # The caller gives up long before 400 documents are embedded (it reaches the Retriever in
+    # about a second): Serve cancels its request.
+    with pytest.raises(httpx.TimeoutException):
+        httpx.put(str(client.base_url) + url, json={"complete": True, "documents": documents}, headers=ADMIN, timeout=3)
+    second = client.put(url, json={"complete": True, "documents": documents[:1]}, headers=ADMIN)
+    assert second.status_code == 409 and "is running" in second.json()["error"]["message"], second.text
+    # The first run was not cut short: all 400 documents arrive, none lost (bounded wait).
+    for _ in range(600):
+        sources = client.get("/admin/knowledge/lumen", headers=ADMIN).json()["sources"]
+        if sources.get("long-run", {}).get("documents") == 400:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the abandoned sync never committed: {sources.get('long-run')}")

@@ -74,7 +74,7 @@ def test_unreadable_file_fails_the_source_and_changes_nothing(
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     code, out = run(config_file, bad, capsys)
-    assert code == 3 and "lumen/kb: FAILED, nothing changed" in out and "not readable JSON" in out
+    assert code == 3 and "lumen/kb: FAILED:" in out and "not readable JSON" in out
 
 
 def test_bad_tenant_is_a_usage_error(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
