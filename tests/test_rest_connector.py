@@ -122,6 +122,9 @@ def test_malformed_records_are_rejected_and_the_rest_kept(crm: tuple[str, CrmSta
     state.records.append({"id": "broken", "name": "No body"})
     state.records.append({"id": "", "name": "Empty id", "content": {"body": "x"}})
     state.put("p5", "Policy 5", "Rule five.", status="archived")
+    state.put(
+        "p6", "退货" * 200, "标题过长的一条。"
+    )  # an edit to 400 characters, 1,200 bytes: more than the store holds
     config = source(crm[0])
     connector = RestConnector(config)
     mapper = RecordMapper("lumen", config, cursor_path=connector.cursor_path)
@@ -129,12 +132,13 @@ def test_malformed_records_are_rejected_and_the_rest_kept(crm: tuple[str, CrmSta
         mapper.add(record)
     mapper.add(["not", "an", "object"])
     batch = mapper.batch(complete=True)
-    assert len(batch.documents) == 22 and batch.deleted_doc_ids == ["p5"]
+    assert len(batch.documents) == 21 and batch.deleted_doc_ids == ["p5"]
     reasons = {(r.doc_id, r.reason) for r in mapper.rejects}
     assert ("broken", "text: Field required") in reasons
     assert any(r.reason.startswith("doc_id:") for r in mapper.rejects)
     assert any(r.reason == "expected an object, got list" for r in mapper.rejects)
-    assert batch.kept_doc_ids == ["broken"]  # its stored version stays
+    assert ("p6", "title: is 1200 bytes in UTF-8; the store holds at most 1024 (a Chinese character is 3)") in reasons
+    assert batch.kept_doc_ids == ["broken", "p6"]  # their stored versions stay
 
 
 def test_html_bodies_become_text_with_sections() -> None:

@@ -30,6 +30,8 @@ SCALAR_FIELDS = [
     "content_hash",
 ]
 MAX_TEXT_CHARS = 8192
+#: Milvus VARCHAR limits count UTF-8 bytes (a CJK character is 3): what a document's fields may hold.
+FIELD_BYTES = {"doc_id": 256, "title": 1024, "category": 128}
 
 
 def ensure_chunk_collection(client: Any, config: RetrieverConfig, *, dimension: int, has_sparse: bool) -> None:
@@ -45,9 +47,9 @@ def ensure_chunk_collection(client: Any, config: RetrieverConfig, *, dimension: 
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
     schema.add_field("tenant", DataType.VARCHAR, max_length=64)
     schema.add_field("source", DataType.VARCHAR, max_length=256)
-    schema.add_field("doc_id", DataType.VARCHAR, max_length=256)
+    schema.add_field("doc_id", DataType.VARCHAR, max_length=FIELD_BYTES["doc_id"])
     schema.add_field("chunk_no", DataType.INT64)
-    schema.add_field("title", DataType.VARCHAR, max_length=1024)
+    schema.add_field("title", DataType.VARCHAR, max_length=FIELD_BYTES["title"])
     schema.add_field(
         "text",
         DataType.VARCHAR,
@@ -55,7 +57,7 @@ def ensure_chunk_collection(client: Any, config: RetrieverConfig, *, dimension: 
         enable_analyzer=config.enable_bm25,
         analyzer_params=config.bm25_analyzer if config.enable_bm25 else None,
     )
-    schema.add_field("category", DataType.VARCHAR, max_length=128)
+    schema.add_field("category", DataType.VARCHAR, max_length=FIELD_BYTES["category"])
     schema.add_field("updated_at", DataType.INT64)
     schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
     schema.add_field("gen_from", DataType.INT64)

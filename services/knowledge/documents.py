@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from services.knowledge.collections import FIELD_BYTES
+
 
 class KnowledgeDocument(BaseModel):
     """One policy, FAQ entry or SOP as it comes from a source system."""
@@ -22,6 +24,16 @@ class KnowledgeDocument(BaseModel):
     text: str = Field(min_length=1)
     category: str = Field("", max_length=100)
     updated_at: int = Field(0, ge=0, description="Unix seconds; ISO dates and datetimes are accepted.")
+
+    @field_validator("doc_id", "title", "category")
+    @classmethod
+    def _fits_the_store(cls, value: str, info: Any) -> str:
+        # Checked per record, so one long Chinese title is one reject, not a failed source.
+        size = len(value.encode("utf-8", "surrogatepass"))
+        limit = FIELD_BYTES[info.field_name]
+        if size > limit:
+            raise ValueError(f"is {size} bytes in UTF-8; the store holds at most {limit} (a Chinese character is 3)")
+        return value
 
     @field_validator("updated_at", mode="before")
     @classmethod
