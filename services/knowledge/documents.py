@@ -112,7 +112,7 @@ def validation_message(err: ValidationError) -> str:
     """The first fault of a validation error as ``field: message``."""
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "record"
-    return f"{where}: {first['msg']}"
+    return f"{where}: {str(first['msg']).removeprefix('Value error, ')}"
 
 
 def _read_json(file: Path) -> list[dict[str, Any]]:
