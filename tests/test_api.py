@@ -177,3 +177,54 @@ async def test_readiness_is_starting_until_the_first_probe_ends() -> None:
     monitor = HealthMonitor(slow, interval_s=1)
     assert await monitor.reading(wait_s=0.05) == (None, None)
     await monitor.close()
+
+
+class RecordingKnowledge:
+    """Stands in for the Retriever's ingest: records which tenant's knowledge was read."""
+
+    def __init__(self) -> None:
+        self.read: list[str] = []
+
+    async def state(self, tenant: str) -> dict[str, Any]:
+        self.read.append(tenant)
+        return {"generation": 1, "sources": {}}
+
+    async def ingest(self, *args: Any) -> dict[str, Any]:
+        raise AssertionError("not called here")
+
+
+def knowledge_client(**overrides: Any) -> tuple[TestClient, RecordingKnowledge]:
+    tenants = [
+        {"tenant": "lumen", "persona": "p", "api_keys": ["test-key"], "ingest_api_keys": ["lumen-ingest"]},
+        {"tenant": "volt", "persona": "p", "api_keys": ["volt-key"]},
+    ]
+    config = OrchestratorConfig.model_validate(orchestrator_args(tenants=tenants, **overrides))
+
+    async def check() -> dict[str, str]:
+        return {}
+
+    knowledge = RecordingKnowledge()
+    api = create_api(
+        config, FailingPipeline(), ApiKeyAuth.from_config(config.tenants, {}), check,  # type: ignore[arg-type]
+        admin_keys=admin_digests(["admin"]), knowledge=knowledge,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return TestClient(api), knowledge
+
+
+def test_a_tenants_ingest_key_syncs_its_own_knowledge_and_nothing_else() -> None:
+    client, knowledge = knowledge_client()
+    ingest = {"X-API-Key": "lumen-ingest"}
+    assert client.get("/admin/knowledge/lumen", headers=ingest).status_code == 200
+    other = client.get("/admin/knowledge/volt", headers=ingest)
+    assert other.status_code == 403 and "another tenant" in other.json()["error"]["message"]
+    assert client.get("/admin/adapters", headers=ingest).status_code == 401  # not an admin key
+    assert client.get("/admin/knowledge/volt", headers={"X-API-Key": "admin"}).status_code == 200
+    assert client.get("/admin/knowledge/lumen", headers={"X-API-Key": "test-key"}).status_code == 401
+    assert knowledge.read == ["lumen", "volt"]
+
+
+def test_the_api_pages_are_off_when_the_config_says_so() -> None:
+    on, _ = knowledge_client()
+    off, _ = knowledge_client(api_docs=False)
+    assert on.get("/openapi.json").status_code == 200 and on.get("/docs").status_code == 200
+    assert off.get("/openapi.json").status_code == 404 and off.get("/docs").status_code == 404

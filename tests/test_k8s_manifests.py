@@ -320,3 +320,22 @@ def test_the_image_builds_on_the_ray_llm_image_of_the_pinned_ray() -> None:
     assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray_version
     ignored = (K8S / "Dockerfile.dockerignore").read_text().splitlines()
     assert "*" in ignored and "!services/" in ignored  # no venv or model folders in the context
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_control_ports_admit_only_ray_pods_and_the_operator_and_the_public_routes_skip_admin(
+    overlay: str,
+) -> None:
+    documents = rendered(overlay)
+    [policy] = [p for p in by_kind(documents, "NetworkPolicy") if p["metadata"]["name"] == "ray-cluster"]
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if not ports:  # every port: only from the cluster's own Ray pods
+            assert [set(f) for f in rule["from"]] == [{"podSelector"}]
+        else:
+            assert not ports & {6379, 10001}, rule  # GCS and client ports: Ray pods only
+    [ingress] = by_kind(documents, "Ingress")
+    paths = [p["path"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+    assert paths and not any(p.startswith(("/admin", "/docs", "/openapi")) for p in paths)
+    [env] = [c for c in by_kind(documents, "ConfigMap") if c["metadata"]["name"].startswith("customer-service-env")]
+    assert env["data"]["RAY_AUTH_MODE"] == "token"

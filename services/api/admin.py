@@ -12,7 +12,7 @@ from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import NAME_PATTERN, AdapterVersion, TenantAdapters
 from services.api.auth import is_admin, presented_key
 from services.config import SOURCE_PATTERN, ChunkingConfig
-from services.errors import AuthenticationError, NotFoundError, ServiceError
+from services.errors import AuthenticationError, ForbiddenError, NotFoundError, ServiceError
 from services.knowledge.ingest import SourceBatch
 
 
@@ -154,7 +154,21 @@ class KnowledgeAdmin(Protocol):
         ...
 
 
-def _knowledge(request: Request, _: AdminKey) -> KnowledgeAdmin:
+def _knowledge_key(request: Request, tenant: str) -> None:
+    """The platform admin key, or the tenant's own ingest key (it may sync this tenant's knowledge only)."""
+    presented = presented_key(request)
+    digests: list[str] = request.app.state.admin_keys
+    ingest: dict[str, list[str]] = request.app.state.ingest_keys
+    if is_admin(presented, digests) or is_admin(presented, ingest.get(tenant, [])):
+        return
+    if not digests and not any(ingest.values()):
+        raise AdminDisabledError("the admin API is disabled: no admin key is configured")
+    if any(is_admin(presented, keys) for keys in ingest.values()):
+        raise ForbiddenError(f"this ingest key belongs to another tenant and cannot sync {tenant!r}")
+    raise AuthenticationError("unknown admin key")
+
+
+def _knowledge(request: Request, _: Annotated[None, Depends(_knowledge_key)]) -> KnowledgeAdmin:
     knowledge: KnowledgeAdmin | None = request.app.state.knowledge
     if knowledge is None:
         raise AdminDisabledError("knowledge ingest is not available in this app")

@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.adapters.admin import AdapterAdmin
 from services.api import admin, chat, health, openai_compat
-from services.api.auth import ApiKeyAuth
+from services.api.auth import ApiKeyAuth, admin_digests
 from services.api.errors import install_error_handlers
 from services.api.health import HealthMonitor
 from services.api.hygiene import RequestHygieneMiddleware
@@ -71,13 +71,23 @@ def create_api(
         served_by: This replica's id, sent as ``X-Served-By`` (tracing a request to a replica).
 
     """
-    app = FastAPI(title="Customer-service LLM platform", version="0.1.0")
+    docs = config.api_docs  # off in production: the pages map every route, the admin ones included
+    app = FastAPI(
+        title="Customer-service LLM platform",
+        version="0.1.0",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.config = config
     app.state.pipeline = pipeline
     app.state.auth = auth
     app.state.health = HealthMonitor(check_dependencies, config.health_probe_interval_s)
     app.state.adapter_admin = adapter_admin
     app.state.admin_keys = admin_keys or []
+    app.state.ingest_keys = {
+        t.tenant: admin_digests([k.get_secret_value() for k in t.ingest_api_keys]) for t in config.tenants
+    }
     app.state.knowledge = knowledge
     app.state.tenant_ids = {t.tenant for t in config.tenants}
     install_error_handlers(app)

@@ -28,6 +28,11 @@ class TenantConfig(StrictModel):
     tools: TenantTools = Field(
         default_factory=TenantTools, description="This tenant's storefront for tools (URL, credentials)."
     )
+    ingest_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys that may sync this tenant's knowledge (GET/PUT /admin/knowledge/<tenant>/...) and nothing "
+        "else: for a tenant's knowledge-sync job, instead of the platform admin key. Digests or plain (dev).",
+    )
 
 
 class RerankingConfig(StrictModel):
@@ -130,6 +135,9 @@ class OrchestratorConfig(StrictModel):
     )
     max_message_chars: int = Field(2000, ge=1, description="Longest accepted shopper message.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Bounds on one HTTP request.")
+    api_docs: bool = Field(
+        True, description="Serve /docs, /redoc and /openapi.json; off in production (they map every route)."
+    )
     admin_api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="Keys of the admin API, as 'sha256:<hex>' digests or plain (dev); CS_ADMIN_KEYS adds more.",
