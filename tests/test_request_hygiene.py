@@ -118,3 +118,19 @@ def test_an_openai_request_over_the_message_limit_is_a_400(app: Any) -> None:
     ]
     reply = client.post("/v1/chat/completions", json={"model": "lumen", "messages": messages}, headers=KEY)
     assert reply.status_code == 400 and reply.json()["error"]["message"] == "messages: 81 messages; the limit is 64"
+
+
+def test_a_body_that_is_not_utf8_and_an_unknown_route_answer_in_the_error_shape(app: Any) -> None:
+    client, _ = app
+    garbled = client.post("/v1/chat", content=b"\xff\xfe\x16", headers=KEY | {"Content-Type": "application/json"})
+    assert garbled.status_code == 400 and garbled.json()["error"]["code"] == "malformed_json"
+    missing = client.get("/v1/nowhere", headers=KEY)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_a_wrong_method_names_every_method_of_the_path(app: Any) -> None:
+    client, _ = app
+    reply = client.post("/admin/tenants/lumen/adapter/canary/x", headers={"X-API-Key": "admin"})
+    wrong = client.patch("/admin/tenants/lumen/adapter/canary", headers={"X-API-Key": "admin"})
+    assert reply.status_code == 404
+    assert wrong.status_code == 405 and set(wrong.headers["Allow"].split(", ")) == {"PUT", "DELETE"}

@@ -8,6 +8,8 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from services.errors import ServiceError
 from services.observability.logs import serve_request_id
@@ -39,6 +41,19 @@ def service_error_response(exc: ServiceError) -> JSONResponse:
     return error_response(exc.status_code, exc.code, exc.message, exc.retry_after_s)
 
 
+_HTTP_CODES = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def _methods_of(request: Request) -> list[str]:
+    """Every method some route serves at the request's path."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "__none__"})
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def describe_validation_error(exc: RequestValidationError) -> tuple[int, str, str]:
     """Status, code and a one-line message naming the first invalid field."""
     errors = exc.errors()
@@ -65,6 +80,21 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return service_error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's and Starlette's own refusals (a body that is not UTF-8, an unknown route, a
+        # wrong method) in the same shape as every other error.
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = "request body is not valid JSON (not UTF-8 text)" if code == "malformed_json" else str(exc.detail)
+        response = error_response(exc.status_code, code, message)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            # Starlette names only the first route of the path; a path served by several
+            # routes (PUT and DELETE of one resource) supports all their methods.
+            response.headers["Allow"] = ", ".join(_methods_of(request))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

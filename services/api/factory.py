@@ -14,6 +14,7 @@ from services.api.auth import ApiKeyAuth, admin_digests
 from services.api.errors import install_error_handlers
 from services.api.health import HealthMonitor
 from services.api.hygiene import RequestHygieneMiddleware
+from services.api.models import ERROR_RESPONSES, ErrorBody
 from services.config import OrchestratorConfig
 
 if TYPE_CHECKING:
@@ -75,6 +76,9 @@ def create_api(
     app = FastAPI(
         title="Customer-service LLM platform",
         version="0.1.0",
+        description="Every string of a JSON body must be Unicode text: a lone UTF-16 surrogate (such as "
+        "\\ud800) or a NUL character anywhere is a 400 naming the field. A body over its route's limit is a 413, "
+        "answered before the body is read or the key checked.",
         docs_url="/docs" if docs else None,
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
@@ -96,8 +100,8 @@ def create_api(
     if served_by:
         app.add_middleware(ServedByMiddleware, replica=served_by)
 
-    app.include_router(chat.router)
-    app.include_router(openai_compat.router)
+    app.include_router(chat.router, responses=ERROR_RESPONSES)
+    app.include_router(openai_compat.router, responses=ERROR_RESPONSES)
     app.include_router(health.router)
-    app.include_router(admin.router)
+    app.include_router(admin.router, responses=ERROR_RESPONSES | {409: {"model": ErrorBody}})
     return app

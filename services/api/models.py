@@ -17,3 +17,20 @@ class ErrorBody(BaseModel):
     """Body of every 4xx/5xx reply."""
 
     error: ErrorDetail
+
+
+def _error(description: str) -> dict[str, object]:
+    return {"model": ErrorBody, "description": description}
+
+
+#: What any route may answer besides its own success, as the OpenAPI document states it.
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: _error("Malformed JSON, text that is not text (a lone surrogate or NUL), or a request over a limit."),
+    401: _error("Missing or unknown API key."),
+    403: _error("A valid key used on another tenant's resource."),
+    404: _error("No such resource (or not the caller's)."),
+    413: _error("The body is larger than the route's limit."),
+    422: _error("A missing, unknown or invalid field."),
+    503: _error("A dependency is down or at capacity (Retry-After says when to try again)."),
+    504: _error("Not done within the request's time limit."),
+}

@@ -24,7 +24,7 @@ class ChatRequest(BaseModel):
         "/v1/sessions); omit it to start a new conversation. An id not issued to this user is a 404.",
     )
     user_id: UserId
-    message: str = Field(description="The shopper's message.")
+    message: str = Field(pattern=r"\S", description="The shopper's message (not blank).")
     stream: bool = Field(False, description="Answer as Server-Sent Events instead of one JSON body.")
 
     @field_validator("message")
@@ -86,7 +86,16 @@ class ChatReply(BaseModel):
 class FeedbackRequest(BaseModel):
     """The shopper's verdict on one reply."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The schema states the rule the validator enforces: at least one verdict, not null.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["helpful"], "properties": {"helpful": {"type": "boolean"}}},
+                {"required": ["resolved"], "properties": {"resolved": {"type": "boolean"}}},
+            ]
+        },
+    )
 
     session_id: str = Field(min_length=1, max_length=128, pattern=SESSION_ID_PATTERN)
     user_id: UserId
