@@ -68,6 +68,8 @@ def validate_adapter_folder(
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InvalidAdapterError(f"adapter_config.json is not valid JSON: {err}") from err
+    except RecursionError as err:  # nested thousands deep: no PEFT config looks like that
+        raise InvalidAdapterError("adapter_config.json is nested too deeply") from err
     if not isinstance(config, dict):
         raise InvalidAdapterError("adapter_config.json must hold a JSON object")
     if str(config.get("peft_type", "")).upper() != "LORA":

@@ -95,7 +95,7 @@ async def register_version(name: Name, body: RegisterVersion, admin: Admin) -> A
 @router.put("/adapters/{name}/versions/{version}/archive", status_code=201)
 async def upload_version(name: Name, version: Version, request: Request, admin: Admin) -> AdapterVersion:
     """Upload a version as a .zip or .tar.gz of the PEFT folder (raw request body); validate and register it."""
-    return await admin.register_archive(name, version, await request.body())
+    return await admin.register_archive(name, version, request.stream())
 
 
 @router.delete("/adapters/{name}/versions/{version}", status_code=204)
