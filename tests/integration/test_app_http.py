@@ -758,3 +758,22 @@ def test_a_sync_whose_caller_left_goes_on_to_commit_and_a_second_meanwhile_is_re
         time.sleep(0.1)
     else:
         pytest.fail(f"the abandoned sync never committed: {sources.get('long-run')}")
+
+
+def test_of_64_concurrent_chats_one_poisoned_message_fails_alone_with_a_400(client: httpx.Client) -> None:
+    import asyncio
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=300) as http:
+
+            async def one(n: int) -> httpx.Response:
+                text = "bad \\ud800 text" if n == 17 else f"Question {n}: how long does a card refund take?"
+                body = f'{{"user_id": "shopper-{n}", "message": "{text}"}}'
+                return await http.post("/v1/chat", content=body, headers=AUTH | {"Content-Type": "application/json"})
+
+            return await asyncio.gather(*(one(n) for n in range(64)))
+
+    replies = asyncio.run(burst())
+    statuses = [r.status_code for r in replies]
+    assert statuses[17] == 400 and "message: not valid text" in replies[17].json()["error"]["message"]
+    assert statuses[:17] + statuses[18:] == [200] * 63
