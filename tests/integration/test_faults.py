@@ -1,0 +1,144 @@
+"""Faults and overload on a running app: a killed LLM replica, a full queue.
+
+Its own app (tiny models): the LLM replica is killed here, which no other module may see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from ray import serve
+
+from services.app import build_app
+from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
+
+pytestmark = pytest.mark.integration
+
+AUTH = {"Authorization": "Bearer test-key"}
+QUESTION = {"user_id": "shopper-1", "message": "How long does a card refund take?"}
+
+
+@pytest.fixture(scope="module")
+def base_url(
+    ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, tiny_llm_dir: Path
+) -> Iterator[str]:
+    milvus_path = tmp_path_factory.mktemp("fault-milvus") / "kb.db"
+    load_sample_kb(milvus_path, minilm_dir)
+    args = {
+        "embedder": embedder_args(minilm_dir),
+        "retriever": retriever_args(milvus_path),
+        "llm": llm_args(tiny_llm_dir, max_model_len=1280),
+        "orchestrator": orchestrator_args(
+            sampling={"temperature": 0, "max_tokens": 64},
+            health_probe_interval_s=0.5,
+            health_probe_timeout_s=1,
+            dependency_timeout_s=20,
+            # A small door, so that overload is reached with a few dozen callers.
+            deployment={"num_cpus": 0.1, "max_ongoing_requests": 8, "max_queued_requests": 2},
+        ),
+    }
+    serve.run(build_app(args), name="cs-fault", route_prefix="/fault")
+    yield ray_cluster["http_url"] + "/fault"
+    serve.delete("cs-fault")
+
+
+def llm_replica_pid() -> int:
+    """The LLM replica's process, by the title Ray gives it (the test cluster runs no dashboard)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::ServeReplica:cs-fault:LLM"):
+                found.append(int(entry.name))
+    assert len(found) == 1, found
+    return found[0]
+
+
+async def streamed(http: httpx.AsyncClient) -> str:
+    """One streamed chat: how it ended ("final", "error" or an HTTP status)."""
+    async with http.stream("POST", "/v1/chat", json=QUESTION | {"stream": True}, headers=AUTH) as reply:
+        if reply.status_code != 200:
+            return str(reply.status_code)
+        last = ""
+        async for line in reply.aiter_lines():
+            if line.startswith("event: "):
+                last = line.removeprefix("event: ")
+        return last
+
+
+async def wait_until_ready(http: httpx.AsyncClient, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            if (await http.get("/healthz", timeout=5)).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.5)
+
+
+def test_a_killed_llm_replica_ends_streams_cleanly_and_health_keeps_answering(base_url: str) -> None:
+    async def scenario() -> tuple[list[str], list[tuple[float, int, dict[str, Any]]]]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+            assert (await http.get("/healthz")).status_code == 200
+            streams = [asyncio.create_task(streamed(http)) for _ in range(2)]
+            await asyncio.sleep(0.3)  # the streams are under way (their own clock, not a synchronization)
+            os.kill(llm_replica_pid(), signal.SIGKILL)
+            readings: list[tuple[float, int, dict[str, Any]]] = []
+            deadline = time.monotonic() + 240
+            recovered = False
+            try:
+                while time.monotonic() < deadline and not recovered:
+                    started = time.monotonic()
+                    health = await http.get("/healthz", timeout=5)
+                    readings.append((time.monotonic() - started, health.status_code, health.json()))
+                    recovered = health.status_code == 200 and any(r[1] == 503 for r in readings)
+                    await asyncio.sleep(0.25)
+            finally:
+                await wait_until_ready(http, deadline)  # whatever failed, the next test finds the app whole
+            ended = await asyncio.gather(*streams)
+            after = await http.post("/v1/chat", json=QUESTION, headers=AUTH)
+            assert after.status_code == 200, after.text
+            return ended, readings
+
+    ended, readings = asyncio.run(scenario())
+    assert all(e in {"final", "error", "503"} for e in ended), ended  # none hung: each ended, cleanly
+    seconds = [r[0] for r in readings]
+    assert max(seconds) < 1.0, f"/healthz took up to {max(seconds):.2f} s"
+    down = [r[2] for r in readings if r[1] == 503]
+    assert down and all(d["deployments"]["llm"].startswith("error:") for d in down), readings[-3:]
+    print(f"health answered {len(readings)} times, p50 {statistics.median(seconds) * 1000:.0f} ms, "
+          f"max {max(seconds) * 1000:.0f} ms; LLM down for {len(down)} readings; streams ended {ended}")  # fmt: skip
+
+
+def test_callers_beyond_the_queue_are_refused_at_once_with_a_503(base_url: str) -> None:
+    async def crowd() -> list[tuple[int, float]]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+
+            async def one() -> tuple[int, float]:
+                started = time.monotonic()
+                reply = await http.post("/v1/chat", json=QUESTION | {"stream": True}, headers=AUTH)
+                return reply.status_code, time.monotonic() - started
+
+            return await asyncio.gather(*(one() for _ in range(40)))
+
+    results = asyncio.run(crowd())
+    refused = sorted(seconds for status, seconds in results if status == 503)
+    served = [status for status, _ in results if status == 200]
+    assert refused and served, results  # 8 ongoing + 2 queued at a time: the rest are turned away
+    assert set(status for status, _ in results) <= {200, 503}
+    p99 = refused[min(len(refused) - 1, int(len(refused) * 0.99))]
+    assert p99 < 0.2, f"refusals took up to {p99 * 1000:.0f} ms"
+    p50 = statistics.median(refused)
+    print(f"{len(refused)} of {len(results)} refused, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
