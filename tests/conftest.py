@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Iterator, Mapping
@@ -214,6 +215,48 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
         "deployment": {"num_cpus": 0.1},
     }
     return args | overrides
+
+
+@contextlib.contextmanager
+def sample_app(
+    name: str,
+    http_url: str,
+    workdir: Path,
+    minilm_dir: Path,
+    tiny_llm_dir: Path,
+    *,
+    llm: dict[str, Any] | None = None,
+    orchestrator: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """A composed app of tiny models over the sample knowledge base, at ``http_url`` + ``/name``; deleted after.
+
+    Args:
+        name: Application name and route prefix.
+        http_url: The shared cluster's Serve proxy.
+        workdir: Where its Milvus Lite file goes.
+        minilm_dir: The embedding model.
+        tiny_llm_dir: The engine's model.
+        llm: Overrides of :func:`llm_args`.
+        orchestrator: Overrides of :func:`orchestrator_args`.
+
+    """
+    from ray import serve
+
+    from services.app import build_app
+
+    milvus_path = workdir / "kb.db"
+    load_sample_kb(milvus_path, minilm_dir)
+    args = {
+        "embedder": embedder_args(minilm_dir),
+        "retriever": retriever_args(milvus_path),
+        "llm": llm_args(tiny_llm_dir, **(llm or {})),
+        "orchestrator": orchestrator_args(**(orchestrator or {})),
+    }
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    try:
+        yield f"{http_url}/{name}"
+    finally:
+        serve.delete(name)
 
 
 def load_sample_kb(milvus_path: Path, model_dir: Path, tenant: str = "lumen") -> None:

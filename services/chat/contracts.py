@@ -24,7 +24,8 @@ class ChatRequest(BaseModel):
         "/v1/sessions); omit it to start a new conversation. An id not issued to this user is a 404.",
     )
     user_id: UserId
-    message: str = Field(pattern=r"\S", description="The shopper's message (not blank).")
+    # The schema states "not blank" (a pattern); the validator says it in words.
+    message: str = Field(json_schema_extra={"pattern": r"\S"}, description="The shopper's message (not blank).")
     stream: bool = Field(False, description="Answer as Server-Sent Events instead of one JSON body.")
 
     @field_validator("message")

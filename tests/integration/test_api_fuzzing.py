@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ray import serve
 
-from services.app import build_app
-from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
+from tests.conftest import sample_app
 
 pytestmark = pytest.mark.integration
 
@@ -32,17 +30,12 @@ def base_url(
     tiny_llm_dir: Path,
     adapters_dir: Path,
 ) -> Iterator[str]:
-    milvus_path = tmp_path_factory.mktemp("fuzz-milvus") / "kb.db"
-    load_sample_kb(milvus_path, minilm_dir)
-    args = {
-        "embedder": embedder_args(minilm_dir),
-        "retriever": retriever_args(milvus_path),
-        "llm": llm_args(tiny_llm_dir, adapters_dir, max_model_len=1280),
-        "orchestrator": orchestrator_args(admin_api_keys=["admin-key"], sampling={"temperature": 0, "max_tokens": 8}),
-    }
-    serve.run(build_app(args), name="cs-fuzz", route_prefix="/fuzz")
-    yield ray_cluster["http_url"] + "/fuzz"
-    serve.delete("cs-fuzz")
+    with sample_app(
+        "fuzz", ray_cluster["http_url"], tmp_path_factory.mktemp("fuzz"), minilm_dir, tiny_llm_dir,
+        llm={"adapters": adapters_dir, "max_model_len": 1280},
+        orchestrator={"admin_api_keys": ["admin-key"], "sampling": {"temperature": 0, "max_tokens": 8}},
+    ) as url:  # fmt: skip
+        yield url
 
 
 def fuzz(base_url: str, header: str, paths: str, examples: int, *excluded_checks: str) -> tuple[int, str]:

@@ -16,10 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-from ray import serve
 
-from services.app import build_app
-from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
+from tests.conftest import sample_app
 
 pytestmark = pytest.mark.integration
 
@@ -31,24 +29,20 @@ QUESTION = {"user_id": "shopper-1", "message": "How long does a card refund take
 def base_url(
     ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, tiny_llm_dir: Path
 ) -> Iterator[str]:
-    milvus_path = tmp_path_factory.mktemp("fault-milvus") / "kb.db"
-    load_sample_kb(milvus_path, minilm_dir)
-    args = {
-        "embedder": embedder_args(minilm_dir),
-        "retriever": retriever_args(milvus_path),
-        "llm": llm_args(tiny_llm_dir, max_model_len=1280),
-        "orchestrator": orchestrator_args(
-            sampling={"temperature": 0, "max_tokens": 64},
-            health_probe_interval_s=0.5,
-            health_probe_timeout_s=1,
-            dependency_timeout_s=20,
-            # A small door, so that overload is reached with a few dozen callers.
-            deployment={"num_cpus": 0.1, "max_ongoing_requests": 8, "max_queued_requests": 2},
-        ),
+    orchestrator = {
+        "sampling": {"temperature": 0, "max_tokens": 64},
+        "health_probe_interval_s": 0.5,
+        "health_probe_timeout_s": 1,
+        "dependency_timeout_s": 20,
+        # A small door, so that overload is reached with a few dozen callers.
+        "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 8, "max_queued_requests": 2},
     }
-    serve.run(build_app(args), name="cs-fault", route_prefix="/fault")
-    yield ray_cluster["http_url"] + "/fault"
-    serve.delete("cs-fault")
+    workdir = tmp_path_factory.mktemp("fault")
+    with sample_app(
+        "fault", ray_cluster["http_url"], workdir, minilm_dir, tiny_llm_dir,
+        llm={"max_model_len": 1280}, orchestrator=orchestrator,
+    ) as url:  # fmt: skip
+        yield url
 
 
 def llm_replica_pid() -> int:
@@ -60,7 +54,7 @@ def llm_replica_pid() -> int:
                 title = (entry / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if title.startswith("ray::ServeReplica:cs-fault:LLM"):
+            if title.startswith("ray::ServeReplica:fault:LLM"):
                 found.append(int(entry.name))
     assert len(found) == 1, found
     return found[0]
