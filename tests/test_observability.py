@@ -69,6 +69,24 @@ def test_the_gauge_keeper_sets_every_last_value_again() -> None:
     assert sorted(gauge.calls, key=lambda c: c[1]["gpu"]) == [(2.0, {"gpu": "0"}), (5.0, {"gpu": "1"})]
 
 
+def test_the_gauge_keeper_keeps_only_the_latest_label_sets_of_a_gauge() -> None:
+    class Gauge:
+        def __init__(self) -> None:
+            self.calls: list[dict[str, str]] = []
+
+        def set(self, value: float, tags: dict[str, str]) -> None:
+            self.calls.append(tags)
+
+    # vLLM's lora_requests_info names the adapters running now: a new label set at every change.
+    keeper, lora_info, kv = GaugeKeeper(max_series=4), Gauge(), Gauge()
+    for n in range(1000):
+        keeper.remember(lora_info, 1.0, {"running_lora_adapters": f"brand-{n}"})
+    keeper.remember(kv, 0.5, {"engine": "0"})
+    assert keeper.refresh() == 5
+    assert [t["running_lora_adapters"] for t in lora_info.calls] == [f"brand-{n}" for n in range(996, 1000)]
+    assert kv.calls == [{"engine": "0"}]  # another gauge's series are not evicted by it
+
+
 # --- GPU sampler -------------------------------------------------------------------------------
 
 

@@ -71,7 +71,8 @@ class ReplyDelivery:
     async def deliver(self, answer: Answer, record: RequestRecord) -> AsyncIterator[str | ChatReply]:
         """Text pieces of the answer, then its reply."""
         if isinstance(answer, CachedAnswer):
-            reply = answer.reply.model_copy(update={"reply_id": uuid.uuid4().hex})
+            # No engine ran for it: the stored reply's token usage is not this request's.
+            reply = answer.reply.model_copy(update={"reply_id": uuid.uuid4().hex, "usage": None})
             yield reply.response
             await self._remember(answer, reply.response, reply.reply_id)
             yield reply

@@ -15,6 +15,7 @@ labels, is an error.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -254,21 +255,32 @@ class GaugeKeeper:
     #64633): a gauge set once, or set only while the engine is busy (vLLM's KV-cache use),
     vanishes from the next scrape. Each replica runs :meth:`run`, which reports every known
     value again, well within Ray's report interval.
+
+    At most ``max_series`` label sets are kept per gauge, the most recently set: some of
+    vLLM's gauges carry changing values as labels (``lora_requests_info`` names the adapters
+    running now), and without a bound every combination ever seen would be kept, and
+    reported again, forever.
     """
 
-    def __init__(self) -> None:
-        self._values: dict[tuple[int, frozenset[tuple[str, str]]], tuple[Any, float, dict[str, str]]] = {}
+    def __init__(self, max_series: int = 64) -> None:
+        self._max_series = max_series
+        self._gauges: dict[int, OrderedDict[frozenset[tuple[str, str]], tuple[Any, float, dict[str, str]]]] = {}
 
     def remember(self, gauge: Any, value: float, tags: Mapping[str, str]) -> None:
         """Note a gauge's new value (after setting it)."""
-        key = (id(gauge), frozenset(tags.items()))
-        self._values[key] = (gauge, value, dict(tags))
+        series = self._gauges.setdefault(id(gauge), OrderedDict())
+        key = frozenset(tags.items())
+        series[key] = (gauge, value, dict(tags))
+        series.move_to_end(key)
+        while len(series) > self._max_series:
+            series.popitem(last=False)
 
     def refresh(self) -> int:
         """Set every remembered value again; returns how many."""
-        for gauge, value, tags in list(self._values.values()):
+        values = [v for series in list(self._gauges.values()) for v in list(series.values())]
+        for gauge, value, tags in values:
             gauge.set(value, tags=tags)
-        return len(self._values)
+        return len(values)
 
     async def run(self, interval_s: float = 2.0) -> None:
         """Refresh forever (cancel the task to stop)."""

@@ -446,6 +446,7 @@ def test_repeated_questions_come_from_the_cache_until_a_sync(client: httpx.Clien
     first = chat(client, message=question).json()
     second = chat(client, message=question + "  ").json()
     assert (first["cached"], second["cached"]) == (False, True)
+    assert first["usage"]["completion_tokens"] > 0 and second["usage"] is None  # no engine ran for the repeat
     assert second["response"] == first["response"] and second["session_id"] != first["session_id"]
     removed = client.put(url, json={"complete": False, "deleted_doc_ids": ["holiday-hours"]}, headers=ADMIN)
     assert removed.status_code == 200 and removed.json()["deleted"] == 1
