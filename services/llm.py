@@ -281,6 +281,10 @@ class LLMServer:
         """Fail when the engine is dead."""
         await self._engine.check_health()
 
+    async def unfinished_requests(self) -> int:
+        """Requests this replica's engine is still generating: 0 once every stopped request was aborted."""
+        return self._engine.unfinished_requests()
+
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
         if engine is not None:

@@ -61,6 +61,10 @@ class TextGenerationEngine(Protocol):
         """Raise when the engine is dead."""
         ...
 
+    def unfinished_requests(self) -> int:
+        """Requests the engine is still working on (running or waiting)."""
+        ...
+
     def shutdown(self) -> None:
         """Stop the engine processes."""
         ...
@@ -227,6 +231,10 @@ class VllmEngine:
     async def check_health(self) -> None:
         """Raise when the engine core is dead."""
         await self._engine.check_health()
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine is still working on (running or waiting)."""
+        return int(self._engine.get_num_unfinished_requests())
 
     def shutdown(self) -> None:
         """Stop EngineCore; without it shared-memory segments can outlive the replica."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from ray import serve
 
 from tests.conftest import sample_app
 
@@ -136,3 +137,35 @@ def test_callers_beyond_the_queue_are_refused_at_once_with_a_503(base_url: str) 
     assert p99 < 0.2, f"refusals took up to {p99 * 1000:.0f} ms"
     p50 = statistics.median(refused)
     print(f"{len(refused)} of {len(results)} refused, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+
+
+@pytest.fixture(scope="module")
+def slow_url(
+    ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, tiny_llm_dir: Path
+) -> Iterator[str]:
+    # Answers far longer than the time allowed: every chat runs into the deadline mid-generation.
+    orchestrator = {
+        "sampling": {"temperature": 0, "max_tokens": 1500},
+        "structured_replies": False,
+        "request_timeout_s": 0.5,
+    }
+    workdir = tmp_path_factory.mktemp("slow")
+    with sample_app(
+        "slow", ray_cluster["http_url"], workdir, minilm_dir, tiny_llm_dir,
+        llm={"max_model_len": 2048}, orchestrator=orchestrator,
+    ) as url:  # fmt: skip
+        yield url
+
+
+def test_past_the_deadline_a_504_answers_and_the_engine_stops_generating(slow_url: str) -> None:
+    llm = serve.get_deployment_handle("LLM", app_name="slow")
+    with httpx.Client(base_url=slow_url, timeout=60) as http:
+        started = time.monotonic()
+        reply = http.post("/v1/chat", json=QUESTION, headers=AUTH)
+        answered = time.monotonic() - started
+    assert reply.status_code == 504 and reply.json()["error"]["code"] == "deadline_exceeded", reply.text
+    # The engine aborts the request: nothing left generating within 2 s of the answer (bounded poll).
+    while (left := llm.unfinished_requests.remote().result()) and time.monotonic() - started - answered < 2:
+        time.sleep(0.05)
+    assert left == 0, f"{left} requests still generating 2 s after the 504"
+    print(f"504 after {answered:.2f} s; the engine was idle {time.monotonic() - started - answered:.2f} s later")
