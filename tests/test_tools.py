@@ -171,3 +171,21 @@ async def test_a_caller_that_names_no_shopper_gets_no_tool_call(storefront: tupl
     reply = await chat.answer(config.tenants[0], question, history=[], tools=False)
     assert reply.actions == [] and reply.outcome == "fallback"  # nothing to answer from, and no tool acted
     assert generator.calls == []
+
+
+async def test_another_brands_key_never_reaches_this_shops_orders_and_a_retried_ticket_is_one(
+    storefront: tuple[str, FastAPI],
+) -> None:
+    from services.config import TenantConfig
+
+    url, _ = storefront
+    tenants = [TenantConfig(tenant="lumen", persona="p"), TenantConfig(tenant="volt", persona="p")]
+    runner = ToolRunner(ToolsConfig(enabled=True, storefront_url=url), tenants)
+    lookup = ToolCall(name="get_order_status", arguments={"order_id": "LH-1001"})
+    assert (await runner.run(lookup, "shopper-1", "lumen")).action["status"] == "shipped"
+    foreign = await runner.run(lookup, "shopper-1", "volt")  # B's key, A's shopper id
+    assert not foreign.ok and "403" in foreign.action["message"]
+    ticket = ToolCall(name="create_support_ticket", arguments={"subject": "Broken lamp", "description": "It flickers."})
+    first = await runner.run(ticket, "shopper-1", "lumen", idempotency_key="k-1")
+    again = await runner.run(ticket, "shopper-1", "lumen", idempotency_key="k-1")
+    assert first.action["ticket_id"] == again.action["ticket_id"]

@@ -3,7 +3,10 @@
 It stands in for a shop's own backend so the assistant's tools work end to end on a dev
 box: ``python -m examples.storefront --port 8100``. Every order lookup is scoped to the
 shopper the platform names (``user_id``), as a real storefront must do: an order of
-another shopper is "not found".
+another shopper is "not found". It is the shop of one brand (``tenant``, Lumen by default):
+a call naming another tenant (``X-CS-Tenant``, which the platform sends on every tool call)
+is refused, so another brand's key can never reach this shop's orders. A ticket sent again
+with the same ``Idempotency-Key`` is the same ticket.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException
 from pydantic import BaseModel, Field
 
 SEED_ORDERS = [
@@ -36,9 +39,10 @@ class TicketIn(BaseModel):
     description: str = Field(min_length=1, max_length=2000)
 
 
-def create_app(db_path: Path) -> FastAPI:
-    """The storefront API over a SQLite file (seeded on first use)."""
+def create_app(db_path: Path, tenant: str = "lumen") -> FastAPI:
+    """The storefront API of one tenant's shop over a SQLite file (seeded on first use)."""
     lock = threading.Lock()
+    opened: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> the ticket it opened
     db = sqlite3.connect(db_path, check_same_thread=False)
     db.row_factory = sqlite3.Row
     with lock, db:
@@ -50,7 +54,11 @@ def create_app(db_path: Path) -> FastAPI:
         db.executemany("INSERT OR IGNORE INTO orders VALUES (?, ?, ?, ?, ?)", SEED_ORDERS)
         db.executemany("INSERT OR IGNORE INTO coupons VALUES (?, ?, ?)", SEED_COUPONS)
 
-    app = FastAPI(title="Example storefront")
+    def this_shop(x_cs_tenant: str | None = Header(None)) -> None:
+        if x_cs_tenant is not None and x_cs_tenant != tenant:
+            raise HTTPException(403, f"this storefront serves tenant {tenant}, not {x_cs_tenant}")
+
+    app = FastAPI(title="Example storefront", dependencies=[Depends(this_shop)])
     app.state.requests = []  # (method, path, user_id) of every call, for tests and demos
 
     @app.get("/orders/{order_id}")
@@ -65,15 +73,20 @@ def create_app(db_path: Path) -> FastAPI:
         return dict(row)
 
     @app.post("/tickets", status_code=201)
-    def open_ticket(ticket: TicketIn) -> dict[str, Any]:
+    def open_ticket(ticket: TicketIn, idempotency_key: str | None = Header(None)) -> dict[str, Any]:
         app.state.requests.append(("POST", "/tickets", ticket.user_id))
-        ticket_id = "T-" + uuid.uuid4().hex[:8].upper()
         with lock, db:
+            if idempotency_key is not None and idempotency_key in opened:
+                return opened[idempotency_key]
+            ticket_id = "T-" + uuid.uuid4().hex[:8].upper()
             db.execute(
                 "INSERT INTO tickets VALUES (?, ?, ?, ?, 'open')",
                 (ticket_id, ticket.user_id, ticket.subject, ticket.description),
             )
-        return {"ticket_id": ticket_id, "status": "open"}
+            reply = {"ticket_id": ticket_id, "status": "open"}
+            if idempotency_key is not None:
+                opened[idempotency_key] = reply
+        return reply
 
     @app.get("/tickets")
     def tickets(user_id: str) -> list[dict[str, Any]]:

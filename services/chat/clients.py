@@ -107,8 +107,9 @@ async def call_dependency(name: str, call: Callable[[], Awaitable[T]], timeout_s
         if _is_back_pressure(err):
             # Its queue is full (max_queued_requests): say so at once, rather than wait in line.
             raise OverloadedError(f"{name} is at capacity; try again shortly") from err
-        # The type says what failed; Ray's own text (addresses, pids, tracebacks) stays in the logs.
-        logger.warning("%s failed: %s: %s", name, type(err).__name__, err)
+        # The type says what failed; Ray's own text (addresses, pids, tracebacks) only at DEBUG.
+        logger.warning("%s failed (%s)", name, type(err).__name__)
+        logger.debug("%s failed: %s", name, err)
         raise DependencyUnavailableError(f"{name} failed ({type(err).__name__})") from err
 
 

@@ -48,17 +48,8 @@ def base_url(
 
 def llm_replica_pid() -> int:
     """The LLM replica's process, by the title Ray gives it (the test cluster runs no dashboard)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if title.startswith("ray::ServeReplica:fault:LLM"):
-                found.append(int(entry.name))
-    assert len(found) == 1, found
-    return found[0]
+    [pid] = replica_pids("ray::ServeReplica:fault:LLM")
+    return pid
 
 
 async def streamed(http: httpx.AsyncClient) -> str:
@@ -169,3 +160,35 @@ def test_past_the_deadline_a_504_answers_and_the_engine_stops_generating(slow_ur
         time.sleep(0.05)
     assert left == 0, f"{left} requests still generating 2 s after the 504"
     print(f"504 after {answered:.2f} s; the engine was idle {time.monotonic() - started - answered:.2f} s later")
+
+
+@pytest.fixture(scope="module")
+def twin_url(
+    ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, tiny_llm_dir: Path
+) -> Iterator[str]:
+    workdir = tmp_path_factory.mktemp("twin")
+    llm = {"max_model_len": 1280, "deployment": {"num_cpus": 0.1, "num_replicas": 2, "health_check_timeout_s": 60}}
+    with sample_app("twin", ray_cluster["http_url"], workdir, minilm_dir, tiny_llm_dir, llm=llm) as url:
+        yield url
+
+
+def replica_pids(prefix: str) -> list[int]:
+    """The processes whose title Ray starts with ``prefix``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().decode(errors="replace").startswith(prefix):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_with_two_llm_replicas_no_request_after_a_kill_fails(twin_url: str) -> None:
+    pids = replica_pids("ray::ServeReplica:twin:LLM")
+    assert len(pids) == 2, pids
+    os.kill(pids[0], signal.SIGKILL)
+    with httpx.Client(base_url=twin_url, timeout=120) as http:
+        statuses = [http.post("/v1/chat", json=QUESTION, headers=AUTH).status_code for _ in range(20)]
+    assert statuses == [200] * 20, statuses
