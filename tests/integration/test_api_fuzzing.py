@@ -38,8 +38,10 @@ def base_url(
         yield url
 
 
-def fuzz(base_url: str, header: str, paths: str, examples: int, *excluded_checks: str) -> tuple[int, str]:
-    """Run schemathesis over the routes matching ``paths``; its exit code and report."""
+def fuzz(
+    workdir: Path, base_url: str, header: str, paths: str, examples: int, *excluded_checks: str
+) -> tuple[int, str]:
+    """Run schemathesis over the routes matching ``paths`` (its cache in ``workdir``); its exit code and report."""
     command = [
         SCHEMATHESIS, "run", f"{base_url}/openapi.json", "--url", base_url,
         "--header", header, "--include-path-regex", paths,
@@ -51,7 +53,7 @@ def fuzz(base_url: str, header: str, paths: str, examples: int, *excluded_checks
     ]  # fmt: skip
     if excluded_checks:
         command += ["--exclude-checks", ",".join(excluded_checks)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=workdir)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -61,16 +63,16 @@ def requests_sent(report: str) -> int:
     return sum(counts)
 
 
-def test_the_public_api_answers_every_generated_request_within_its_contract(base_url: str) -> None:
-    code, report = fuzz(base_url, "Authorization: Bearer test-key", "^/v1/", 150)
+def test_the_public_api_answers_every_generated_request_within_its_contract(base_url: str, tmp_path: Path) -> None:
+    code, report = fuzz(tmp_path, base_url, "Authorization: Bearer test-key", "^/v1/", 150)
     assert code == 0, report[-6000:]
     assert requests_sent(report) >= 600, report[-2000:]
 
 
-def test_the_admin_api_answers_every_generated_request_within_its_contract(base_url: str) -> None:
+def test_the_admin_api_answers_every_generated_request_within_its_contract(base_url: str, tmp_path: Path) -> None:
     # An admin request can be schema-valid and still name what is not there or not right (an
     # adapter folder nobody placed, bytes that are no archive): a 400 naming it is the answer,
     # so acceptance of schema-valid data is not checked here; everything else is.
-    code, report = fuzz(base_url, "X-API-Key: admin-key", "^/admin/", 40, "positive_data_acceptance")
+    code, report = fuzz(tmp_path, base_url, "X-API-Key: admin-key", "^/admin/", 40, "positive_data_acceptance")
     assert code == 0, report[-6000:]
     assert requests_sent(report) >= 400, report[-2000:]
