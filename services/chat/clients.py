@@ -90,13 +90,23 @@ class PassageReranker(Protocol):
         ...
 
 
-async def call_dependency(name: str, call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
-    """Await a deployment call; timeouts and crashes become a 503 naming the dependency."""
+async def call_dependency(
+    name: str,
+    call: Callable[[], Awaitable[T]],
+    timeout_s: float,
+    on_timeout: Callable[[], ServiceError] | None = None,
+) -> T:
+    """Await a deployment call; timeouts and crashes become a 503 naming the dependency.
+
+    ``on_timeout`` gives the error of a timeout instead, where it means more than an outage.
+    """
     try:
         return await asyncio.wait_for(call(), timeout_s)
     except StopAsyncIteration:  # a stream ended normally
         raise
     except TimeoutError as err:
+        if on_timeout is not None:
+            raise on_timeout() from err
         raise DependencyUnavailableError(f"{name} did not answer within {timeout_s:g} s") from err
     except Exception as err:
         # Ray re-raises a replica's error as a RayTaskError whose `cause` is the original;
@@ -153,21 +163,19 @@ class RetrieverClient:
             SyncOutcomeUnknownError: it did not finish in time; the run goes on and may still commit.
 
         """
-        try:
-            return await asyncio.wait_for(
-                self._handle.ingest.remote(tenant, source, batch, chunking, max_delete_fraction),
-                self._ingest_timeout_s,
-            )
-        except TimeoutError as err:
-            raise SyncOutcomeUnknownError(
+
+        def unknown() -> ServiceError:
+            return SyncOutcomeUnknownError(
                 f"the sync of {tenant}/{source} did not finish within {self._ingest_timeout_s:g} s; it goes on in the "
                 f"Retriever and may still commit: see GET /admin/knowledge/{tenant} before sending it again"
-            ) from err
-        except Exception as err:
-            cause = getattr(err, "cause", err)
-            if isinstance(cause, ServiceError):
-                raise cause from None
-            raise DependencyUnavailableError(f"knowledge retriever failed ({type(err).__name__})") from err
+            )
+
+        return await call_dependency(
+            "knowledge retriever",
+            lambda: self._handle.ingest.remote(tenant, source, batch, chunking, max_delete_fraction),
+            self._ingest_timeout_s,
+            on_timeout=unknown,
+        )
 
     async def generation(self, tenant: str) -> int:
         """The tenant's committed knowledge generation (the answer cache's knowledge version)."""

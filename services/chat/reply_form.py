@@ -42,13 +42,13 @@ def misfit(
         complete: The reply is whole; its first sentences alone are judged only by language.
 
     """
-    if not _bare(response):
+    bare = _bare(response)
+    if not bare:
         return None  # no text at all: undecodable, not a form to retry
     if (language := written_in(question)) is not None and not _in_language(response, language):
         return "wrong_language"
     if not from_entries or not complete:
         return None
-    bare = _bare(response)
     if bare in {_bare(t) for t in titles}:
         return "fragment"
     han = len(HAN.findall(response))
@@ -75,9 +75,10 @@ RETRY_INSTRUCTION = {
 
 def retry_messages(messages: list[ChatMessage], reason: Misfit, question: str) -> list[ChatMessage]:
     """The messages of a second, plain-text try: what was wrong is said last, where small models heed it."""
-    language = written_in(question) or "the customer's language"
+    known = written_in(question)
+    language = known or "the customer's language"
     instruction = RETRY_INSTRUCTION[reason].format(language=language)
-    if reason == "fragment" and written_in(question) is not None:
+    if reason == "fragment" and known is not None:
         instruction += f" Write in {language}."
     system = ChatMessage(role="system", content=f"{messages[0].content}\n\n{instruction}")
     return [system, *messages[1:]]

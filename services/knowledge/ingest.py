@@ -147,11 +147,11 @@ def sync_source(
     started = time.monotonic()
     if not _SOURCE_NAME.fullmatch(source):
         raise ValueError(f"invalid source name {source!r}")
-    if max_delete_fraction is not None:
-        previous = store.tenant_state(tenant).sources.get(source, SourceState())
-        check_mass_delete(source, previous.documents, batch, max_delete_fraction)
     generation = store.begin(tenant)
     state = store.tenant_state(tenant)
+    if max_delete_fraction is not None:  # before anything is staged: a refusal changes nothing
+        previous = state.sources.get(source, SourceState())
+        check_mass_delete(source, previous.documents, batch, max_delete_fraction)
     live: dict[str, set[str]] = defaultdict(set)
     for row in store.live_chunks(tenant, source):
         live[row.doc_id].add(row.id)
