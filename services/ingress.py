@@ -9,6 +9,7 @@ api -> chat -> the other deployments -> the domain packages.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ from ray.serve.handle import DeploymentHandle
 
 from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import AdapterRegistry
-from services.api.auth import ApiKeyAuth, admin_digests
 from services.api.factory import create_api
 from services.chat.analysis import MessageAnalyzer
 from services.chat.answer_cache import open_answer_cache
@@ -26,11 +26,17 @@ from services.chat.clients import AdapterResolver, EmbedderClient, LLMClient, Re
 from services.chat.intents import IntentClassifier
 from services.chat.pipeline import ChatPipeline
 from services.config import LLMConfig, ObservabilityConfig, OrchestratorConfig, ServiceSettings
+from services.control_plane.directory import TenantDirectory, seed_keys
+from services.control_plane.plane import ControlPlane
+from services.control_plane.recorder import ConversationRecorder
+from services.control_plane.store import ControlPlaneStore
 from services.errors import ServiceError
 from services.observability.logs import configure_replica_logging
 from services.observability.metrics import RayMetrics, names_for
 from services.sessions import RedisSessionMemory, SessionIds, open_session_memory
 from services.tools import ToolRunner
+
+logger = logging.getLogger(__name__)
 
 
 @serve.ingress()
@@ -51,8 +57,6 @@ class Orchestrator:
         metrics = RayMetrics(names_for("Orchestrator"))
         self._config = config
         settings = ServiceSettings()
-        self._auth = ApiKeyAuth.from_config(config.tenants, settings.api_keys)
-        self._admin_keys = admin_digests([k.get_secret_value() for k in config.admin_api_keys] + settings.admin_keys)
         self._adapter_admin: AdapterAdmin | None = None
         resolver: AdapterResolver | None = None
         if llm_config.adapters_dir:
@@ -70,6 +74,13 @@ class Orchestrator:
             # Each replica would sign with its own random key and refuse the others' session ids.
             raise ValueError("session.backend is redis: set CS_SESSION_SECRET, shared by every orchestrator replica")
         secret = settings.session_secret.get_secret_value().encode() if settings.session_secret else None
+        self._control_plane = self._open_control_plane(config, settings, metrics, secret)
+        self._directory = (
+            self._control_plane.directory if self._control_plane else TenantDirectory(config.tenants, self._seed)
+        )
+        recorder = None
+        if self._control_plane is not None and self._control_plane.config.record_conversations:
+            recorder = self._control_plane.recorder
         embedder_client = EmbedderClient(embedder, config.dependency_timeout_s, metrics)
         self._pipeline = ChatPipeline(
             config,
@@ -89,6 +100,7 @@ class Orchestrator:
             ToolRunner(config.tools, config.tenants, metrics=metrics) if config.tools.enabled else None,
             embedder_client,
             SessionIds(secret),
+            recorder,
         )
         self._dependencies: dict[str, DeploymentHandle] = {"embedder": embedder, "retriever": retriever, "llm": llm}
 
@@ -97,13 +109,43 @@ class Orchestrator:
         return create_api(
             self._config,
             self._pipeline,
-            self._auth,
+            self._directory,
             self._check_dependencies,
             adapter_admin=self._adapter_admin,
-            admin_keys=self._admin_keys,
             knowledge=self._knowledge,
+            control_plane=self._control_plane,
             served_by=serve.get_replica_context().replica_id.unique_id,
         )
+
+    def _open_control_plane(
+        self, config: OrchestratorConfig, settings: ServiceSettings, metrics: RayMetrics, session_secret: bytes | None
+    ) -> ControlPlane | None:
+        """Store, directory and recorder; the store is migrated and seeded from the config now, or once it answers."""
+        admin_keys = [k.get_secret_value() for k in config.admin_api_keys] + settings.admin_keys
+        self._seed = seed_keys(config.tenants, admin_keys, settings.api_keys)
+        store_config = config.control_plane
+        if store_config is None:
+            return None
+        url = settings.control_plane_url.get_secret_value() if settings.control_plane_url else store_config.url
+        store = ControlPlaneStore(url, store_config.store_timeout_s)
+        seed = self._seed
+
+        def setup() -> None:
+            store.migrate()
+            store.seed(config.tenants, seed)
+
+        directory = TenantDirectory(
+            config.tenants,
+            seed,
+            store,
+            refresh_interval_s=store_config.refresh_interval_s,
+            metrics=metrics,
+            setup=setup,
+        )
+        directory.load()
+        record_secret = settings.record_secret.get_secret_value().encode() if settings.record_secret else session_secret
+        recorder = ConversationRecorder(store, store_config, record_secret, metrics)
+        return ControlPlane(store, store_config, directory, recorder, self._sessions.forget)
 
     async def _check_dependencies(self) -> dict[str, str]:
         timeout_s = self._config.health_probe_timeout_s

@@ -36,3 +36,15 @@ def matches_any(presented: str, digests: list[str]) -> bool:
 def new_api_key() -> str:
     """A fresh random key (256 bits, URL-safe)."""
     return "cs_" + secrets.token_urlsafe(32)
+
+
+def shopper_hash(tenant: str, user_id: str, secret: bytes | None) -> str:
+    """What stands for a shopper in stored records: a keyed hash of tenant and user id (hex).
+
+    Keyed (HMAC-SHA256) when a secret is set, so a leaked record does not give away the id
+    by trying likely ones; the same on every replica that shares the secret.
+    """
+    message = f"{tenant}\0{user_id}".encode("utf-8", "surrogatepass")
+    if secret is None:
+        return hashlib.sha256(message).hexdigest()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()

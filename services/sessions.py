@@ -70,6 +70,10 @@ class SessionMemory(Protocol):
         """Record a finished turn."""
         ...
 
+    async def forget(self, tenant: str, session_ids: list[str]) -> None:
+        """Delete sessions at once (a shopper's erasure)."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...
@@ -136,6 +140,12 @@ class InProcessSessionMemory:
         while len(sessions) > self._config.max_sessions:
             sessions.popitem(last=False)
 
+    async def forget(self, tenant: str, session_ids: list[str]) -> None:
+        """Delete sessions."""
+        sessions = self._tenants.get(tenant, OrderedDict())
+        for session_id in session_ids:
+            sessions.pop(session_id, None)
+
     async def close(self) -> None:
         """Nothing to release."""
 
@@ -178,6 +188,15 @@ class RedisSessionMemory:
                 pipe.ltrim(key, -max(self._config.max_turns, 1), -1)
                 pipe.expire(key, self._config.ttl_s)
                 await pipe.execute()
+        except Exception as err:
+            raise DependencyUnavailableError(f"session memory (Redis) failed: {type(err).__name__}: {err}") from err
+
+    async def forget(self, tenant: str, session_ids: list[str]) -> None:
+        """Delete sessions in one call."""
+        if not session_ids:
+            return
+        try:
+            await self._redis.delete(*(self.key(tenant, s) for s in session_ids))
         except Exception as err:
             raise DependencyUnavailableError(f"session memory (Redis) failed: {type(err).__name__}: {err}") from err
 

@@ -85,8 +85,25 @@ class ToolRunner:
         self._config = config
         self._tools = {t.name: t for t in config.definitions}
         self._storefronts = {t.tenant: _storefront(config, t) for t in tenants or []}
+        self._profiles = {t.tenant: t.tools for t in tenants or []}
         self._client = httpx.AsyncClient(timeout=config.timeout_s, transport=transport)
         self._metrics = metrics or Metrics()
+
+    def know(self, tenant: TenantConfig) -> None:
+        """Serve a tenant as its profile is now: one created, or whose storefront changed, at runtime.
+
+        A profile whose ``credentials_env`` is unset in this process gets no tools (logged),
+        rather than calls without credentials.
+        """
+        if self._profiles.get(tenant.tenant) == tenant.tools:
+            return
+        try:
+            storefront = _storefront(self._config, tenant)
+        except ValueError as err:
+            logger.warning("%s: this tenant's assistant calls no tool", err)
+            storefront = _Storefront(False, "", {})
+        self._storefronts[tenant.tenant] = storefront
+        self._profiles[tenant.tenant] = tenant.tools
 
     def offered(self, intent: str | None, message: str, tenant: str | None = None) -> list[ToolConfig]:
         """Tools offered for a tenant's message: by its intent or by a pattern it matches.

@@ -213,6 +213,8 @@ def orchestrator_args(**overrides: Any) -> dict[str, Any]:
             }
         ],
         "deployment": {"num_cpus": 0.1},
+        # No store unless a test gives one: sample_app gives each app its own SQLite file.
+        "control_plane": None,
     }
     return args | overrides
 
@@ -250,7 +252,9 @@ def sample_app(
         "embedder": embedder_args(minilm_dir),
         "retriever": retriever_args(milvus_path),
         "llm": llm_args(tiny_llm_dir, **(llm or {})),
-        "orchestrator": orchestrator_args(**(orchestrator or {})),
+        "orchestrator": orchestrator_args(
+            **({"control_plane": {"url": f"sqlite:///{workdir / 'control-plane.db'}"}} | (orchestrator or {}))
+        ),
     }
     serve.run(build_app(args), name=name, route_prefix=f"/{name}")
     try:

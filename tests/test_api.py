@@ -8,7 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cs_tools.api_key import main as api_key_main
-from services.api.auth import ApiKeyAuth, admin_digests
+from services.control_plane.directory import TenantDirectory
+from services.control_plane.models import utcnow
 from services.api.factory import create_api
 from services.config import OrchestratorConfig
 from services.errors import KnowledgeBaseUnavailableError
@@ -28,8 +29,8 @@ def make_client(health: dict[str, str]) -> TestClient:
     async def check() -> dict[str, str]:
         return health
 
-    auth = ApiKeyAuth.from_config(config.tenants, {})
-    return TestClient(create_api(config, FailingPipeline(), auth, check))  # type: ignore[arg-type]
+    directory = TenantDirectory.from_config(config.tenants)
+    return TestClient(create_api(config, FailingPipeline(), directory, check))  # type: ignore[arg-type]
 
 
 def test_health_is_503_naming_the_failing_deployment() -> None:
@@ -50,10 +51,10 @@ def test_outage_is_a_503_with_its_code_not_an_empty_answer() -> None:
 def test_env_keys_must_name_configured_tenants() -> None:
     config = OrchestratorConfig.model_validate(orchestrator_args())
     with pytest.raises(ValueError, match="names tenant 'ghost'"):
-        ApiKeyAuth.from_config(config.tenants, {"k": "ghost"})
-    auth = ApiKeyAuth.from_config(config.tenants, {"prod-key": "lumen"})
-    assert auth.tenant_for("prod-key") is not None and auth.tenant_for("test-key") is not None
-    assert auth.tenant_for("nope") is None
+        TenantDirectory.from_config(config.tenants, env_keys={"k": "ghost"})
+    directory = TenantDirectory.from_config(config.tenants, env_keys={"prod-key": "lumen"})
+    assert directory.grant("prod-key", utcnow()) is not None and directory.grant("test-key", utcnow()) is not None
+    assert directory.grant("nope", utcnow()) is None
 
 
 def test_admin_checks_the_key_before_revealing_tenants(tmp_path: Any) -> None:
@@ -73,10 +74,9 @@ def test_admin_checks_the_key_before_revealing_tenants(tmp_path: Any) -> None:
         create_api(
             config,
             FailingPipeline(),  # type: ignore[arg-type]
-            ApiKeyAuth.from_config(config.tenants, {}),
+            TenantDirectory.from_config(config.tenants, admin_keys=["admin"]),
             check,
             adapter_admin=admin,
-            admin_keys=admin_digests(["admin"]),
         )
     )
     body = {"adapter": "a", "version": "v1"}
@@ -103,12 +103,12 @@ def test_keys_are_kept_and_given_as_digests_only(capsys: Any) -> None:
     assert digest == key_digest(key) and digest.startswith("sha256:") and key not in digest
     tenants = OrchestratorConfig.model_validate(orchestrator_args()).tenants
     stored = tenants[0].model_copy(update={"api_keys": []})
-    auth = ApiKeyAuth.from_config([stored], {digest: "lumen"})
-    assert key not in repr(auth.digests)
-    found = auth.tenant_for(key)
+    directory = TenantDirectory.from_config([stored], env_keys={digest: "lumen"})
+    assert key not in repr(directory._snapshot)
+    found = directory.grant(key, utcnow())
     assert found is not None and found.tenant == "lumen"
-    assert auth.tenant_for(digest) is None  # a leaked digest is not a key
-    assert auth.tenant_for(key + "x") is None
+    assert directory.grant(digest, utcnow()) is None  # a leaked digest is not a key
+    assert directory.grant(key + "x", utcnow()) is None
 
 
 def test_a_key_given_to_two_tenants_is_refused_even_as_digest_and_key() -> None:
@@ -117,7 +117,7 @@ def test_a_key_given_to_two_tenants_is_refused_even_as_digest_and_key() -> None:
     tenants = OrchestratorConfig.model_validate(orchestrator_args()).tenants
     other = tenants[0].model_copy(update={"tenant": "other", "api_keys": []})
     with pytest.raises(ValueError, match="more than one tenant"):
-        ApiKeyAuth.from_config([tenants[0], other], {key_digest("test-key"): "other"})
+        TenantDirectory.from_config([tenants[0], other], env_keys={key_digest("test-key"): "other"})
 
 
 def test_every_response_names_the_replica_that_served_it() -> None:
@@ -126,8 +126,8 @@ def test_every_response_names_the_replica_that_served_it() -> None:
     async def check() -> dict[str, str]:
         return {"llm": "ok"}
 
-    auth = ApiKeyAuth.from_config(config.tenants, {})
-    app = create_api(config, FailingPipeline(), auth, check, served_by="replica-7")  # type: ignore[arg-type]
+    directory = TenantDirectory.from_config(config.tenants)
+    app = create_api(config, FailingPipeline(), directory, check, served_by="replica-7")  # type: ignore[arg-type]
     client = TestClient(app)
     assert client.get("/healthz").headers["X-Served-By"] == "replica-7"
     error = client.post("/v1/chat", json={"user_id": "u", "message": "hi"}, headers={"X-API-Key": "test-key"})
@@ -205,8 +205,8 @@ def knowledge_client(**overrides: Any) -> tuple[TestClient, RecordingKnowledge]:
 
     knowledge = RecordingKnowledge()
     api = create_api(
-        config, FailingPipeline(), ApiKeyAuth.from_config(config.tenants, {}), check,  # type: ignore[arg-type]
-        admin_keys=admin_digests(["admin"]), knowledge=knowledge,  # type: ignore[arg-type]
+        config, FailingPipeline(), TenantDirectory.from_config(config.tenants, admin_keys=["admin"]),  # type: ignore[arg-type]
+        check, knowledge=knowledge,  # type: ignore[arg-type]
     )  # fmt: skip
     return TestClient(api), knowledge
 
@@ -217,9 +217,9 @@ def test_a_tenants_ingest_key_syncs_its_own_knowledge_and_nothing_else() -> None
     assert client.get("/admin/knowledge/lumen", headers=ingest).status_code == 200
     other = client.get("/admin/knowledge/volt", headers=ingest)
     assert other.status_code == 403 and "another tenant" in other.json()["error"]["message"]
-    assert client.get("/admin/adapters", headers=ingest).status_code == 401  # not an admin key
+    assert client.get("/admin/adapters", headers=ingest).status_code == 403  # a valid key, not an admin key
     assert client.get("/admin/knowledge/volt", headers={"X-API-Key": "admin"}).status_code == 200
-    assert client.get("/admin/knowledge/lumen", headers={"X-API-Key": "test-key"}).status_code == 401
+    assert client.get("/admin/knowledge/lumen", headers={"X-API-Key": "test-key"}).status_code == 403
     assert knowledge.read == ["lumen", "volt"]
 
 

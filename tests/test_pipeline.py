@@ -281,7 +281,6 @@ class CutShortGenerator(Generator):
 async def test_the_reply_says_how_generation_ended_and_the_openai_route_reports_it() -> None:
     from fastapi.testclient import TestClient
 
-    from services.api.auth import ApiKeyAuth
     from services.api.factory import create_api
 
     config = OrchestratorConfig.model_validate(orchestrator_args())
@@ -296,7 +295,9 @@ async def test_the_reply_says_how_generation_ended_and_the_openai_route_reports_
     async def healthy() -> dict[str, str]:
         return {}
 
-    app = create_api(config, chat, ApiKeyAuth.from_config(config.tenants, {}), healthy)
+    from services.control_plane.directory import TenantDirectory
+
+    app = create_api(config, chat, TenantDirectory.from_config(config.tenants), healthy)
     body = {"model": "lumen", "messages": [{"role": "user", "content": "Returns?"}]}
     with TestClient(app) as client:
         completion = client.post("/v1/chat/completions", json=body, headers={"X-API-Key": "test-key"}).json()

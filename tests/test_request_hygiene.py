@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from services.api.auth import ApiKeyAuth, admin_digests
+from services.control_plane.directory import TenantDirectory
 from services.api.factory import create_api
 from services.api.hygiene import invalid_text_at
 from services.chat.contracts import ChatReply
@@ -37,8 +37,8 @@ def app() -> Iterator[tuple[TestClient, CountingPipeline]]:
         return {}
 
     pipeline = CountingPipeline()
-    auth = ApiKeyAuth.from_config(config.tenants, {})
-    api = create_api(config, pipeline, auth, check, admin_keys=admin_digests(["admin"]))  # type: ignore[arg-type]
+    directory = TenantDirectory.from_config(config.tenants, admin_keys=["admin"])
+    api = create_api(config, pipeline, directory, check)  # type: ignore[arg-type]
     with TestClient(api) as client:
         yield client, pipeline
 

@@ -1,4 +1,4 @@
-"""``/admin``: adapter lifecycle and knowledge ingest, behind an admin key (``CS_ADMIN_KEYS`` or config)."""
+"""``/admin``: adapter lifecycle (admin key) and knowledge ingest (admin key, or the tenant's ingest key)."""
 
 from __future__ import annotations
 
@@ -10,28 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import NAME_PATTERN, AdapterVersion, TenantAdapters
-from services.api.auth import is_admin, presented_key
+from services.api.auth import AdminDisabledError, AdminGrant, require_tenant_scope
 from services.config import SOURCE_PATTERN, ChunkingConfig
-from services.errors import AuthenticationError, ForbiddenError, NotFoundError, ServiceError
+from services.control_plane.store import KeyScope
+from services.errors import NotFoundError
 from services.knowledge.ingest import SourceBatch
 
 
-class AdminDisabledError(ServiceError):
-    """No admin key is configured, so the admin API is off."""
-
-    status_code = 403
-    code = "admin_disabled"
-
-
-def _admin_key(request: Request) -> None:
-    digests: list[str] = request.app.state.admin_keys
-    if not digests:
-        raise AdminDisabledError("the admin API is disabled: no admin key is configured")
-    if not is_admin(presented_key(request), digests):
-        raise AuthenticationError("unknown admin key")
-
-
-def _admin(request: Request, _: Annotated[None, Depends(_admin_key)]) -> AdapterAdmin:
+def _admin(request: Request, _: AdminGrant) -> AdapterAdmin:
     admin: AdapterAdmin | None = request.app.state.adapter_admin
     if admin is None:
         raise AdminDisabledError("adapter administration is disabled: llm.adapters_dir is not set")
@@ -40,13 +26,12 @@ def _admin(request: Request, _: Annotated[None, Depends(_admin_key)]) -> Adapter
 
 def _known_tenant(request: Request, tenant: str) -> str:
     # Routes list the admin dependency first, so unauthenticated callers learn nothing here.
-    if tenant not in request.app.state.tenant_ids:
-        raise NotFoundError(f"tenant {tenant!r} is not configured")
+    if tenant not in request.app.state.directory.tenant_ids:
+        raise NotFoundError(f"tenant {tenant!r} does not exist")
     return tenant
 
 
 Admin = Annotated[AdapterAdmin, Depends(_admin)]
-AdminKey = Annotated[None, Depends(_admin_key)]
 Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="Adapter name.")]
 Version = Annotated[str, PathParam(pattern=NAME_PATTERN, description="Adapter version.")]
 Tenant = Annotated[str, Depends(_known_tenant)]
@@ -156,16 +141,8 @@ class KnowledgeAdmin(Protocol):
 
 def _knowledge_key(request: Request, tenant: str) -> None:
     """The platform admin key, or the tenant's own ingest key (it may sync this tenant's knowledge only)."""
-    presented = presented_key(request)
-    digests: list[str] = request.app.state.admin_keys
-    ingest: dict[str, list[str]] = request.app.state.ingest_keys
-    if is_admin(presented, digests) or is_admin(presented, ingest.get(tenant, [])):
-        return
-    if not digests and not any(ingest.values()):
-        raise AdminDisabledError("the admin API is disabled: no admin key is configured")
-    if any(is_admin(presented, keys) for keys in ingest.values()):
-        raise ForbiddenError(f"this ingest key belongs to another tenant and cannot sync {tenant!r}")
-    raise AuthenticationError("unknown admin key")
+    scopes = (KeyScope.INGEST, KeyScope.OPERATOR) if request.method == "GET" else (KeyScope.INGEST,)
+    require_tenant_scope(request, tenant, scopes)
 
 
 def _knowledge(request: Request, _: Annotated[None, Depends(_knowledge_key)]) -> KnowledgeAdmin:

@@ -1,19 +1,31 @@
-"""API keys as FastAPI dependencies: each key belongs to exactly one tenant; only digests are kept.
+"""API keys as FastAPI dependencies: every key has a scope, and every tenant key one tenant.
 
-Keys are issued with ``cs-api-key`` (:mod:`cs_tools.api_key`); digests are computed in
-:mod:`services.security`.
+Scopes (:class:`~services.control_plane.store.KeyScope`): a tenant's *storefront* key
+(``/v1``: chat, sessions, feedback), its *operator* key (its insights, records, reviews,
+exports and knowledge state, and chat as its assistant), its *ingest* key (its knowledge
+sync), and the platform's *admin* key (everything). Keys are looked up by digest in the
+replica's :class:`~services.control_plane.directory.TenantDirectory`; only digests are
+ever kept (:mod:`services.security`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from services.config import TenantConfig
-from services.errors import AuthenticationError, ForbiddenError
-from services.security import key_digest, matches_any, presented_key_digest
+from services.control_plane.directory import TenantDirectory
+from services.control_plane.models import utcnow
+from services.control_plane.store import KeyGrant, KeyScope
+from services.errors import AuthenticationError, ForbiddenError, ServiceError
+
+
+class AdminDisabledError(ServiceError):
+    """No admin key exists, so the admin API is off."""
+
+    status_code = 403
+    code = "admin_disabled"
 
 
 def presented_key(request: Request) -> str:
@@ -30,62 +42,95 @@ def presented_key(request: Request) -> str:
     return presented
 
 
-@dataclass(frozen=True)
-class ApiKeyAuth:
-    """Maps key digests to tenant profiles."""
-
-    digests: dict[str, TenantConfig]
-
-    @classmethod
-    def from_config(cls, tenants: list[TenantConfig], env_keys: dict[str, str]) -> ApiKeyAuth:
-        """Combine the tenants' keys from the config with ``CS_API_KEYS`` (digest or key -> tenant id).
-
-        Raises:
-            ValueError: an environment key names a tenant the config does not define, or a
-                key is given to two tenants.
-
-        """
-        by_id = {t.tenant: t for t in tenants}
-        pairs = [(key_digest(key.get_secret_value()), t) for t in tenants for key in t.api_keys]
-        for key, tenant_id in env_keys.items():
-            if tenant_id not in by_id:
-                raise ValueError(f"CS_API_KEYS names tenant {tenant_id!r}, which is not configured")
-            pairs.append((key_digest(key), by_id[tenant_id]))
-        digests: dict[str, TenantConfig] = {}
-        for digest, tenant in pairs:
-            if digests.setdefault(digest, tenant).tenant != tenant.tenant:
-                raise ValueError("an API key is given to more than one tenant")
-        return cls(digests=digests)
-
-    def tenant_for(self, presented: str) -> TenantConfig | None:
-        """The tenant of a presented key (looked up by digest), or None."""
-        return self.digests.get(presented_key_digest(presented))
-
-    def __call__(self, request: Request) -> TenantConfig:
-        """FastAPI dependency: the caller's tenant from ``Authorization: Bearer`` or ``X-API-Key``."""
-        tenant = self.tenant_for(presented_key(request))
-        if tenant is None:
-            raise AuthenticationError("unknown API key")
-        return tenant
+def directory_of(request: Request) -> TenantDirectory:
+    """The replica's tenant directory."""
+    directory: TenantDirectory = request.app.state.directory
+    return directory
 
 
-def admin_digests(configured: list[str]) -> list[str]:
-    """Stored digests of the admin keys (config and ``CS_ADMIN_KEYS``)."""
-    return [key_digest(k) for k in configured]
+def caller_grant(request: Request) -> KeyGrant:
+    """FastAPI dependency: what the request's key grants.
 
+    Raises:
+        AuthenticationError: no key, or an unknown, revoked or expired one.
 
-def is_admin(presented: str, digests: list[str]) -> bool:
-    """Whether a presented key is an admin key (compared by digest, in constant time per key)."""
-    return matches_any(presented, digests)
+    """
+    grant = directory_of(request).grant(presented_key(request), utcnow())
+    if grant is None:
+        raise AuthenticationError("unknown API key")
+    return grant
 
 
 def caller_tenant(request: Request) -> TenantConfig:
-    """FastAPI dependency: the tenant of the request's API key (the app's :class:`ApiKeyAuth`)."""
-    tenant: TenantConfig = request.app.state.auth(request)
+    """FastAPI dependency: the tenant of a storefront or operator key (the ``/v1`` API).
+
+    Raises:
+        AuthenticationError: no valid key.
+        ForbiddenError: an admin or ingest key, which cannot chat.
+
+    """
+    grant = caller_grant(request)
+    if grant.scope not in (KeyScope.STOREFRONT, KeyScope.OPERATOR) or grant.tenant is None:
+        raise ForbiddenError(f"a {grant.scope} key cannot use the chat API: use a tenant's storefront key")
+    tenant = directory_of(request).tenant(grant.tenant)
+    if tenant is None:
+        raise AuthenticationError("unknown API key")
     return tenant
 
 
 Caller = Annotated[TenantConfig, Depends(caller_tenant)]
+Grant = Annotated[KeyGrant, Depends(caller_grant)]
+
+
+def admin_grant(request: Request) -> KeyGrant:
+    """FastAPI dependency: the platform admin key.
+
+    Raises:
+        AdminDisabledError: no admin key exists at all.
+        AuthenticationError: an unknown key.
+        ForbiddenError: a valid key of another scope.
+
+    """
+    presented = presented_key(request)
+    grant = directory_of(request).grant(presented, utcnow())
+    if grant is not None and grant.scope is KeyScope.ADMIN:
+        return grant
+    if not has_admin_key(directory_of(request)):
+        raise AdminDisabledError("the admin API is disabled: no admin key is configured")
+    if grant is not None:
+        raise ForbiddenError(f"a {grant.scope} key may not do this: it needs the platform admin key")
+    raise AuthenticationError("unknown admin key")
+
+
+AdminGrant = Annotated[KeyGrant, Depends(admin_grant)]
+
+
+def has_admin_key(directory: TenantDirectory) -> bool:
+    """Whether any admin key exists (else the admin API is off)."""
+    return directory.has_scope(KeyScope.ADMIN)
+
+
+def require_tenant_scope(request: Request, tenant: str, scopes: tuple[KeyScope, ...]) -> KeyGrant:
+    """The admin key, or a key of ``tenant`` with one of ``scopes``.
+
+    Raises:
+        AdminDisabledError: no key at all could pass here.
+        AuthenticationError: an unknown key.
+        ForbiddenError: a key of another tenant, or of a scope that may not do this.
+
+    """
+    grant = directory_of(request).grant(presented_key(request), utcnow())
+    if grant is not None and grant.scope is KeyScope.ADMIN:
+        return grant
+    if grant is None:
+        if not any(directory_of(request).has_scope(s) for s in (KeyScope.ADMIN, *scopes)):
+            raise AdminDisabledError("the admin API is disabled: no admin key is configured")
+        raise AuthenticationError("unknown admin key")
+    if grant.tenant != tenant:
+        raise ForbiddenError(f"this {grant.scope} key belongs to another tenant and cannot act on {tenant!r}")
+    if grant.scope not in scopes:
+        raise ForbiddenError(f"a {grant.scope} key may not do this; it needs an admin or {'/'.join(scopes)} key")
+    return grant
 
 
 def require_same_tenant(caller: TenantConfig, tenant: str) -> None:

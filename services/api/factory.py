@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
@@ -10,16 +11,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.adapters.admin import AdapterAdmin
 from services.api import admin, chat, health, openai_compat
-from services.api.auth import ApiKeyAuth, admin_digests
+from services.api import control_plane as control_plane_api
 from services.api.errors import install_error_handlers
 from services.api.health import HealthMonitor
 from services.api.hygiene import RequestHygieneMiddleware
 from services.api.models import ERROR_RESPONSES, ErrorBody
 from services.config import OrchestratorConfig
+from services.control_plane.directory import TenantDirectory
 
 if TYPE_CHECKING:
     from services.api.admin import KnowledgeAdmin
     from services.chat.pipeline import ChatPipeline
+    from services.control_plane.plane import ControlPlane
 
 
 class ServedByMiddleware:
@@ -51,12 +54,12 @@ class ServedByMiddleware:
 def create_api(
     config: OrchestratorConfig,
     pipeline: ChatPipeline,
-    auth: ApiKeyAuth,
+    directory: TenantDirectory,
     check_dependencies: Callable[[], Awaitable[dict[str, str]]],
     *,
     adapter_admin: AdapterAdmin | None = None,
-    admin_keys: list[str] | None = None,
     knowledge: KnowledgeAdmin | None = None,
+    control_plane: ControlPlane | None = None,
     served_by: str | None = None,
 ) -> FastAPI:
     """Build the FastAPI app around one pipeline.
@@ -64,16 +67,23 @@ def create_api(
     Args:
         config: Orchestrator settings.
         pipeline: The dialogue pipeline answering chats.
-        auth: API key to tenant mapping.
+        directory: The tenants and keys served (keys are looked up here by digest).
         check_dependencies: Returns each deployment's health ("ok" or "error: ...").
         adapter_admin: The adapter lifecycle; None when no adapter store is configured.
-        admin_keys: Keys of the admin API; none disables it.
         knowledge: Syncs a tenant's knowledge source in the running app and reports its state.
+        control_plane: Tenants and keys at runtime, records, insights; None without a store.
         served_by: This replica's id, sent as ``X-Served-By`` (tracing a request to a replica).
 
     """
     docs = config.api_docs  # off in production: the pages map every route, the admin ones included
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        directory.start()  # poll the store from the start, not from the first request
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Customer-service LLM platform",
         version="0.1.0",
         description="Every string of a JSON body must be Unicode text: a lone UTF-16 surrogate (such as "
@@ -85,15 +95,11 @@ def create_api(
     )
     app.state.config = config
     app.state.pipeline = pipeline
-    app.state.auth = auth
+    app.state.directory = directory
     app.state.health = HealthMonitor(check_dependencies, config.health_probe_interval_s)
     app.state.adapter_admin = adapter_admin
-    app.state.admin_keys = admin_keys or []
-    app.state.ingest_keys = {
-        t.tenant: admin_digests([k.get_secret_value() for k in t.ingest_api_keys]) for t in config.tenants
-    }
     app.state.knowledge = knowledge
-    app.state.tenant_ids = {t.tenant for t in config.tenants}
+    app.state.control_plane = control_plane
     install_error_handlers(app)
     # Outermost but for X-Served-By: no route, dependency or model sees a body that breaks the limits.
     app.add_middleware(RequestHygieneMiddleware, limits=config.limits)
@@ -104,4 +110,5 @@ def create_api(
     app.include_router(openai_compat.router, responses=ERROR_RESPONSES)
     app.include_router(health.router)
     app.include_router(admin.router, responses=ERROR_RESPONSES | {409: {"model": ErrorBody}})
+    app.include_router(control_plane_api.router, responses=ERROR_RESPONSES | {409: {"model": ErrorBody}})
     return app

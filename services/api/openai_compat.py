@@ -66,7 +66,7 @@ class CompletionRequest(BaseModel):
 
 
 def _assistant(caller: TenantConfig, model: str, request: Request) -> None:
-    if model not in request.app.state.tenant_ids:
+    if model not in request.app.state.directory.tenant_ids:
         raise NotFoundError(f"model {model!r} does not exist; GET /v1/models lists yours")
     require_same_tenant(caller, model)
 

@@ -50,7 +50,8 @@ class ReplyStream:
                     self._record.close(item.outcome, self._answer, item)
                 yield item
         except BaseException as err:
-            self._record.close("error" if isinstance(err, Exception) else "cancelled", self._answer)
+            status = int(getattr(err, "status_code", 500))
+            self._record.close("error" if isinstance(err, Exception) else "cancelled", self._answer, status=status)
             raise
 
     async def reply(self) -> ChatReply:

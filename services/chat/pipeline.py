@@ -45,6 +45,7 @@ from services.chat.structured_reply import (
 )
 from services.chat.tool_rounds import TOOL_CONFIDENCE, RoundsResult, ToolRounds
 from services.config import OrchestratorConfig, StandardReplies, TenantConfig, ToolConfig
+from services.control_plane.recorder import ConversationRecorder
 from services.errors import DependencyUnavailableError, GenerationError, InvalidRequestError, NotFoundError
 from services.observability.metrics import Metrics
 from services.observability.tracing import tracer
@@ -72,6 +73,7 @@ class ChatPipeline:
         tools: ToolRunner | None = None,
         reranker: PassageReranker | None = None,
         session_ids: SessionIds | None = None,
+        recorder: ConversationRecorder | None = None,
     ) -> None:
         self._config = config
         self._retriever = retriever
@@ -86,6 +88,7 @@ class ChatPipeline:
         self._metrics = metrics or Metrics()
         self._tool_rounds = ToolRounds(config.tools, config.sampling, generator, tools) if tools else None
         self._delivery = ReplyDelivery(self._sessions, cache)
+        self._recorder = recorder
 
     async def prepare(
         self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None = None, *, tools: bool = True
@@ -107,12 +110,15 @@ class ChatPipeline:
 
         """
         span = tracer().start_span("cs.chat", attributes={"tenant": tenant.tenant})
-        record = RequestRecord(tenant.tenant, self._metrics, span)
+        record = RequestRecord(
+            tenant.tenant, self._metrics, span, recorder=self._recorder, profile=tenant, user_id=request.user_id,
+            question=request.message,
+        )  # fmt: skip
         try:
             with trace.use_span(span, end_on_exit=False):
-                answer = await self._decide(tenant, request, history, tools)
+                answer = await self._decide(tenant, request, history, tools, record)
         except BaseException as err:
-            record.close("error" if isinstance(err, Exception) else "cancelled")
+            record.close("error" if isinstance(err, Exception) else "cancelled", status=_status_of(err))
             raise
         return ReplyStream(self._delivery, answer, record)
 
@@ -125,12 +131,14 @@ class ChatPipeline:
     # --- the steps that decide the answer -----------------------------------------------------
 
     async def _decide(
-        self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None, tools: bool
-    ) -> Answer:
+        self, tenant: TenantConfig, request: ChatRequest, history: list[Turn] | None, tools: bool,
+        record: RequestRecord,
+    ) -> Answer:  # fmt: skip
         conversation = await self._conversation(tenant, request, history)
         # Resolved once per request: a swap while this answer streams does not touch it.
         adapter = self._adapter_of(conversation)
         analysis = await self._analyzer.analyze(request.message, conversation.history) if self._analyzer else None
+        record.vector = analysis.embedding.dense if analysis else None
         intent = analysis.intent if analysis else None
         if intent is not None and (standard := self._standard_reply(conversation, intent)) is not None:
             return standard
@@ -213,7 +221,7 @@ class ChatPipeline:
         """The tools the model may call for this message (none when no shopper is named)."""
         if self._tool_rounds is None or not tools:
             return []
-        return self._tool_rounds.offered(intent, conversation.question, conversation.tenant.tenant)
+        return self._tool_rounds.offered(intent, conversation.question, conversation.tenant)
 
     def _adapter_of(self, conversation: Conversation) -> str | None:
         """The adapter registered for the tenant now (a canary may pick per session), else the configured one."""
@@ -288,8 +296,13 @@ class ChatPipeline:
         if self._reranker is not None and config.reranking is not None and hits:
             hits = await self._rerank(conversation.question, hits[: config.reranking.candidates])
             rerank_threshold = config.reranking.threshold
+        threshold = conversation.tenant.relevance_threshold
         return ground(
-            hits, config.relevance_threshold, config.retrieval_top_k, config.relevance_margin, rerank_threshold
+            hits,
+            config.relevance_threshold if threshold is None else threshold,
+            config.retrieval_top_k,
+            config.relevance_margin,
+            rerank_threshold,
         )
 
     async def _rerank(self, question: str, hits: list[RetrievedChunk]) -> list[RetrievedChunk]:
@@ -415,12 +428,19 @@ class ChatPipeline:
             raise NotFoundError(
                 f"reply {request.reply_id!r} is not among the recent replies of session {request.session_id!r}"
             )
+        if self._recorder is not None:
+            self._recorder.feedback(tenant, request.reply_id, request.user_id, request.helpful, request.resolved)
         if request.helpful is not None:
             verdict = "helpful" if request.helpful else "not_helpful"
             self._metrics.inc("cs_feedback", {"tenant": tenant.tenant, "verdict": verdict})
         if request.resolved is not None:
             verdict = "resolved" if request.resolved else "unresolved"
             self._metrics.inc("cs_feedback", {"tenant": tenant.tenant, "verdict": verdict})
+
+
+def _status_of(err: BaseException) -> int:
+    """The HTTP status an error becomes (500 for anything not a service error)."""
+    return int(getattr(err, "status_code", 500))
 
 
 def _idempotency_key(conversation: Conversation) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from services.chat.clients import AnswerGenerator
-from services.config import SamplingConfig, ToolConfig, ToolsConfig
+from services.config import SamplingConfig, TenantConfig, ToolConfig, ToolsConfig
 from services.errors import GenerationError
 from services.schemas import ChatMessage, GenerationChunk, ToolCall
 from services.tools import ToolRunner, forced_call_schema, function_spec
@@ -59,9 +59,10 @@ class ToolRounds:
         budget = max(answer_sampling.max_tokens, config.max_call_tokens)
         self._sampling = answer_sampling.model_copy(update={"max_tokens": budget})
 
-    def offered(self, intent: str | None, message: str, tenant: str | None = None) -> list[ToolConfig]:
-        """The tools offered for this tenant's message (by intent or message pattern)."""
-        return self._runner.offered(intent, message, tenant)
+    def offered(self, intent: str | None, message: str, tenant: TenantConfig) -> list[ToolConfig]:
+        """The tools offered for this tenant's message (by intent or message pattern), as its profile is now."""
+        self._runner.know(tenant)
+        return self._runner.offered(intent, message, tenant.tenant)
 
     async def run(
         self,

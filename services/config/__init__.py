@@ -9,6 +9,7 @@ cluster) come from :class:`ServiceSettings`, read from ``CS_*`` variables. Defau
 
 from services.config.app import AppConfig, load_app_config
 from services.config.base import SOURCE_PATTERN, TENANT_PATTERN, DeploymentOptions, StrictModel, check_patterns
+from services.config.control_plane import ControlPlaneConfig
 from services.config.embedder import EmbedderConfig, RerankerConfig
 from services.config.intents import IntentConfig, StandardReplies
 from services.config.llm import LLMConfig, SamplingConfig
@@ -25,6 +26,7 @@ __all__ = [
     "AnswerCacheConfig",
     "AppConfig",
     "ChunkingConfig",
+    "ControlPlaneConfig",
     "DeploymentOptions",
     "EmbedderConfig",
     "IntentConfig",

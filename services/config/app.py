@@ -70,6 +70,12 @@ class AppConfig(StrictModel):
                 }
             ),
         }
+        store = self.orchestrator.control_plane
+        if store is not None and store.url.startswith("sqlite:///") and store.url != "sqlite:///:memory:":
+            path = store.url.removeprefix("sqlite:///")
+            update["orchestrator"] = self.orchestrator.model_copy(
+                update={"control_plane": store.model_copy(update={"url": f"sqlite:///{absolute(path)}"})}
+            )
         if self.retriever.is_lite:
             update["retriever"] = self.retriever.model_copy(update={"milvus_uri": absolute(self.retriever.milvus_uri)})
         return self.model_copy(update=update)

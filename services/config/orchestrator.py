@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from services.config.base import TENANT_PATTERN, DeploymentOptions, StrictModel, defaults
+from services.config.base import TENANT_PATTERN, DeploymentOptions, StrictModel, check_patterns, defaults
+from services.config.control_plane import ControlPlaneConfig
 from services.config.intents import IntentConfig, StandardReplies
 from services.config.llm import SamplingConfig
 from services.config.sessions import AnswerCacheConfig, SessionConfig
@@ -33,6 +34,27 @@ class TenantConfig(StrictModel):
         description="Keys that may sync this tenant's knowledge (GET/PUT /admin/knowledge/<tenant>/...) and nothing "
         "else: for a tenant's knowledge-sync job, instead of the platform admin key. Digests or plain (dev).",
     )
+    operator_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys of this tenant's operators: its insights, conversation records, reviews and exports, and "
+        "chat as its assistant. Digests or plain (dev).",
+    )
+    relevance_threshold: float | None = Field(
+        None, ge=0, le=1, description="Overrides the orchestrator's relevance_threshold for this tenant."
+    )
+    retention_days: int | None = Field(
+        None, ge=1, description="Days this tenant's conversation records are kept; the store's default otherwise."
+    )
+    order_id_patterns: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions of this tenant's order ids, redacted from conversation records.",
+    )
+
+    @field_validator("order_id_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        check_patterns(patterns, "order_id_patterns")
+        return patterns
 
 
 class RerankingConfig(StrictModel):
@@ -141,6 +163,11 @@ class OrchestratorConfig(StrictModel):
     admin_api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="Keys of the admin API, as 'sha256:<hex>' digests or plain (dev); CS_ADMIN_KEYS adds more.",
+    )
+    control_plane: ControlPlaneConfig | None = Field(
+        default_factory=ControlPlaneConfig,
+        description="The store of tenants, keys, conversation records and feedback; null: tenants and keys come "
+        "from this file only and nothing is recorded.",
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling of answers.")
     dependency_timeout_s: float = Field(

@@ -28,4 +28,13 @@ class ServiceSettings(BaseSettings):
         "when sessions live in Redis. Unset: a random key per replica, for in-process sessions.",
         min_length=32,
     )
+    control_plane_url: SecretStr | None = Field(
+        None, description="SQLAlchemy URL of the control-plane store, with credentials; overrides control_plane.url."
+    )
+    record_secret: SecretStr | None = Field(
+        None,
+        description="Key of the hash that stands for a shopper's user id in conversation records (at least 32 "
+        "characters); CS_SESSION_SECRET when unset. Without either, records hold an unkeyed SHA-256 of the id.",
+        min_length=32,
+    )
     config_base_dir: Path | None = Field(None, description="Folder that relative paths in the config start from.")

@@ -126,6 +126,28 @@ CATALOG: tuple[MetricSpec, ...] = (
         "cs_feedback", "counter", ("tenant", "verdict"),
         "Feedback verdicts: helpful, not_helpful, resolved, unresolved.", "Orchestrator", when="after feedback",
     ),
+    # Orchestrator: the control-plane store (tenants, keys, conversation records).
+    MetricSpec(
+        "cs_records_written", "counter", ("kind",),
+        "Conversation records and feedback written to the control-plane store (kind record or feedback).",
+        "Orchestrator", when="with control_plane set, after a write",
+    ),
+    MetricSpec(
+        "cs_record_misses", "counter", ("kind", "reason"),
+        "Conversation records or feedback not written: store_unavailable (the write failed; the chat was not "
+        "affected) or queue_full (more waiting than control_plane.record_queue_size).",
+        "Orchestrator", when="with control_plane set, after a miss",
+    ),
+    MetricSpec(
+        "cs_control_plane_refresh_failures", "counter", (),
+        "Reads of the control-plane store's tenants and keys that failed; the replica keeps what it read last.",
+        "Orchestrator", when="with control_plane set, after a failed read",
+    ),
+    MetricSpec(
+        "cs_control_plane_revision", "gauge", (),
+        "Revision of tenants and keys this replica serves (the same on every replica once a change propagated).",
+        "Orchestrator", when="with control_plane set",
+    ),
     # LLM: the engine's view of each generation.
     MetricSpec(
         "cs_llm_time_to_first_token_seconds", "histogram", ("adapter",),
