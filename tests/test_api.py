@@ -8,10 +8,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cs_tools.api_key import main as api_key_main
-from services.control_plane.directory import TenantDirectory
-from services.control_plane.models import utcnow
 from services.api.factory import create_api
 from services.config import OrchestratorConfig
+from services.control_plane.directory import TenantDirectory
+from services.control_plane.models import utcnow
 from services.errors import KnowledgeBaseUnavailableError
 from tests.conftest import orchestrator_args
 

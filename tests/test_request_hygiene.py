@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from services.control_plane.directory import TenantDirectory
 from services.api.factory import create_api
 from services.api.hygiene import invalid_text_at
 from services.chat.contracts import ChatReply
 from services.config import OrchestratorConfig
+from services.control_plane.directory import TenantDirectory
 from tests.conftest import orchestrator_args
 
 KEY = {"X-API-Key": "test-key"}

@@ -542,7 +542,7 @@ class ControlPlaneStore:
         Reviewed pairs are kept: an operator made them training data on purpose.
         """
         with self.session() as session:
-            retention = dict(session.execute(select(Tenant.tenant, Tenant.retention_days)).tuples())
+            retention = {t: days for t, days in session.execute(select(Tenant.tenant, Tenant.retention_days))}
             tenants = set(session.scalars(select(ConversationRecord.tenant).distinct())) | set(retention)
             purged: dict[str, int] = {}
             for tenant in sorted(tenants):

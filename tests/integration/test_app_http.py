@@ -297,7 +297,7 @@ def test_knowledge_ingest_needs_the_admin_key_and_valid_documents(
 ) -> None:
     lumen_sources.append("refused-faq")  # emptied even if a refused upload got through
     url = "/admin/knowledge/lumen/sources/refused-faq"
-    assert client.put(url, json={"complete": True, "documents": [DOG_POLICY]}, headers=AUTH).status_code == 403  # a storefront key cannot sync
+    assert client.put(url, json={"complete": True, "documents": [DOG_POLICY]}, headers=AUTH).status_code == 403
     body = {"complete": True, "documents": [{"doc_id": "x", "title": "t"}]}
     bad = client.put(url, json=body, headers={"X-API-Key": "admin-key"})
     assert bad.status_code == 422 and "documents.0.text: field required" in bad.json()["error"]["message"]
