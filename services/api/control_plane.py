@@ -111,12 +111,19 @@ def _profile(tenant: TenantConfig) -> dict[str, Any]:
     return tenant.model_dump(mode="json", exclude={"api_keys", "ingest_api_keys", "operator_api_keys"})
 
 
+def _invalid(err: ValueError) -> InvalidRequestError:
+    """A 400 naming the field a profile check refused."""
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        return InvalidRequestError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
+    return InvalidRequestError(str(err).splitlines()[0])
+
+
 def _tenant_config(body: NewTenant) -> TenantConfig:
     try:
         return TenantConfig.model_validate(body.model_dump())
     except ValidationError as err:
-        first = err.errors()[0]
-        raise InvalidRequestError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from err
+        raise _invalid(err) from err
 
 
 @router.get("/tenants")
@@ -148,7 +155,7 @@ async def update_tenant(_: AdminGrant, plane: Plane, tenant: TenantId, body: Ten
     try:
         return _profile(await plane.changed(plane.store.update_tenant, tenant, changes))
     except ValueError as err:
-        raise InvalidRequestError(str(err).splitlines()[0]) from err
+        raise _invalid(err) from err
 
 
 @router.get("/keys")

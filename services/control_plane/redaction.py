@@ -7,6 +7,8 @@ street addresses ("12 Baker Street", "Apt 4B"), Chinese addresses down to the bu
 formats (``tenants[].order_id_patterns``, compiled with ``re.ASCII`` so that ``\b`` holds
 between a Chinese character and a Latin one). A match is replaced by a tag such as
 ``[phone]``, so a record still reads as a sentence and questions still cluster.
+Chinese has no word boundaries, so a Chinese address match may also take the few words
+before the place name ("寄到上海市…" becomes "[address]"): it errs on the side of privacy.
 What no pattern describes (a name, say) is not found: records are for the operator's
 eyes, and erasing a shopper removes them whole.
 """
