@@ -195,7 +195,7 @@ def test_reviewed_answers_export_as_alpaca_and_unanswered_ones_as_a_gap_report(
                 cached=False,
                 latency_ms=1.0,
                 created_at=utcnow(),
-            )  # fmt: skip
+            )
             for i, q in enumerate(["Do you ship to Mars?", "do you ship to mars", "Gift wrap?"])
         ]
     )
