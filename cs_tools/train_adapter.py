@@ -9,10 +9,17 @@ text, and as the structured reply object under the reply instruction (what the m
 with ``structured_replies`` on, as in both shipped configs), so the adapter serves either.
 Loss is computed on the reply tokens only.
 
+Several datasets are mixed as a brand-identity recipe mixes them: each ``--data`` is
+``PATH`` (every record once) or ``PATH:COUNT`` (COUNT records drawn from it: a sample when
+it holds more, every record repeated and the rest sampled when it holds fewer), so a few
+dozen identity records can weigh as much as hundreds of reviewed answers or general
+instruction data. The draw is seeded (``--seed``).
+
 Usage::
 
     cs-train-adapter --config serve_config.dev.yaml --tenant lumen \
-        --data knowledge_sync/samples/lumen_identity.json --name lumen-voice --version v1
+        --data knowledge_sync/samples/lumen_identity.json:200 --data lumen-reviewed.json \
+        --data general-instructions.json:300 --name lumen-voice --version v2
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,7 @@ from services.adapters.registry import NAME_PATTERN, AdapterRegistry, AdapterVer
 from services.adapters.validation import QWEN2_LORA_MODULES, validate_adapter_folder
 from services.chat.grounding import Grounding, build_messages
 from services.chat.structured_reply import reply_json, with_reply_instruction
+from services.config import AppConfig, TenantConfig
 from services.errors import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -84,6 +94,52 @@ def load_records(path: Path) -> list[AlpacaRecord]:
             first = err.errors()[0]
             raise ValueError(f"{path}: record {n}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from err
     return records
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One ``--data`` argument: a file, and how many records to draw from it (None: each once)."""
+
+    path: Path
+    count: int | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> DatasetSpec:
+        """``PATH`` or ``PATH:COUNT``.
+
+        Raises:
+            ValueError: COUNT is not a positive whole number.
+
+        """
+        path, colon, count = value.rpartition(":")
+        if not colon or not count.strip().isdigit() or not path:
+            return cls(Path(value))
+        if int(count) < 1:
+            raise ValueError(f"{value}: the record count must be at least 1")
+        return cls(Path(path), int(count))
+
+
+def mix_datasets(specs: list[DatasetSpec], seed: int) -> tuple[list[AlpacaRecord], dict[str, int]]:
+    """The training records of several datasets, each drawn to its count; also how many came from each file.
+
+    Raises:
+        ValueError: a file is unreadable or holds an invalid record.
+
+    """
+    rng = random.Random(seed)
+    mixed: list[AlpacaRecord] = []
+    drawn: dict[str, int] = {}
+    for spec in specs:
+        records = load_records(spec.path)
+        if spec.count is None:
+            chosen = list(records)
+        else:
+            repeats, rest = divmod(spec.count, len(records))
+            chosen = records * repeats + rng.sample(records, rest)
+        mixed += chosen
+        drawn[str(spec.path)] = drawn.get(str(spec.path), 0) + len(chosen)
+    rng.shuffle(mixed)
+    return mixed, drawn
 
 
 #: The model's confidence written into the structured training replies: trained answers are certain.
@@ -162,6 +218,25 @@ def _encode(
     return ids, labels
 
 
+def _stored_tenant(config: AppConfig, tenant: str) -> TenantConfig | None:
+    """A tenant created at runtime: its profile from the app's control-plane store, if it has one."""
+    from services.config import ServiceSettings
+    from services.control_plane.store import ControlPlaneStore
+
+    store_config = config.orchestrator.control_plane
+    if store_config is None:
+        return None
+    settings = ServiceSettings()
+    url = settings.control_plane_url.get_secret_value() if settings.control_plane_url else store_config.url
+    store = ControlPlaneStore(url, store_config.store_timeout_s)
+    try:
+        return store.tenant(tenant)
+    except ServiceError:
+        return None
+    finally:
+        store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train, save under the adapter store as ``<name>/<version>``, validate and register."""
     from services.config import ServiceSettings, load_app_config
@@ -169,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cs-train-adapter", description="Train and register a brand LoRA adapter.")
     parser.add_argument("--config", type=Path, required=True, help="Serve config of the app (base model, store).")
     parser.add_argument("--tenant", required=True, help="Tenant whose persona frames the training chats.")
-    parser.add_argument("--data", type=Path, required=True, help="Alpaca JSON: instruction/input/output records.")
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="PATH[:COUNT]",
+        help="Alpaca JSON (instruction/input/output records); repeat to mix datasets, COUNT records drawn from each.",
+    )
     parser.add_argument("--name", required=True, help="Adapter name.")
     parser.add_argument("--version", required=True, help="Version to create (a new folder).")
     for field, info in TrainingSettings.model_fields.items():
@@ -182,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     config = load_app_config(args.config).resolve_paths(ServiceSettings().config_base_dir or Path.cwd())
     tenant = next((t for t in config.orchestrator.tenants if t.tenant == args.tenant), None)
     if tenant is None:
-        parser.error(f"--tenant {args.tenant!r} is not configured in {args.config}")
+        tenant = _stored_tenant(config, args.tenant)
+    if tenant is None:
+        parser.error(f"--tenant {args.tenant!r} is neither in {args.config} nor in its control-plane store")
     if not config.llm.adapters_dir:
         parser.error(f"{args.config}: llm.adapters_dir is not set")
     settings = TrainingSettings(**{f: getattr(args, f) for f in TrainingSettings.model_fields})
@@ -193,10 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir.exists():
         parser.error(f"{out_dir} exists already: pick a new --version")
     try:
-        records = load_records(args.data)
+        records, drawn = mix_datasets([DatasetSpec.parse(d) for d in args.data], settings.seed)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    logger.info("training records: %s", ", ".join(f"{n} from {path}" for path, n in drawn.items()))
 
     losses = train_adapter(config.llm.model, tenant.persona, records, out_dir, settings)
     try:
@@ -205,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 3
+    sources = ", ".join(f"{n} from {Path(path).name}" for path, n in drawn.items())
     print(
-        f"trained {args.name}@{args.version} on {len(records)} records (loss {losses[0]:.3f} -> {losses[-1]:.3f}); "
+        f"trained {args.name}@{args.version} on {len(records)} records ({sources}; "
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f}); "
         f"registered in {registry.store}. Activate it with the admin API: "
         f"PUT /admin/tenants/{args.tenant}/adapter {{'adapter': '{args.name}', 'version': '{args.version}'}}"
     )
