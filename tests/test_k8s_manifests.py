@@ -31,7 +31,7 @@ KUBERAY_KINDS = ["RayService", "RayCluster", "RayJob", "RayCronJob"]
 KUBERNETES_VERSION = "1.32"  # the oldest Kubernetes the manifests are written for (podFailurePolicy GA: 1.31)
 OVERLAYS = ["base", "overlays/dev", "overlays/prod"]
 #: Secrets the deployment manual tells the operator to create; everything else must be rendered.
-HAND_MADE_SECRETS = {"customer-service-secrets", "redis-auth", "knowledge-sync-credentials"}
+HAND_MADE_SECRETS = {"customer-service-secrets", "redis-auth", "postgres-auth", "knowledge-sync-credentials"}
 
 # The PodMonitor fields these manifests use (monitoring.coreos.com/v1 API reference), closed
 # to unknown keys like the CRD checks.
@@ -293,7 +293,7 @@ def test_references_resolve_and_no_secret_value_is_in_git(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_sync_cronjob_never_overlaps_and_calls_the_serve_service(overlay: str) -> None:
     documents = rendered(overlay)
-    (cronjob,) = by_kind(documents, "CronJob")
+    (cronjob,) = [c for c in by_kind(documents, "CronJob") if c["metadata"]["name"].endswith("knowledge-sync")]
     (rayservice,) = by_kind(documents, "RayService")
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]

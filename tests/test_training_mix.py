@@ -43,5 +43,5 @@ def test_each_dataset_gives_its_count_upsampled_or_sampled_and_the_rest_each_onc
 def test_a_bad_dataset_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("[]")
-    with pytest.raises(ValueError, match="bad.json"):
+    with pytest.raises(ValueError, match=r"bad\.json"):
         mix_datasets([DatasetSpec(bad, 3)], seed=0)

@@ -75,6 +75,7 @@ def client(
             # Two orchestrator replicas sharing sessions and cached answers through Redis.
             deployment={"num_cpus": 0.1, "num_replicas": 2},
             session={"backend": "redis", "redis_url": redis_url},
+            control_plane={"url": f"sqlite:///{milvus_path.parent / 'control-plane.db'}"},
             answer_cache={"backend": "redis", "redis_url": redis_url},
             # The tiny model cannot choose tools: the call is forced through structured output.
             intents={
@@ -576,7 +577,9 @@ def test_every_documented_metric_is_scraped_with_its_labels(
     # GPU gauges need a GPU; the reranker's latency is scraped where reranking is on (test_reranking);
     # withheld and retried answers need a model that cites, states numbers or writes in a language
     # (stand-ins in test_pipeline and test_reply_form).
+    # A store outage's counters are scraped in test_control_plane, which stops its PostgreSQL server.
     elsewhere = {"cs_rerank_seconds", "cs_withheld_replies", "cs_reply_retries"}
+    elsewhere |= {"cs_record_misses", "cs_control_plane_refresh_failures"}
     expected = [spec for spec in CATALOG if not spec.name.startswith("cs_gpu_") and spec.name not in elsewhere]
     suffix = {"counter": "", "gauge": "", "histogram": "_bucket"}
 
