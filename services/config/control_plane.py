@@ -52,6 +52,6 @@ class ControlPlaneConfig(StrictModel):
         ge=0,
         le=1,
         description="Least cosine similarity of two unanswered questions' embeddings for insights to put them in "
-        "one cluster; depends on the embedder (BGE-M3 about 0.85, e5 about 0.93: measured in docs/control-plane.md).",
+        "one cluster; it depends on the embedder (e5-small: 0.88, measured in docs/control-plane.md).",
     )
     store_timeout_s: float = Field(5, gt=0, description="Bound on one read or write of the store.")
