@@ -178,3 +178,13 @@ def test_insights_count_rates_and_cluster_unanswered_questions(store: ControlPla
     )
     assert {c.examples[0] for c in clusters[1:]} == {"Gift wrapping?", "q"}  # the handover's question counts too
     assert [w["reply_id"] for w in worst] == ["a2"]
+
+
+def test_the_migrations_build_exactly_the_models_schema(store: ControlPlaneStore) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from services.control_plane.models import Base
+
+    with store.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []

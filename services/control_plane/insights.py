@@ -137,25 +137,30 @@ def unanswered_clusters(
         groups.setdefault(_normal(row[1]) or row[1], []).append(row)
     ordered = sorted(groups.values(), key=len, reverse=True)
     clusters: list[list[list[tuple[str, str, str, datetime, bytes | None]]]] = []
-    leaders: list[np.ndarray] = []
+    # Leading vectors in one preallocated matrix: each group is scored against all leaders at once.
+    leaders: np.ndarray | None = None
     leader_of: list[int] = []  # cluster index of each leader row
     for group in ordered:
-        vector = next((np.frombuffer(r[4], dtype=np.float16) for r in group if r[4]), None)
+        raw = next((r[4] for r in group if r[4]), None)
+        vector = np.frombuffer(raw, dtype=np.float16).astype(np.float32) if raw else None
+        if vector is not None and leaders is not None and vector.shape[0] != leaders.shape[1]:
+            vector = None  # written by another embedder: grouped by its text only
         joined = None
-        if vector is not None and leaders:
-            same = [i for i, v in enumerate(leaders) if v.shape == vector.shape]
-            if same:
-                scores = np.stack([leaders[i] for i in same]).astype(np.float32) @ vector.astype(np.float32)
-                best = int(np.argmax(scores))
-                if scores[best] >= similarity:
-                    joined = leader_of[same[best]]
-        if joined is None:
-            clusters.append([group])
-            if vector is not None:
-                leaders.append(vector)
-                leader_of.append(len(clusters) - 1)
-        else:
+        if vector is not None and leader_of:
+            assert leaders is not None
+            scores = leaders[: len(leader_of)] @ vector
+            best = int(np.argmax(scores))
+            if scores[best] >= similarity:
+                joined = leader_of[best]
+        if joined is not None:
             clusters[joined].append(group)
+            continue
+        clusters.append([group])
+        if vector is not None:
+            if leaders is None:
+                leaders = np.empty((len(ordered), vector.shape[0]), dtype=np.float32)
+            leaders[len(leader_of)] = vector
+            leader_of.append(len(clusters) - 1)
     result = [_cluster(c, examples) for c in clusters]
     result.sort(key=lambda c: c.count, reverse=True)
     return result[:top]
@@ -178,9 +183,20 @@ def _cluster(groups: list[list[tuple[str, str, str, datetime, bytes | None]]], e
 
 
 def worst_rated(session: Session, tenant: str, start: datetime, end: datetime, limit: int = 20) -> list[dict[str, Any]]:
-    """Replies rated unhelpful (most unhelpful verdicts first, then lowest confidence)."""
-    unhelpful = func.sum(case((Feedback.helpful.is_(False), 1), else_=0))
-    rated = func.count(Feedback.id)
+    """Replies rated unhelpful in the period: most unhelpful verdicts, then largest share, then lowest confidence.
+
+    Feedback is few next to records: it is aggregated first (by the feedback's (tenant,
+    created_at) index), and only the replies it names are read.
+    """
+    unhelpful = func.sum(case((Feedback.helpful.is_(False), 1), else_=0)).label("unhelpful")
+    rated = func.count(Feedback.id).label("rated")
+    verdicts = (
+        select(Feedback.reply_id, unhelpful, rated)
+        .where(Feedback.tenant == tenant, Feedback.created_at >= start, Feedback.created_at < end)
+        .group_by(Feedback.reply_id)
+        .having(func.sum(case((Feedback.helpful.is_(False), 1), else_=0)) > 0)
+        .subquery()
+    )
     query = (
         select(
             ConversationRecord.reply_id,
@@ -189,14 +205,16 @@ def worst_rated(session: Session, tenant: str, start: datetime, end: datetime, l
             ConversationRecord.outcome,
             ConversationRecord.confidence,
             ConversationRecord.created_at,
-            unhelpful.label("unhelpful"),
-            rated.label("rated"),
+            verdicts.c.unhelpful,
+            verdicts.c.rated,
         )
-        .join(Feedback, Feedback.reply_id == ConversationRecord.reply_id)
-        .where(ConversationRecord.tenant == tenant, Feedback.tenant == tenant, _period(start, end))
-        .group_by(ConversationRecord.reply_id)
-        .having(unhelpful > 0)
-        .order_by(unhelpful.desc(), cast(unhelpful, Float) / rated, ConversationRecord.confidence)
+        .join(verdicts, verdicts.c.reply_id == ConversationRecord.reply_id)
+        .where(ConversationRecord.tenant == tenant)
+        .order_by(
+            verdicts.c.unhelpful.desc(),
+            (cast(verdicts.c.unhelpful, Float) / verdicts.c.rated).desc(),
+            ConversationRecord.confidence,
+        )
         .limit(limit)
     )
     return [

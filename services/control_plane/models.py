@@ -128,10 +128,11 @@ class Feedback(Base):
     """A shopper's verdict on a reply (it may arrive before the reply's record is written)."""
 
     __tablename__ = "feedback"
+    __table_args__ = (Index("ix_feedback_tenant_created", "tenant", "created_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     reply_id: Mapped[str] = mapped_column(String(64), index=True)
-    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    tenant: Mapped[str] = mapped_column(String(64))
     user_hash: Mapped[str] = mapped_column(String(64), index=True)
     helpful: Mapped[bool | None] = mapped_column(Boolean)
     resolved: Mapped[bool | None] = mapped_column(Boolean)

@@ -64,8 +64,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("feedback", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_feedback_reply_id"), ["reply_id"], unique=False)
-        batch_op.create_index(batch_op.f("ix_feedback_tenant"), ["tenant"], unique=False)
         batch_op.create_index(batch_op.f("ix_feedback_user_hash"), ["user_hash"], unique=False)
+        batch_op.create_index("ix_feedback_tenant_created", ["tenant", "created_at"], unique=False)
 
     op.create_table(
         "reviews",
@@ -135,8 +135,8 @@ def downgrade() -> None:
 
     op.drop_table("reviews")
     with op.batch_alter_table("feedback", schema=None) as batch_op:
+        batch_op.drop_index("ix_feedback_tenant_created")
         batch_op.drop_index(batch_op.f("ix_feedback_user_hash"))
-        batch_op.drop_index(batch_op.f("ix_feedback_tenant"))
         batch_op.drop_index(batch_op.f("ix_feedback_reply_id"))
 
     op.drop_table("feedback")
