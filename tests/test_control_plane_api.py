@@ -240,12 +240,29 @@ def test_bad_admin_input_is_a_4xx_naming_the_problem(replicas: tuple[Replica, Re
     assert a.client.patch("/admin/tenants/lumen", json={"persona": None}, headers=ADMIN).status_code == 400
     assert a.client.post("/admin/tenants", json={"tenant": "lumen", "persona": "p"}, headers=ADMIN).status_code == 409
     assert a.client.post("/admin/keys/key_0000000000000000/rotate", headers=ADMIN).status_code == 404
+    zero_for_false = a.client.patch("/admin/tenants/lumen", json={"tools": {"enabled": 0}}, headers=ADMIN)
+    assert zero_for_false.status_code == 422  # a number is no boolean
+    assert (
+        a.client.post("/admin/keys/key_0000000000000000/rotate", json={"grace_s": False}, headers=ADMIN).status_code
+        == 422
+    )
     admin_for_tenant = a.client.post("/admin/keys", json={"scope": "admin", "tenant": "lumen"}, headers=ADMIN)
     assert admin_for_tenant.status_code == 400
     period = a.client.get(
         "/admin/tenants/lumen/insights", params={"start": "2026-02-01", "end": "2026-01-01"}, headers=ADMIN
     )
     assert period.status_code == 400 and "start must be before end" in period.json()["error"]["message"]
+
+
+def test_a_key_cannot_revoke_or_rotate_itself(replicas: tuple[Replica, Replica]) -> None:
+    a, _ = replicas
+    own = next(k for k in a.client.get("/admin/keys", headers=ADMIN).json() if k["scope"] == "admin")
+    revoked = a.client.delete(f"/admin/keys/{own['key_id']}", headers=ADMIN)
+    assert revoked.status_code == 409 and "key of this request" in revoked.json()["error"]["message"]
+    assert a.client.post(f"/admin/keys/{own['key_id']}/rotate", json={"grace_s": 0}, headers=ADMIN).status_code == 409
+    other = a.client.post("/admin/keys", json={"scope": "admin"}, headers=ADMIN).json()
+    assert a.client.delete(f"/admin/keys/{own['key_id']}", headers={"X-API-Key": other["key"]}).status_code == 200
+    assert a.client.get("/admin/tenants", headers=ADMIN).status_code == 401
 
 
 def test_a_profile_change_applies_to_the_next_chat_without_a_restart(replicas: tuple[Replica, Replica]) -> None:

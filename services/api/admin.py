@@ -62,7 +62,7 @@ class StartCanary(Strict):
     """A candidate version and the share of sessions it gets."""
 
     version: str = Field(pattern=NAME_PATTERN)
-    percent: float = Field(gt=0, lt=100, description="Share of the tenant's sessions, sticky per session.")
+    percent: float = Field(gt=0, lt=100, strict=True, description="Share of the tenant's sessions, sticky per session.")
 
 
 @router.get("/adapters")
@@ -164,10 +164,13 @@ class KnowledgeUpload(SourceBatch):
         0.5,
         gt=0,
         le=1,
+        strict=True,
         description="A complete pull deleting more of the source's documents than this is refused (409, "
         "mass_delete_refused) and changes nothing.",
     )
-    allow_mass_delete: bool = Field(False, description="Accept a complete pull that deletes most of the source.")
+    allow_mass_delete: bool = Field(
+        False, strict=True, description="Accept a complete pull that deletes most of the source."
+    )
 
 
 @router.get("/knowledge/{tenant}")

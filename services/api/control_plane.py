@@ -20,7 +20,7 @@ from services.config import TENANT_PATTERN, StandardReplies, TenantConfig
 from services.config.tools import TenantTools
 from services.control_plane.plane import ControlPlane
 from services.control_plane.store import KeyGrant, KeyScope
-from services.errors import InvalidRequestError, NotFoundError
+from services.errors import ConflictError, InvalidRequestError, NotFoundError
 
 router = APIRouter(prefix="/admin", tags=["control plane"])
 
@@ -49,7 +49,7 @@ Operator = Annotated[KeyGrant, Depends(_operator)]
 
 
 class Strict(BaseModel):
-    """Admin request bodies reject unknown fields."""
+    """Admin request bodies reject unknown fields; their numbers and booleans are strict (no 0 for false)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -59,10 +59,12 @@ class TenantProfile(Strict):
 
     persona: str = Field(min_length=1, description="System prompt: who the assistant is and how it speaks.")
     fallback_message: str | None = Field(None, description="Reply when the knowledge has nothing.")
-    relevance_threshold: float | None = Field(None, ge=0, le=1, description="Overrides the gate's threshold.")
+    relevance_threshold: float | None = Field(
+        None, ge=0, le=1, strict=True, description="Overrides the gate's threshold."
+    )
     adapter: str | None = Field(None, description="Configured LoRA adapter (the adapter registry's active one wins).")
     tools: TenantTools = Field(default_factory=TenantTools, description="Storefront URL and credentials reference.")
-    retention_days: int | None = Field(None, ge=1, description="Days its conversation records are kept.")
+    retention_days: int | None = Field(None, ge=1, strict=True, description="Days its conversation records are kept.")
     order_id_patterns: list[str] = Field(default_factory=list, description="Order-id regexes to redact.")
     standard_replies: StandardReplies | None = Field(None, description="Handover, sensitive, out-of-scope replies.")
 
@@ -78,10 +80,10 @@ class TenantChanges(Strict):
 
     persona: str | None = Field(None, min_length=1)
     fallback_message: str | None = None
-    relevance_threshold: float | None = Field(None, ge=0, le=1)
+    relevance_threshold: float | None = Field(None, ge=0, le=1, strict=True)
     adapter: str | None = None
     tools: TenantTools | None = None
-    retention_days: int | None = Field(None, ge=1)
+    retention_days: int | None = Field(None, ge=1, strict=True)
     order_id_patterns: list[str] | None = None
     standard_replies: StandardReplies | None = None
 
@@ -97,7 +99,9 @@ class NewKey(Strict):
 class Rotation(Strict):
     """How long the old key stays valid beside the new one."""
 
-    grace_s: float | None = Field(None, ge=0, le=30 * 86400, description="Seconds; control_plane's default if absent.")
+    grace_s: float | None = Field(
+        None, ge=0, le=30 * 86400, strict=True, description="Seconds; control_plane's default if absent."
+    )
 
 
 class ReviewBody(Strict):
@@ -176,17 +180,27 @@ async def issue_key(_: AdminGrant, plane: Plane, body: NewKey) -> dict[str, Any]
     return {"key": issued.key} | issued.info
 
 
+def _not_own_key(grant: KeyGrant, key_id: str) -> None:
+    # A caller that revokes or rotates the key it calls with would lock itself out.
+    if grant.key_id == key_id:
+        raise ConflictError(
+            f"key {key_id!r} is the key of this request: rotate or revoke it with another admin key or cs-control-plane"
+        )
+
+
 @router.post("/keys/{key_id}/rotate", status_code=201)
-async def rotate_key(_: AdminGrant, plane: Plane, key_id: KeyId, body: Rotation | None = None) -> dict[str, Any]:
+async def rotate_key(grant: AdminGrant, plane: Plane, key_id: KeyId, body: Rotation | None = None) -> dict[str, Any]:
     """Issue the key's replacement; the old key keeps working for the grace period, then stops."""
+    _not_own_key(grant, key_id)
     grace = body.grace_s if body and body.grace_s is not None else plane.config.key_rotation_grace_s
     issued = await plane.changed(plane.store.rotate_key, key_id, grace)
     return {"key": issued.key} | issued.info
 
 
 @router.delete("/keys/{key_id}")
-async def revoke_key(_: AdminGrant, plane: Plane, key_id: KeyId) -> dict[str, Any]:
+async def revoke_key(grant: AdminGrant, plane: Plane, key_id: KeyId) -> dict[str, Any]:
     """Revoke a key: refused by this replica at once, by every replica within the refresh interval."""
+    _not_own_key(grant, key_id)
     return await plane.changed(plane.store.revoke_key, key_id)
 
 

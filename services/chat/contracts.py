@@ -26,7 +26,7 @@ class ChatRequest(BaseModel):
     user_id: UserId
     # The schema states "not blank" (a pattern); the validator says it in words.
     message: str = Field(json_schema_extra={"pattern": r"\S"}, description="The shopper's message (not blank).")
-    stream: bool = Field(False, description="Answer as Server-Sent Events instead of one JSON body.")
+    stream: bool = Field(False, strict=True, description="Answer as Server-Sent Events instead of one JSON body.")
 
     @field_validator("message")
     @classmethod
@@ -101,8 +101,8 @@ class FeedbackRequest(BaseModel):
     session_id: str = Field(min_length=1, max_length=128, pattern=SESSION_ID_PATTERN)
     user_id: UserId
     reply_id: str = Field(min_length=1, max_length=64)
-    helpful: bool | None = Field(None, description="Was the answer helpful (accurate)?")
-    resolved: bool | None = Field(None, description="Was the shopper's issue resolved?")
+    helpful: bool | None = Field(None, strict=True, description="Was the answer helpful (accurate)?")
+    resolved: bool | None = Field(None, strict=True, description="Was the shopper's issue resolved?")
     comment: str | None = Field(None, max_length=1000)
 
     @model_validator(mode="after")

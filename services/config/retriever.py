@@ -13,10 +13,17 @@ class ChunkingConfig(StrictModel):
     """How knowledge documents are cut into chunks before embedding."""
 
     max_tokens: int = Field(
-        384, ge=16, le=2048, description="Largest chunk in embedder tokens, title included; capped at max_length."
+        384,
+        ge=16,
+        le=2048,
+        strict=True,
+        description="Largest chunk in embedder tokens, title included; capped at max_length.",
     )
     overlap_tokens: int = Field(
-        48, ge=0, description="Tokens of the previous chunk's last sentences repeated when a section continues."
+        48,
+        ge=0,
+        strict=True,
+        description="Tokens of the previous chunk's last sentences repeated when a section continues.",
     )
 
     @model_validator(mode="after")

@@ -52,7 +52,7 @@ class ToolConfig(StrictModel):
 class TenantTools(StrictModel):
     """A tenant's own storefront: where its tools call and with which credentials."""
 
-    enabled: bool = Field(True, description="False: this tenant's assistant calls no tool.")
+    enabled: bool = Field(True, strict=True, description="False: this tenant's assistant calls no tool.")
     storefront_url: str | None = Field(None, description="This tenant's storefront API; the shared one otherwise.")
     credentials_env: str | None = Field(
         None,

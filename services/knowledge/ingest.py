@@ -57,9 +57,11 @@ class SourceBatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Strict: a JSON 0 or "false" is no boolean, and here it decides what is deleted.
     complete: bool = Field(
+        strict=True,
         description="True when documents are the whole source (documents not in it are deleted); "
-        "False for an incremental pull (only the given documents change)."
+        "False for an incremental pull (only the given documents change).",
     )
     documents: list[KnowledgeDocument] = Field(default_factory=list, max_length=200_000)
     deleted_doc_ids: list[str] = Field(default_factory=list, description="Records the source reports as deleted.")
@@ -68,7 +70,7 @@ class SourceBatch(BaseModel):
         description="Records that were rejected this time: their stored versions stay, even in a complete pull.",
     )
     cursor: Any = Field(None, description="Updated-since value to start the next incremental pull from.")
-    cursor_is_datetime: bool = False
+    cursor_is_datetime: bool = Field(False, strict=True)
 
 
 class MassDeleteError(ConflictError):
