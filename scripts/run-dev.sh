@@ -35,6 +35,9 @@ Try:
        -H 'Content-Type: application/json' \\
        -d '{"user_id": "shopper-1", "message": "How many days do I have to return an item?"}'
   (order questions such as "Where is order LH-1001?" call the example storefront at :8100)
+What shoppers asked, and how it went (tenants, keys and records live in data/control-plane.db):
+  curl -s http://127.0.0.1:${port}/admin/tenants/lumen/insights -H 'X-API-Key: dev-lumen-operator-key'
+  (docs/control-plane.md: tenants and keys at runtime, reviews, exports, the loop to a new adapter)
 Stop with Ctrl-C.
 MSG
 wait "$serve_pid"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.adapters.registry import AdapterRegistry, AdapterVersion, canary_bucket, now
+from services.adapters.registry import AdapterRegistry, AdapterVersion, UnknownAdapterError, canary_bucket, now
 from services.errors import ConflictError, InvalidRequestError, NotFoundError
 
 
@@ -61,7 +61,7 @@ def test_reactivating_the_active_version_changes_nothing(store: Path) -> None:
 
 def test_unregistered_or_duplicate_versions_are_refused(store: Path) -> None:
     registry = AdapterRegistry(store)
-    with pytest.raises(NotFoundError, match="lumen-voice@v9 is not registered"):
+    with pytest.raises(UnknownAdapterError, match="lumen-voice@v9 is not registered"):
         registry.activate("lumen", "lumen-voice", "v9")
     with pytest.raises(ConflictError, match="already registered"):
         registry.register(registry.state().adapters["lumen-voice"]["v1"])

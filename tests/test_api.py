@@ -83,7 +83,7 @@ def test_admin_checks_the_key_before_revealing_tenants(tmp_path: Any) -> None:
     assert client.put("/admin/tenants/ghost/adapter", json=body).status_code == 401
     assert client.put("/admin/tenants/ghost/adapter", json=body, headers={"X-API-Key": "admin"}).status_code == 404
     missing = client.put("/admin/tenants/lumen/adapter", json=body, headers={"X-API-Key": "admin"})
-    assert missing.status_code == 404 and "a@v1 is not registered" in missing.json()["error"]["message"]
+    assert missing.status_code == 400 and "a@v1 is not registered" in missing.json()["error"]["message"]
     bad_name = client.post("/admin/adapters/bad name!/versions", json={"version": "v1"}, headers={"X-API-Key": "admin"})
     assert bad_name.status_code == 422 and bad_name.json()["error"]["message"].startswith("path.name:")
 

@@ -29,7 +29,14 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from services.adapters.validation import AdapterSpec
-from services.errors import ConflictError, InvalidRequestError, NotFoundError
+from services.errors import ConflictError, InvalidRequestError, NotFoundError, ServiceError
+
+
+class UnknownAdapterError(InvalidRequestError):
+    """A request body names an adapter version that is not registered (400: the URL's resource exists)."""
+
+    code = "unknown_adapter"
+
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 STATE_FILE = "registry.json"
@@ -176,9 +183,14 @@ class AdapterRegistry:
         return record
 
     def activate(self, tenant: str, name: str, version: str) -> TenantAdapters:
-        """Make a version the tenant's active one; the previous one is kept for rollback."""
+        """Make a version the tenant's active one; the previous one is kept for rollback.
+
+        Raises:
+            UnknownAdapterError: the version is not registered (the request names it, not the URL).
+
+        """
         with self._transaction() as state:
-            self._require(state, name, version)
+            self._require(state, name, version, UnknownAdapterError)
             rollout = state.tenants.get(tenant)
             if rollout is None:
                 rollout = state.tenants[tenant] = TenantAdapters(adapter=name, active=version)
@@ -212,7 +224,7 @@ class AdapterRegistry:
             rollout = state.tenants.get(tenant)
             if rollout is None:
                 raise ConflictError(f"tenant {tenant!r} has no active adapter; activate one before a canary")
-            self._require(state, rollout.adapter, version)
+            self._require(state, rollout.adapter, version, UnknownAdapterError)
             if version == rollout.active:
                 raise InvalidRequestError(f"version {version!r} is already active for {tenant!r}")
             rollout.canary = Canary(version=version, percent=percent)
@@ -255,10 +267,12 @@ class AdapterRegistry:
         return rollout.canary
 
     @staticmethod
-    def _require(state: RegistryState, name: str, version: str) -> AdapterVersion:
+    def _require(
+        state: RegistryState, name: str, version: str, error: type[ServiceError] = NotFoundError
+    ) -> AdapterVersion:
         record = state.adapters.get(name, {}).get(version)
         if record is None:
-            raise NotFoundError(f"adapter {adapter_id(name, version)} is not registered")
+            raise error(f"adapter {adapter_id(name, version)} is not registered")
         return record
 
 

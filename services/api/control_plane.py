@@ -211,16 +211,35 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _period(start: datetime | None, end: datetime | None, days: int) -> tuple[datetime, datetime]:
-    last = _utc(end) if end else datetime.now(UTC)
-    first = _utc(start) if start else last - timedelta(days=days)
+def _moment(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return _utc(datetime.fromisoformat(value))
+    except ValueError as err:
+        raise InvalidRequestError(f"{name}: {value!r} is not a date or time: {err}") from err
+
+
+def _period(start: str | None, end: str | None, days: int) -> tuple[datetime, datetime]:
+    last = _moment(end, "end") or datetime.now(UTC)
+    first = _moment(start, "start") or last - timedelta(days=days)
     if first >= last:
         raise InvalidRequestError("start must be before end")
     return first, last
 
 
-Start = Annotated[datetime | None, Query(description="Period start (ISO 8601; UTC when no zone). Default: end - days.")]
-End = Annotated[datetime | None, Query(description="Period end (ISO 8601; UTC when no zone). Default: now.")]
+#: An ISO 8601 date or date and time, with an optional zone: the one form the period accepts.
+ISO_MOMENT = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})?)?$"
+Start = Annotated[
+    str | None,
+    Query(
+        pattern=ISO_MOMENT, description="Period start: ISO 8601 date or time (UTC without a zone). Default: end - days."
+    ),
+]
+End = Annotated[
+    str | None,
+    Query(pattern=ISO_MOMENT, description="Period end: ISO 8601 date or time (UTC without a zone). Default: now."),
+]
 Days = Annotated[int, Query(ge=1, le=3660, description="Period length when start is absent.")]
 Similarity = Annotated[
     float | None, Query(ge=0, le=1, description="Clustering similarity; control_plane.cluster_similarity if absent.")

@@ -7,9 +7,9 @@ import json
 import re
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from services.knowledge.collections import FIELD_BYTES
 
@@ -23,7 +23,16 @@ class KnowledgeDocument(BaseModel):
     title: str = Field(min_length=1, max_length=500)
     text: str = Field(min_length=1)
     category: str = Field("", max_length=100)
-    updated_at: int = Field(0, ge=0, description="Unix seconds; ISO dates and datetimes are accepted.")
+    # The schema states what the validator accepts: seconds, an ISO date or datetime, or nothing.
+    updated_at: Annotated[
+        int,
+        WithJsonSchema(
+            {
+                "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}, {"type": "null"}],
+                "description": "Unix seconds, or an ISO date or datetime; null or absent: unknown.",
+            }
+        ),
+    ] = Field(0, ge=0)
 
     @field_validator("doc_id", "title", "category")
     @classmethod
@@ -38,6 +47,8 @@ class KnowledgeDocument(BaseModel):
     @field_validator("updated_at", mode="before")
     @classmethod
     def _to_epoch(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("a boolean is no time")
         if value in (None, ""):
             return 0
         if isinstance(value, str) and not value.strip().isdigit():
