@@ -13,7 +13,8 @@ Several datasets are mixed as a brand-identity recipe mixes them: each ``--data`
 ``PATH`` (every record once) or ``PATH:COUNT`` (COUNT records drawn from it: a sample when
 it holds more, every record repeated and the rest sampled when it holds fewer), so a few
 dozen identity records can weigh as much as hundreds of reviewed answers or general
-instruction data. The draw is seeded (``--seed``).
+instruction data. The draw is seeded (``--seed``); every epoch trains on all of them in a
+fresh random order.
 
 Usage::
 
@@ -138,7 +139,7 @@ def mix_datasets(specs: list[DatasetSpec], seed: int) -> tuple[list[AlpacaRecord
             chosen = records * repeats + rng.sample(records, rest)
         mixed += chosen
         drawn[str(spec.path)] = drawn.get(str(spec.path), 0) + len(chosen)
-    rng.shuffle(mixed)
+    # Kept in file order: training draws a fresh permutation of all examples every epoch.
     return mixed, drawn
 
 

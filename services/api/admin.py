@@ -6,11 +6,12 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from services.adapters.admin import AdapterAdmin
 from services.adapters.registry import NAME_PATTERN, AdapterVersion, TenantAdapters
 from services.api.auth import AdminDisabledError, AdminGrant, require_tenant_scope
+from services.api.models import StrictBody
 from services.config import SOURCE_PATTERN, ChunkingConfig
 from services.control_plane.store import KeyScope
 from services.errors import NotFoundError
@@ -39,26 +40,20 @@ Tenant = Annotated[str, Depends(_known_tenant)]
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-class Strict(BaseModel):
-    """Admin request bodies reject unknown fields."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class RegisterVersion(Strict):
+class RegisterVersion(StrictBody):
     """A version folder already placed at ``<store>/<name>/<version>``."""
 
     version: str = Field(pattern=NAME_PATTERN)
 
 
-class Activate(Strict):
+class Activate(StrictBody):
     """The version a tenant should use."""
 
     adapter: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=NAME_PATTERN)
 
 
-class StartCanary(Strict):
+class StartCanary(StrictBody):
     """A candidate version and the share of sessions it gets."""
 
     version: str = Field(pattern=NAME_PATTERN)

@@ -13,9 +13,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from services.api.auth import AdminDisabledError, AdminGrant, require_tenant_scope
+from services.api.models import StrictBody
 from services.config import TENANT_PATTERN, StandardReplies, TenantConfig
 from services.config.tools import TenantTools
 from services.control_plane.plane import ControlPlane
@@ -48,13 +49,7 @@ def _operator(request: Request, tenant: TenantId) -> KeyGrant:
 Operator = Annotated[KeyGrant, Depends(_operator)]
 
 
-class Strict(BaseModel):
-    """Admin request bodies reject unknown fields; their numbers and booleans are strict (no 0 for false)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class TenantProfile(Strict):
+class TenantProfile(StrictBody):
     """What a tenant's assistant is: every field but the id may be changed later."""
 
     persona: str = Field(min_length=1, description="System prompt: who the assistant is and how it speaks.")
@@ -75,7 +70,7 @@ class NewTenant(TenantProfile):
     tenant: str = Field(pattern=TENANT_PATTERN, description="Tenant id: lowercase letters, digits, - and _.")
 
 
-class TenantChanges(Strict):
+class TenantChanges(StrictBody):
     """Profile fields to change; absent fields stay as they are, null clears an optional one."""
 
     persona: str | None = Field(None, min_length=1)
@@ -88,7 +83,7 @@ class TenantChanges(Strict):
     standard_replies: StandardReplies | None = None
 
 
-class NewKey(Strict):
+class NewKey(StrictBody):
     """A key to issue."""
 
     scope: KeyScope = Field(description="storefront, operator or ingest (with tenant), or admin (without).")
@@ -96,7 +91,7 @@ class NewKey(Strict):
     label: str | None = Field(None, max_length=200, description="What the key is for (shown in listings).")
 
 
-class Rotation(Strict):
+class Rotation(StrictBody):
     """How long the old key stays valid beside the new one."""
 
     grace_s: float | None = Field(
@@ -104,7 +99,7 @@ class Rotation(Strict):
     )
 
 
-class ReviewBody(Strict):
+class ReviewBody(StrictBody):
     """An operator's verdict on a recorded answer."""
 
     verdict: Literal["approved", "corrected"]
