@@ -14,6 +14,7 @@ from services.api.auth import Caller
 from services.api.errors import error_detail
 from services.api.models import ErrorBody
 from services.chat.contracts import ChatReply, ChatRequest, FeedbackRequest, SessionReply, SessionRequest
+from services.config import TenantConfig
 from services.errors import ServiceError
 
 if TYPE_CHECKING:
@@ -64,7 +65,11 @@ async def chat(
     ``{"text": ...}`` pieces, one ``final`` event carries the full reply JSON, and an
     ``error`` event replaces it if generation fails after streaming began.
     """
-    pipeline: ChatPipeline = request.app.state.pipeline
+    return await reply_to(request.app.state.pipeline, tenant, body)
+
+
+async def reply_to(pipeline: ChatPipeline, tenant: TenantConfig, body: ChatRequest) -> ChatReply | StreamingResponse:
+    """The reply to one message: JSON, or Server-Sent Events when ``body.stream`` (the chat and widget routes)."""
     if not body.stream:
         return await pipeline.answer(tenant, body)
     stream = await pipeline.prepare(tenant, body)

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError
 from services.api.auth import AdminDisabledError, AdminGrant, require_tenant_scope
 from services.api.models import StrictBody
 from services.config import TENANT_PATTERN, StandardReplies, TenantConfig
+from services.config.orchestrator import TenantWidget
 from services.config.tools import TenantTools
 from services.control_plane.plane import ControlPlane
 from services.control_plane.store import KeyGrant, KeyScope
@@ -62,6 +63,7 @@ class TenantProfile(StrictBody):
     retention_days: int | None = Field(None, ge=1, strict=True, description="Days its conversation records are kept.")
     order_id_patterns: list[str] = Field(default_factory=list, description="Order-id regexes to redact.")
     standard_replies: StandardReplies | None = Field(None, description="Handover, sensitive, out-of-scope replies.")
+    widget: TenantWidget = Field(default_factory=TenantWidget, description="Storefront widget: secret, origins.")
 
 
 class NewTenant(TenantProfile):
@@ -81,6 +83,7 @@ class TenantChanges(StrictBody):
     retention_days: int | None = Field(None, ge=1, strict=True)
     order_id_patterns: list[str] | None = None
     standard_replies: StandardReplies | None = None
+    widget: TenantWidget | None = None
 
 
 class NewKey(StrictBody):

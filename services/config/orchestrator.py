@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from services.config.base import TENANT_PATTERN, DeploymentOptions, StrictModel, check_patterns, defaults
@@ -11,6 +13,33 @@ from services.config.llm import SamplingConfig
 from services.config.sessions import AnswerCacheConfig, SessionConfig
 from services.config.tools import TenantTools, ToolsConfig
 from services.security import key_digest
+
+
+class TenantWidget(StrictModel):
+    """The storefront chat widget of one tenant: who may embed it, and how shoppers are vouched for."""
+
+    secret_env: str | None = Field(
+        None,
+        pattern=r"^[A-Z_][A-Z0-9_]{0,127}$",
+        description="Environment variable holding the secret (at least 32 bytes) with which the storefront backend "
+        "signs its shoppers' widget tokens (JWT, HS256); unset: no widget for this tenant.",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port]) of the pages that may embed the widget; requests from other "
+        "origins are refused (403) and get no CORS headers.",
+    )
+    max_token_ttl_s: int = Field(
+        3600, ge=60, le=86400, description="Longest lifetime (exp - iat) accepted in a widget token."
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"allowed_origins: {origin!r} is not an origin (scheme://host[:port], no path)")
+        return [o.lower() for o in origins]
 
 
 class TenantConfig(StrictModel):
@@ -49,6 +78,7 @@ class TenantConfig(StrictModel):
         default_factory=list,
         description="Regular expressions of this tenant's order ids, redacted from conversation records.",
     )
+    widget: TenantWidget = Field(default_factory=TenantWidget, description="The storefront chat widget.")
 
     @field_validator("order_id_patterns")
     @classmethod

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.config import StandardReplies, TenantConfig
+from services.config.orchestrator import TenantWidget
 from services.config.tools import TenantTools
 from services.control_plane import schema
 from services.control_plane.models import ApiKey, ConversationRecord, Feedback, Review, Revision, Tenant, utcnow
@@ -108,6 +109,7 @@ PROFILE_FIELDS = (
     "retention_days",
     "order_id_patterns",
     "standard_replies",
+    "widget",
 )
 
 
@@ -125,6 +127,7 @@ def tenant_config(row: Tenant) -> TenantConfig:
             enabled=row.tools_enabled, storefront_url=row.storefront_url, credentials_env=row.credentials_env
         ),
         order_id_patterns=options.get("order_id_patterns", []),
+        widget=TenantWidget.model_validate(options.get("widget") or {}),
         standard_replies=StandardReplies.model_validate(options["standard_replies"])
         if options.get("standard_replies")
         else None,
@@ -143,6 +146,7 @@ def _apply_profile(row: Tenant, profile: TenantConfig) -> None:
     row.options = {
         "order_id_patterns": profile.order_id_patterns,
         "standard_replies": profile.standard_replies.model_dump() if profile.standard_replies else None,
+        "widget": profile.widget.model_dump(),
     }
 
 
