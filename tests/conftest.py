@@ -22,6 +22,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Custom metrics reach the Prometheus endpoint within a second instead of ten.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+# The widget secret of the test tenants (tenants[].widget.secret_env): every replica inherits it.
+WIDGET_SECRET_ENV = "CS_TEST_WIDGET_SECRET"
+WIDGET_SECRET = os.environ.setdefault(WIDGET_SECRET_ENV, "widget-secret-of-the-test-suite-0123456789")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEV_MODEL_DIR = REPO_ROOT / "models" / "qwen2.5-coder-0.5b-instruct"

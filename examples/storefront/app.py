@@ -20,6 +20,8 @@ from typing import Any
 from fastapi import Depends, FastAPI, Header, HTTPException
 from pydantic import BaseModel, Field
 
+from examples.storefront.pages import add_shop_pages
+
 SEED_ORDERS = [
     ("LH-1001", "shopper-1", "shipped", "SF Express", "2026-11-24"),
     ("LH-1002", "shopper-2", "processing", None, "2026-11-27"),
@@ -39,8 +41,14 @@ class TicketIn(BaseModel):
     description: str = Field(min_length=1, max_length=2000)
 
 
-def create_app(db_path: Path, tenant: str = "lumen") -> FastAPI:
-    """The storefront API of one tenant's shop over a SQLite file (seeded on first use)."""
+def create_app(
+    db_path: Path, tenant: str = "lumen", *, app_url: str = "http://127.0.0.1:8000", widget_secret: str | None = None
+) -> FastAPI:
+    """The storefront of one tenant's shop over a SQLite file (seeded on first use).
+
+    Its API serves the platform's tools; its product page embeds the chat widget of the
+    platform at ``app_url``, whose shopper tokens it signs with ``widget_secret``.
+    """
     lock = threading.Lock()
     opened: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> the ticket it opened
     db = sqlite3.connect(db_path, check_same_thread=False)
@@ -60,6 +68,7 @@ def create_app(db_path: Path, tenant: str = "lumen") -> FastAPI:
 
     app = FastAPI(title="Example storefront", dependencies=[Depends(this_shop)])
     app.state.requests = []  # (method, path, user_id) of every call, for tests and demos
+    add_shop_pages(app, tenant, app_url, widget_secret)
 
     @app.get("/orders/{order_id}")
     def order(order_id: str, user_id: str) -> dict[str, Any]:

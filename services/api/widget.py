@@ -63,6 +63,9 @@ class WidgetCorsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Add the tenant's CORS headers; answer allowed preflights."""
         path: str = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]  # behind a route prefix (Serve's route_prefix, a proxy)
         if scope["type"] != "http" or not path.startswith(WIDGET_PREFIX):
             await self._app(scope, receive, send)
             return
