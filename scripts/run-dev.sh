@@ -13,8 +13,11 @@ scripts/bootstrap.sh cpu,devmodels
 # Milvus Lite admits one process per file: load the knowledge base before the app opens it.
 .venv/bin/cs-knowledge-sync --config "$config" --sources knowledge_sync/samples/sources.dev.yaml --no-progress
 
-# The example storefront (orders, tickets, coupons) that the dev config's tools call.
-.venv/bin/python -m examples.storefront --port 8100 --db data/storefront.db &
+# The example storefront (orders, tickets, coupons) that the dev config's tools call, and its
+# product page with the chat widget. Its shopper tokens are signed with LUMEN_WIDGET_SECRET,
+# which the app checks them with (tenants[].widget.secret_env): one random secret per run.
+export LUMEN_WIDGET_SECRET="${LUMEN_WIDGET_SECRET:-$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))')}"
+.venv/bin/python -m examples.storefront --port 8100 --db data/storefront.db --app-url "http://127.0.0.1:${port}" &
 shop_pid=$!
 start=$(date +%s)
 .venv/bin/serve run "$config" &
@@ -29,6 +32,7 @@ cat <<MSG
 
 The customer-service app is up after $(( $(date +%s) - start )) s at http://127.0.0.1:${port}
   API docs: http://127.0.0.1:${port}/docs     health: http://127.0.0.1:${port}/healthz
+  The storefront's product page with the chat widget: http://127.0.0.1:8100/products/LH-LINEN-01
   Prometheus metrics: http://127.0.0.1:$(cat /tmp/ray/session_latest/metrics_export_port_* 2>/dev/null | head -1)/metrics
 Try:
   curl -s http://127.0.0.1:${port}/v1/chat -H 'Authorization: Bearer dev-lumen-key' \\
