@@ -271,3 +271,24 @@ def test_a_profile_change_applies_to_the_next_chat_without_a_restart(replicas: t
     assert strict.status_code == 200 and strict.json()["relevance_threshold"] == 0.95
     assert a.chat(SHOP).json()["outcome"] == "fallback"  # the stand-in's best hit scores 0.8
     until(lambda: b.chat(SHOP).json()["outcome"] == "fallback")
+
+
+def test_the_search_test_shows_each_signal_and_the_gates_decision_and_whoami_names_the_key(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, _ = replicas
+    found = a.client.post("/admin/tenants/lumen/search-test", json={"question": "Returns?"}, headers=ADMIN).json()
+    assert found["decision"] == "answer" and found["confidence"] == 0.8
+    assert found["hits"][0] | {"passage": None} == {
+        "doc_id": "returns", "title": "Returns", "source": "s", "passage": None, "fused": 0.03, "dense": 0.8,
+        "sparse": None, "bm25": None, "rerank": None, "kept": True,
+    }  # fmt: skip
+    a.client.patch("/admin/tenants/lumen", json={"relevance_threshold": 0.9}, headers=ADMIN)
+    strict = a.client.post("/admin/tenants/lumen/search-test", json={"question": "Returns?"}, headers=ADMIN).json()
+    assert strict["decision"] == "fallback" and strict["hits"][0]["kept"] is False
+    assert a.store.count_records("lumen") == 0  # nothing recorded
+    assert a.client.post("/admin/tenants/lumen/search-test", json={"question": "x"}, headers=SHOP).status_code == 403
+    assert a.client.post("/admin/tenants/ghost/search-test", json={"question": "x"}).status_code == 401
+    assert a.client.get("/admin/whoami", headers=SHOP).json() | {"key_id": None} == {
+        "key_id": None, "scope": "storefront", "tenant": "lumen",
+    }  # fmt: skip

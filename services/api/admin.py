@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
@@ -14,8 +14,11 @@ from services.api.auth import AdminDisabledError, AdminGrant, require_tenant_sco
 from services.api.models import StrictBody
 from services.config import SOURCE_PATTERN, ChunkingConfig
 from services.control_plane.store import KeyScope
-from services.errors import NotFoundError
+from services.errors import InvalidRequestError, NotFoundError
 from services.knowledge.ingest import SourceBatch
+
+if TYPE_CHECKING:
+    from services.chat.pipeline import ChatPipeline
 
 
 def _admin(request: Request, _: AdminGrant) -> AdapterAdmin:
@@ -187,3 +190,54 @@ async def sync_source(knowledge: Knowledge, tenant: Tenant, source: Source, body
     )
     guard = None if body.allow_mass_delete else body.max_delete_fraction
     return await knowledge.ingest(tenant, source, batch, body.chunking, guard)
+
+
+class SearchTest(StrictBody):
+    """A question to try against a tenant's knowledge, as a shopper would ask it."""
+
+    question: str = Field(min_length=1, max_length=2000, json_schema_extra={"pattern": r"\S"})
+
+
+def _passage(text: str, limit: int = 280) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _operator_key(request: Request, tenant: str) -> None:
+    require_tenant_scope(request, tenant, (KeyScope.OPERATOR,))
+
+
+@router.post("/tenants/{tenant}/search-test")
+async def search_test(
+    request: Request, _: Annotated[None, Depends(_operator_key)], tenant: Tenant, body: SearchTest
+) -> dict[str, Any]:
+    """The fused hits of a question with each signal's score, and the relevance gate's decision.
+
+    Runs the chat's own embedding, hybrid search, reranking and gate; nothing is generated,
+    remembered or recorded. Admin key, or the tenant's operator key.
+    """
+    profile = request.app.state.directory.tenant(tenant)
+    if not body.question.strip():
+        raise InvalidRequestError("question must not be blank")
+    pipeline: ChatPipeline = request.app.state.pipeline
+    hits, grounding = await pipeline.search_test(profile, body.question.strip())
+    kept = {h.chunk.id for h in grounding.chunks}
+    return {
+        "question": body.question.strip(),
+        "decision": "fallback" if grounding.is_empty else "answer",
+        "confidence": grounding.confidence,
+        "hits": [
+            {
+                "doc_id": h.chunk.doc_id,
+                "title": h.chunk.title,
+                "source": h.chunk.source,
+                "passage": _passage(h.chunk.text),
+                "fused": h.score,
+                "dense": h.dense_score,
+                "sparse": h.sparse_score,
+                "bm25": h.bm25_score,
+                "rerank": h.rerank_score,
+                "kept": h.chunk.id in kept,
+            }
+            for h in hits
+        ],
+    }

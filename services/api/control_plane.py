@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 from pydantic import Field, ValidationError
 
-from services.api.auth import AdminDisabledError, AdminGrant, require_tenant_scope
+from services.api.auth import AdminDisabledError, AdminGrant, Grant, require_tenant_scope
 from services.api.models import StrictBody
 from services.config import TENANT_PATTERN, StandardReplies, TenantConfig
 from services.config.orchestrator import TenantWidget
@@ -126,6 +126,12 @@ def _tenant_config(body: NewTenant) -> TenantConfig:
         return TenantConfig.model_validate(body.model_dump())
     except ValidationError as err:
         raise _invalid(err) from err
+
+
+@router.get("/whoami")
+async def whoami(grant: Grant) -> dict[str, Any]:
+    """What the presented key is: its id, scope and tenant (the console shows only what it may do)."""
+    return {"key_id": grant.key_id, "scope": grant.scope, "tenant": grant.tenant}
 
 
 @router.get("/tenants")

@@ -49,7 +49,7 @@ from services.control_plane.recorder import ConversationRecorder
 from services.errors import DependencyUnavailableError, GenerationError, InvalidRequestError, NotFoundError
 from services.observability.metrics import Metrics
 from services.observability.tracing import tracer
-from services.schemas import ChatMessage, GenerationChunk, RetrievedChunk
+from services.schemas import ChatMessage, Embedding, GenerationChunk, RetrievedChunk
 from services.sessions import InProcessSessionMemory, SessionIds, SessionMemory, Turn, within_budget
 from services.tools import ToolRunner
 
@@ -289,15 +289,30 @@ class ChatPipeline:
     async def _ground(self, conversation: Conversation, analysis: Analysis | None) -> Grounding:
         """Retrieve candidates (with the message's embedding, when analyzed) and keep the relevant ones."""
         embedding = analysis.embedding if analysis else None
-        tenant = conversation.tenant.tenant
-        hits = await self._retriever.search(tenant, conversation.question, self._config.retrieval_candidates, embedding)
+        _, grounding = await self._search_and_gate(conversation.tenant, conversation.question, embedding)
+        return grounding
+
+    async def search_test(self, tenant: TenantConfig, question: str) -> tuple[list[RetrievedChunk], Grounding]:
+        """What the relevance gate sees for a question and what it decides (the console's search test).
+
+        The same embedding, retrieval, reranking and gate as a chat; no answer is generated
+        and nothing is remembered or recorded.
+        """
+        embedding = (await self._analyzer.analyze(question, [])).embedding if self._analyzer else None
+        return await self._search_and_gate(tenant, question, embedding)
+
+    async def _search_and_gate(
+        self, profile: TenantConfig, question: str, embedding: Embedding | None
+    ) -> tuple[list[RetrievedChunk], Grounding]:
+        tenant = profile.tenant
+        hits = await self._retriever.search(tenant, question, self._config.retrieval_candidates, embedding)
         config = self._config
         rerank_threshold = None
         if self._reranker is not None and config.reranking is not None and hits:
-            hits = await self._rerank(conversation.question, hits[: config.reranking.candidates])
+            hits = await self._rerank(question, hits[: config.reranking.candidates])
             rerank_threshold = config.reranking.threshold
-        threshold = conversation.tenant.relevance_threshold
-        return ground(
+        threshold = profile.relevance_threshold
+        return hits, ground(
             hits,
             config.relevance_threshold if threshold is None else threshold,
             config.retrieval_top_k,
