@@ -90,3 +90,9 @@ async def test_a_full_queue_drops_the_record_and_counts_it_without_waiting() -> 
     assert metrics.tags("cs_record_misses") == [{"kind": "record", "reason": "queue_full"}]
     await asyncio.sleep(0)
     await recorder.close()
+
+
+def test_an_order_id_pattern_that_does_not_compile_is_refused_naming_it() -> None:
+    for bad in ("(", "a{99999999999}"):
+        with pytest.raises(ValueError, match="order_id_patterns: bad pattern"):
+            TenantConfig(tenant="lumen", persona="p", order_id_patterns=[bad])

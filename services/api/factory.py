@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.adapters.admin import AdapterAdmin
-from services.api import admin, chat, health, openai_compat, widget
+from services.api import admin, chat, console, health, openai_compat, widget
 from services.api import control_plane as control_plane_api
 from services.api.errors import install_error_handlers
 from services.api.health import HealthMonitor
@@ -111,6 +111,7 @@ def create_api(
     app.include_router(chat.router, responses=ERROR_RESPONSES)
     app.include_router(openai_compat.router, responses=ERROR_RESPONSES)
     app.include_router(widget.router, responses=ERROR_RESPONSES)
+    app.include_router(console.router)
     app.include_router(health.router)
     app.include_router(admin.router, responses=ERROR_RESPONSES | {409: {"model": ErrorBody}})
     app.include_router(control_plane_api.router, responses=ERROR_RESPONSES | {409: {"model": ErrorBody}})

@@ -92,5 +92,5 @@ def check_patterns(patterns: list[str], where: str) -> None:
     for pattern in patterns:
         try:
             re.compile(pattern)
-        except re.error as err:
+        except (re.error, OverflowError, RecursionError) as err:  # "a{99999999999}" overflows, not a re.error
             raise ValueError(f"{where}: bad pattern {pattern!r}: {err}") from err

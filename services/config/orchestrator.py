@@ -84,6 +84,11 @@ class TenantConfig(StrictModel):
     @classmethod
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
         check_patterns(patterns, "order_id_patterns")
+        for pattern in patterns:
+            try:  # the redactor compiles them ASCII-only ("(?u)" is refused there)
+                re.compile(pattern, re.ASCII)
+            except (re.error, ValueError) as err:
+                raise ValueError(f"order_id_patterns: bad pattern {pattern!r}: {err}") from err
         return patterns
 
 
