@@ -33,6 +33,7 @@ cat <<MSG
 The customer-service app is up after $(( $(date +%s) - start )) s at http://127.0.0.1:${port}
   API docs: http://127.0.0.1:${port}/docs     health: http://127.0.0.1:${port}/healthz
   The storefront's product page with the chat widget: http://127.0.0.1:8100/products/LH-LINEN-01
+  The operators' console: http://127.0.0.1:${port}/console  (key dev-lumen-operator-key, or dev-admin-key)
   Prometheus metrics: http://127.0.0.1:$(cat /tmp/ray/session_latest/metrics_export_port_* 2>/dev/null | head -1)/metrics
 Try:
   curl -s http://127.0.0.1:${port}/v1/chat -H 'Authorization: Bearer dev-lumen-key' \\

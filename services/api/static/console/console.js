@@ -239,16 +239,21 @@
     }).catch(fail(box));
   }
   function chart(days) {
-    var width = 720, height = 160, bar = Math.max(4, Math.floor(width / Math.max(days.length, 1)) - 4);
+    var width = 720, height = 176, axis = 16, bar = Math.min(28, Math.max(4, Math.floor(width / Math.max(days.length, 1)) - 4));
     var top = Math.max.apply(null, days.map(function (d) { return d.replies; }).concat([1]));
     var colours = {answered: "#4a8", tool: "#6ac", fallback: "#e93", handover: "#c44", guardrail: "#999", error: "#333"};
     var ns = "http://www.w3.org/2000/svg", svg = document.createElementNS(ns, "svg");
     svg.setAttribute("width", width); svg.setAttribute("height", height); svg.setAttribute("role", "img");
     svg.setAttribute("aria-label", t("daily"));
     days.forEach(function (d, i) {
-      var y = height;
+      var y = height - axis;
+      if (i % Math.ceil(days.length / 12) === 0) {
+        var label = document.createElementNS(ns, "text");
+        label.setAttribute("x", i * (bar + 4) + 2); label.setAttribute("y", height - 3); label.setAttribute("font-size", "10");
+        label.textContent = d.day.slice(5); svg.appendChild(label);
+      }
       Object.keys(colours).forEach(function (o) {
-        var n = d.by_outcome[o] || 0, h = n / top * (height - 10);
+        var n = d.by_outcome[o] || 0, h = n / top * (height - axis - 10);
         if (!n) { return; }
         var rect = document.createElementNS(ns, "rect");
         rect.setAttribute("x", i * (bar + 4) + 2); rect.setAttribute("y", y - h); rect.setAttribute("width", bar);
