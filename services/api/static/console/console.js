@@ -172,8 +172,8 @@
       api("POST", "/v1/feedback", {session_id: reply.session_id, user_id: user, reply_id: reply.reply_id, helpful: helpful})
         .then(function () { status.textContent = t("thanks"); status.className = "ok"; }).catch(fail(status));
     }
-    card.appendChild(el("p", {}, [el("button", {type: "button", "class": "up", "aria-label": t("helpful"), text: "👍 " + t("helpful"), on: {click: function () { rate(true); }}}),
-      " ", el("button", {type: "button", "class": "down", "aria-label": t("unhelpful"), text: "👎 " + t("unhelpful"), on: {click: function () { rate(false); }}}), " ", status]));
+    card.appendChild(el("p", {}, [el("button", {type: "button", "class": "up", "aria-label": t("helpful"), text: t("helpful"), on: {click: function () { rate(true); }}}),
+      " ", el("button", {type: "button", "class": "down", "aria-label": t("unhelpful"), text: t("unhelpful"), on: {click: function () { rate(false); }}}), " ", status]));
   }
 
   // --- Knowledge: sources and their sync state; the search test ------------------------------
