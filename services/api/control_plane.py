@@ -60,7 +60,9 @@ class TenantProfile(StrictBody):
     )
     adapter: str | None = Field(None, description="Configured LoRA adapter (the adapter registry's active one wins).")
     tools: TenantTools = Field(default_factory=TenantTools, description="Storefront URL and credentials reference.")
-    retention_days: int | None = Field(None, ge=1, strict=True, description="Days its conversation records are kept.")
+    retention_days: int | None = Field(
+        None, ge=1, le=36_500, strict=True, description="Days its conversation records are kept."
+    )
     order_id_patterns: list[str] = Field(default_factory=list, description="Order-id regexes to redact.")
     standard_replies: StandardReplies | None = Field(None, description="Handover, sensitive, out-of-scope replies.")
     widget: TenantWidget = Field(default_factory=TenantWidget, description="Storefront widget: secret, origins.")
@@ -80,7 +82,7 @@ class TenantChanges(StrictBody):
     relevance_threshold: float | None = Field(None, ge=0, le=1, strict=True)
     adapter: str | None = None
     tools: TenantTools | None = None
-    retention_days: int | None = Field(None, ge=1, strict=True)
+    retention_days: int | None = Field(None, ge=1, le=36_500, strict=True)
     order_id_patterns: list[str] | None = None
     standard_replies: StandardReplies | None = None
     widget: TenantWidget | None = None

@@ -42,7 +42,10 @@ class ControlPlaneConfig(StrictModel):
         "addresses, and order ids (by each tenant's order_id_patterns).",
     )
     retention_days: int = Field(
-        90, ge=1, description="Days a conversation record is kept, unless its tenant sets its own retention_days."
+        90,
+        ge=1,
+        le=36_500,
+        description="Days a conversation record is kept, unless its tenant sets its own retention_days.",
     )
     key_rotation_grace_s: float = Field(
         86_400, ge=0, description="How long a rotated key stays valid beside its replacement, unless a call says."

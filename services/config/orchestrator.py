@@ -30,7 +30,7 @@ class TenantWidget(StrictModel):
         "origins are refused (403) and get no CORS headers.",
     )
     max_token_ttl_s: int = Field(
-        3600, ge=60, le=86400, description="Longest lifetime (exp - iat) accepted in a widget token."
+        3600, ge=60, le=86400, strict=True, description="Longest lifetime (exp - iat) accepted in a widget token."
     )
 
     @field_validator("allowed_origins")
@@ -72,7 +72,10 @@ class TenantConfig(StrictModel):
         None, ge=0, le=1, description="Overrides the orchestrator's relevance_threshold for this tenant."
     )
     retention_days: int | None = Field(
-        None, ge=1, description="Days this tenant's conversation records are kept; the store's default otherwise."
+        None,
+        ge=1,
+        le=36_500,
+        description="Days this tenant's conversation records are kept; the store's default otherwise.",
     )
     order_id_patterns: list[str] = Field(
         default_factory=list,
