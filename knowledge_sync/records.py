@@ -176,4 +176,5 @@ class RecordMapper:
             kept_doc_ids=sorted({r.doc_id for r in self.rejects if r.doc_id and r.doc_id not in self.documents}),
             cursor=cursor,
             cursor_is_datetime=is_datetime,
+            rejected=len(self.rejects),
         )

@@ -74,3 +74,12 @@ def test_bad_sources_files_name_the_fault(tmp_path: Path, content: str, fault: s
     path.write_text(content)
     with pytest.raises(SourcesFileError, match=fault):
         load_sources(path)
+
+
+def test_a_sources_state_keeps_the_last_runs_rejected_count() -> None:
+    from services.knowledge.ingest import SourceBatch, _next_source_state
+    from services.knowledge.store import SourceState
+
+    state = _next_source_state(SourceState(rejected=5), SourceBatch(complete=True, rejected=2), documents=7)
+    assert (state.documents, state.rejected) == (7, 2)
+    assert _next_source_state(state, SourceBatch(complete=False), documents=7).rejected == 0  # a clean run

@@ -133,6 +133,7 @@ def test_malformed_records_are_rejected_and_the_rest_kept(crm: tuple[str, CrmSta
     mapper.add(["not", "an", "object"])
     batch = mapper.batch(complete=True)
     assert len(batch.documents) == 21 and batch.deleted_doc_ids == ["p5"]
+    assert batch.rejected == len(mapper.rejects)  # sent along: the source's state keeps the last run's count
     reasons = {(r.doc_id, r.reason) for r in mapper.rejects}
     assert ("broken", "text: Field required") in reasons
     assert any(r.reason.startswith("doc_id:") for r in mapper.rejects)

@@ -71,6 +71,13 @@ class SourceBatch(BaseModel):
     )
     cursor: Any = Field(None, description="Updated-since value to start the next incremental pull from.")
     cursor_is_datetime: bool = Field(False, strict=True)
+    rejected: int = Field(
+        0,
+        ge=0,
+        le=100_000_000,
+        strict=True,
+        description="Records of this pull the job rejected (kept as the run's count).",
+    )
 
 
 class MassDeleteError(ConflictError):
@@ -237,4 +244,5 @@ def _next_source_state(previous: SourceState, batch: SourceBatch, *, documents: 
         last_success=now,
         last_full_sync=now if batch.complete else previous.last_full_sync,
         documents=documents,
+        rejected=batch.rejected,
     )

@@ -97,6 +97,7 @@ class SourceState(BaseModel):
     last_success: float = Field(0, description="Unix time of the last committed run.")
     last_full_sync: float = Field(0, description="Unix time of the last run that saw every record.")
     documents: int = Field(0, description="Documents of this source in the knowledge base.")
+    rejected: int = Field(0, description="Records the last committed run rejected (invalid; see the job's report).")
 
 
 class TenantState(BaseModel):

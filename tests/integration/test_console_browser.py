@@ -113,6 +113,10 @@ def test_an_operator_streams_an_answer_sees_its_sources_and_finds_its_rating_in_
     shot(page, "insights")
 
     page.get_by_role("tab", name="Knowledge").click()
+    state = page.locator("section table").first
+    state.wait_for()
+    assert state.locator("thead th").all_inner_texts()[:2] == ["source", "documents"]
+    assert int(state.locator("tbody tr td").nth(1).inner_text()) > 0  # the sample source's documents
     page.get_by_label("Question").fill("How long does a card refund take?")
     page.get_by_role("button", name="Search test").click()
     page.locator("#search-decision").wait_for()

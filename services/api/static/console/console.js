@@ -183,10 +183,12 @@
     api("GET", "/admin/knowledge/" + tenant).then(function (s) {
       var sources = s.sources || {};
       state.appendChild(el("p", {"class": "meta", text: "generation " + fmt(s.generation)}));
-      state.appendChild(table(["source", "cursor", "last success"], Object.keys(sources).map(function (name) {
-        var v = sources[name] || {};
-        return [name, v.cursor, v.last_success ? new Date(v.last_success * 1000).toISOString() : "—"];
-      })));
+      function when(seconds) { return seconds ? new Date(seconds * 1000).toISOString().replace(".000Z", "Z") : "—"; }
+      state.appendChild(table(["source", "documents", "last sync", "last full sync", "rejected (last sync)", "cursor"],
+        Object.keys(sources).map(function (name) {
+          var v = sources[name] || {};
+          return [name, v.documents, when(v.last_success), when(v.last_full_sync), v.rejected, v.cursor];
+        })));
     }).catch(fail(state));
     var input = el("input", {type: "text", id: "search-question", size: "60", "aria-label": t("question")});
     var result = el("div", {id: "search-result"});
