@@ -371,6 +371,32 @@ def canary_of(app_url: str, admin_key: str, tenant: str, timeout_s: float) -> Ca
     return CanaryTarget(tenant, f"{rollout['adapter']}@{canary['version']}", float(canary["percent"]))
 
 
+def record_evaluation(
+    app_url: str,
+    admin_key: str,
+    adapter: str,
+    summary: dict[str, Any],
+    misses: list[str],
+    questions: str,
+    timeout_s: float,
+) -> None:
+    """Keep this run's result with the canary version in the adapter registry (the console shows it).
+
+    Raises:
+        ValueError: the admin API refused it.
+
+    """
+    import httpx
+
+    name, _, version = adapter.partition("@")
+    figures = {k: v for k, v in summary["overall"].items() if isinstance(v, int | float) or v is None}
+    body = {"passed": not misses, "failed": misses[:100], "figures": figures, "questions": questions[-300:]}
+    url = f"{app_url.rstrip('/')}/admin/adapters/{name}/versions/{version}/evaluation"
+    response = httpx.put(url, json=body, headers={"X-API-Key": admin_key}, timeout=timeout_s)
+    if response.status_code != 200:
+        raise ValueError(f"the evaluation was not recorded: {response.status_code}: {response.text[:300]}")
+
+
 def settle_canary(app_url: str, admin_key: str, tenant: str, passed: bool, timeout_s: float) -> str:
     """Promote (passed) or end (failed) the tenant's canary; what was done, for the log."""
     import httpx
@@ -446,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         misses.append(f"{summary['overall']['errors']} questions failed")
     for miss in misses:
         print(f"below threshold: {miss}", file=sys.stderr)
+    if canary is not None:
+        try:
+            record_evaluation(
+                args.app_url, args.admin_key, canary.adapter, summary, misses, str(args.questions), args.timeout
+            )
+        except ValueError as err:
+            print(f"warning: {err}", file=sys.stderr)
     if canary is not None and (args.promote_on_pass if not misses else args.abort_on_fail):
         try:
             done = settle_canary(args.app_url, args.admin_key, canary.tenant, not misses, args.timeout)

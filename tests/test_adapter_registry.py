@@ -142,3 +142,14 @@ def test_concurrent_writers_do_not_lose_updates(tmp_path: Path) -> None:
     state = AdapterRegistry(tmp_path).state()
     assert sorted(state.adapters) == sorted(names)
     assert state.revision == len(names)
+
+
+def test_a_cs_eval_result_is_kept_with_its_version(store: Path) -> None:
+    from services.adapters.registry import Evaluation
+
+    registry = AdapterRegistry(store)
+    kept = registry.record_evaluation("lumen-voice", "v1", Evaluation(passed=False, failed=["recall_at_3 0.8 < 0.9"]))
+    assert kept.evaluation is not None and kept.evaluation.evaluated_at is not None
+    assert AdapterRegistry(store).state().adapters["lumen-voice"]["v1"].evaluation == kept.evaluation  # on disk
+    with pytest.raises(NotFoundError):
+        registry.record_evaluation("lumen-voice", "v9", Evaluation(passed=True))

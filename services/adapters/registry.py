@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictFloat, StrictInt
 
 from services.adapters.validation import AdapterSpec
 from services.errors import ConflictError, InvalidRequestError, NotFoundError, ServiceError
@@ -48,6 +48,16 @@ def adapter_id(name: str, version: str) -> str:
     return f"{name}@{version}"
 
 
+class Evaluation(BaseModel):
+    """A ``cs-eval`` run against a version: whether it met every threshold, and its overall figures."""
+
+    passed: bool = Field(strict=True)
+    failed: list[str] = Field(default_factory=list, max_length=100, description="The thresholds it missed.")
+    figures: dict[str, StrictFloat | StrictInt | None] = Field(default_factory=dict, max_length=50)
+    questions: str = Field("", max_length=300, description="The question file of the run.")
+    evaluated_at: datetime | None = None
+
+
 class AdapterVersion(BaseModel):
     """One registered version of an adapter."""
 
@@ -57,6 +67,7 @@ class AdapterVersion(BaseModel):
     target_modules: list[str]
     base_model: str
     registered_at: datetime
+    evaluation: Evaluation | None = Field(None, description="The last cs-eval run recorded against this version.")
 
     @classmethod
     def validated(cls, name: str, version: str, spec: AdapterSpec) -> AdapterVersion:
@@ -181,6 +192,18 @@ class AdapterRegistry:
                 raise ConflictError(f"adapter {adapter_id(record.name, record.version)} is already registered")
             versions[record.version] = record
         return record
+
+    def record_evaluation(self, name: str, version: str, evaluation: Evaluation) -> AdapterVersion:
+        """Keep a cs-eval result with the version (the last one replaces the one before).
+
+        Raises:
+            NotFoundError: the version is not registered.
+
+        """
+        with self._transaction() as state:
+            record = self._require(state, name, version)
+            record.evaluation = evaluation.model_copy(update={"evaluated_at": now()})
+            return record
 
     def activate(self, tenant: str, name: str, version: str) -> TenantAdapters:
         """Make a version the tenant's active one; the previous one is kept for rollback.

@@ -9,7 +9,7 @@ from fastapi import Path as PathParam
 from pydantic import Field
 
 from services.adapters.admin import AdapterAdmin
-from services.adapters.registry import NAME_PATTERN, AdapterVersion, TenantAdapters
+from services.adapters.registry import NAME_PATTERN, AdapterVersion, Evaluation, TenantAdapters
 from services.api.auth import AdminDisabledError, AdminGrant, require_tenant_scope
 from services.api.models import StrictBody
 from services.config import SOURCE_PATTERN, ChunkingConfig
@@ -79,6 +79,12 @@ async def register_version(name: Name, body: RegisterVersion, admin: Admin) -> A
 async def upload_version(name: Name, version: Version, request: Request, admin: Admin) -> AdapterVersion:
     """Upload a version as a .zip or .tar.gz of the PEFT folder (raw request body); validate and register it."""
     return await admin.register_archive(name, version, request.stream())
+
+
+@router.put("/adapters/{name}/versions/{version}/evaluation")
+async def record_evaluation(name: Name, version: Version, body: Evaluation, admin: Admin) -> AdapterVersion:
+    """Keep a cs-eval result with a version (``cs-eval --canary`` sends it); the console shows it."""
+    return admin.registry.record_evaluation(name, version, body.model_copy(update={"evaluated_at": None}))
 
 
 @router.delete("/adapters/{name}/versions/{version}", status_code=204)

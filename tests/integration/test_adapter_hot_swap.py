@@ -310,15 +310,21 @@ def test_cs_eval_measures_the_canary_version_and_promotes_it_when_it_passes(
     argv += ["--canary", "--admin-key", "admin-key", "--report", str(report)]
     # A threshold the canary misses ends it; the active version stays.
     assert cs_eval([*argv, "--min-recall-at-1", "1.01", "--abort-on-fail"]) == 1
-    rollout = client.get("/admin/adapters", headers=ADMIN).json()["tenants"]["lumen"]
+    state = client.get("/admin/adapters", headers=ADMIN).json()
+    rollout = state["tenants"]["lumen"]
     assert (rollout["active"], rollout["canary"]) == ("c1", None)
+    failed = state["adapters"][rollout["adapter"]]["c2"]["evaluation"]  # kept with the version, for the console
+    assert failed["passed"] is False and any("recall_at_1" in miss for miss in failed["failed"])
     # Every question of a canary run is answered by the canary version, though it serves only 20%.
     client.put("/admin/tenants/lumen/adapter/canary", json={"version": "c2", "percent": 20}, headers=ADMIN)
     assert cs_eval([*argv, "--min-recall-at-3", "1", "--min-fallback-recall", "1", "--promote-on-pass"]) == 0
     answers = [r for r in json.loads(report.read_text())["results"] if r["kind"] == "docs"]
     assert len(answers) == 4 and {r["response"] for r in answers} == {references["lumen-voice@v2"]}
-    rollout = client.get("/admin/adapters", headers=ADMIN).json()["tenants"]["lumen"]
+    state = client.get("/admin/adapters", headers=ADMIN).json()
+    rollout = state["tenants"]["lumen"]
     assert (rollout["active"], rollout["canary"]) == ("c2", None)
+    passed = state["adapters"][rollout["adapter"]]["c2"]["evaluation"]
+    assert passed["passed"] is True and passed["figures"]["recall_at_3"] == 1.0 and passed["evaluated_at"]
 
 
 def test_cs_eval_refuses_a_canary_run_without_a_canary(

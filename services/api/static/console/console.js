@@ -284,13 +284,14 @@
       var rows = [];
       Object.keys(state.adapters || {}).forEach(function (name) {
         Object.keys(state.adapters[name]).forEach(function (version) {
-          var v = state.adapters[name][version];
-          rows.push([name, version, v.rank, el("span", {}, [
+          var v = state.adapters[name][version], e = v.evaluation;
+          var evaluated = e ? (e.passed ? "passed" : "failed: " + e.failed.join("; ")) + " · " + (e.evaluated_at || "").slice(0, 16) : "—";
+          rows.push([name, version, v.rank, el("span", {"class": "evaluation"}, [evaluated]), el("span", {}, [
             el("button", {type: "button", text: t("activate"), on: {click: function () { act("PUT", "/admin/tenants/" + tenant + "/adapter", {adapter: name, version: version}); }}}),
             " ", el("button", {type: "button", text: t("canary") + " 10%", on: {click: function () { act("PUT", "/admin/tenants/" + tenant + "/adapter/canary", {version: version, percent: 10}); }}})])]);
         });
       });
-      box.appendChild(table(["adapter", "version", "rank", ""], rows));
+      box.appendChild(table(["adapter", "version", "rank", "cs-eval", ""], rows));
       box.appendChild(el("p", {}, [
         el("button", {type: "button", id: "rollback", text: t("rollback"), on: {click: function () { act("POST", "/admin/tenants/" + tenant + "/adapter/rollback"); }}}),
         " ", el("button", {type: "button", text: t("promote"), on: {click: function () { act("POST", "/admin/tenants/" + tenant + "/adapter/canary/promote"); }}}),
