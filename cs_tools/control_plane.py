@@ -43,8 +43,7 @@ def _store_config(args: argparse.Namespace) -> ControlPlaneConfig:
 def _url(args: argparse.Namespace, store_config: ControlPlaneConfig) -> str:
     if args.url:
         return str(args.url)
-    settings = ServiceSettings()
-    return settings.control_plane_url.get_secret_value() if settings.control_plane_url else store_config.url
+    return ServiceSettings().store_url(store_config.url)
 
 
 def _print(value: Any) -> None:

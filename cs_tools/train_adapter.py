@@ -227,9 +227,7 @@ def _stored_tenant(config: AppConfig, tenant: str) -> TenantConfig | None:
     store_config = config.orchestrator.control_plane
     if store_config is None:
         return None
-    settings = ServiceSettings()
-    url = settings.control_plane_url.get_secret_value() if settings.control_plane_url else store_config.url
-    store = ControlPlaneStore(url, store_config.store_timeout_s)
+    store = ControlPlaneStore(ServiceSettings().store_url(store_config.url), store_config.store_timeout_s)
     try:
         return store.tenant(tenant)
     except ServiceError:

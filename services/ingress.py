@@ -9,7 +9,6 @@ api -> chat -> the other deployments -> the domain packages.
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from services.chat.clients import AdapterResolver, EmbedderClient, LLMClient, Re
 from services.chat.intents import IntentClassifier
 from services.chat.pipeline import ChatPipeline
 from services.config import LLMConfig, ObservabilityConfig, OrchestratorConfig, ServiceSettings
-from services.control_plane.directory import TenantDirectory, seed_keys
+from services.control_plane.directory import SeedKeys, TenantDirectory, seed_keys
 from services.control_plane.plane import ControlPlane
 from services.control_plane.recorder import ConversationRecorder
 from services.control_plane.store import ControlPlaneStore
@@ -35,8 +34,6 @@ from services.observability.logs import configure_replica_logging
 from services.observability.metrics import RayMetrics, names_for
 from services.sessions import RedisSessionMemory, SessionIds, open_session_memory
 from services.tools import ToolRunner
-
-logger = logging.getLogger(__name__)
 
 
 @serve.ingress()
@@ -74,9 +71,11 @@ class Orchestrator:
             # Each replica would sign with its own random key and refuse the others' session ids.
             raise ValueError("session.backend is redis: set CS_SESSION_SECRET, shared by every orchestrator replica")
         secret = settings.session_secret.get_secret_value().encode() if settings.session_secret else None
-        self._control_plane = self._open_control_plane(config, settings, metrics, secret)
+        admin_keys = [k.get_secret_value() for k in config.admin_api_keys] + settings.admin_keys
+        seed = seed_keys(config.tenants, admin_keys, settings.api_keys)
+        self._control_plane = self._open_control_plane(config, settings, metrics, secret, seed)
         self._directory = (
-            self._control_plane.directory if self._control_plane else TenantDirectory(config.tenants, self._seed)
+            self._control_plane.directory if self._control_plane else TenantDirectory(config.tenants, seed)
         )
         recorder = None
         if self._control_plane is not None and self._control_plane.config.record_conversations:
@@ -118,17 +117,18 @@ class Orchestrator:
         )
 
     def _open_control_plane(
-        self, config: OrchestratorConfig, settings: ServiceSettings, metrics: RayMetrics, session_secret: bytes | None
+        self,
+        config: OrchestratorConfig,
+        settings: ServiceSettings,
+        metrics: RayMetrics,
+        session_secret: bytes | None,
+        seed: SeedKeys,
     ) -> ControlPlane | None:
         """Store, directory and recorder; the store is migrated and seeded from the config now, or once it answers."""
-        admin_keys = [k.get_secret_value() for k in config.admin_api_keys] + settings.admin_keys
-        self._seed = seed_keys(config.tenants, admin_keys, settings.api_keys)
         store_config = config.control_plane
         if store_config is None:
             return None
-        url = settings.control_plane_url.get_secret_value() if settings.control_plane_url else store_config.url
-        store = ControlPlaneStore(url, store_config.store_timeout_s)
-        seed = self._seed
+        store = ControlPlaneStore(settings.store_url(store_config.url), store_config.store_timeout_s)
 
         def setup() -> None:
             store.migrate()

@@ -95,7 +95,7 @@ def admin_grant(request: Request) -> KeyGrant:
     grant = directory_of(request).grant(presented, utcnow())
     if grant is not None and grant.scope is KeyScope.ADMIN:
         return grant
-    if not has_admin_key(directory_of(request)):
+    if not directory_of(request).has_scope(KeyScope.ADMIN):
         raise AdminDisabledError("the admin API is disabled: no admin key is configured")
     if grant is not None:
         raise ForbiddenError(f"a {grant.scope} key may not do this: it needs the platform admin key")
@@ -103,11 +103,6 @@ def admin_grant(request: Request) -> KeyGrant:
 
 
 AdminGrant = Annotated[KeyGrant, Depends(admin_grant)]
-
-
-def has_admin_key(directory: TenantDirectory) -> bool:
-    """Whether any admin key exists (else the admin API is off)."""
-    return directory.has_scope(KeyScope.ADMIN)
 
 
 def require_tenant_scope(request: Request, tenant: str, scopes: tuple[KeyScope, ...]) -> KeyGrant:

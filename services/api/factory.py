@@ -81,6 +81,8 @@ def create_api(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         directory.start()  # poll the store from the start, not from the first request
         yield
+        # The replica is going away: stop polling and writing, release the store's connections.
+        await (control_plane.close() if control_plane is not None else directory.close())
 
     app = FastAPI(
         lifespan=lifespan,

@@ -37,4 +37,9 @@ class ServiceSettings(BaseSettings):
         "characters); CS_SESSION_SECRET when unset. Without either, records hold an unkeyed SHA-256 of the id.",
         min_length=32,
     )
+
+    def store_url(self, configured: str) -> str:
+        """The control-plane store's URL: ``CS_CONTROL_PLANE_URL`` (with credentials), else the configured one."""
+        return self.control_plane_url.get_secret_value() if self.control_plane_url else configured
+
     config_base_dir: Path | None = Field(None, description="Folder that relative paths in the config start from.")

@@ -138,9 +138,7 @@ class ConversationRecorder:
                 self._metrics.inc("cs_record_misses", {"kind": kind, "reason": "store_unavailable"}, count)
 
     def _write_feedback(self, items: list[_Pending]) -> None:
-        for item in items:
-            reply_id, user_hash, helpful, resolved = item.payload
-            self._store.add_feedback(item.tenant.tenant, reply_id, user_hash, helpful, resolved)
+        self._store.write_feedback([(item.tenant.tenant, *item.payload) for item in items])
 
     def _redacted(self, item: _Pending) -> NewRecord:
         record: NewRecord = item.payload

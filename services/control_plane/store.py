@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, delete, event, func, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.config import StandardReplies, TenantConfig
@@ -229,7 +229,7 @@ class ControlPlaneStore:
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except (OperationalError, DBAPIError) as err:
+        except DBAPIError as err:
             if isinstance(err, IntegrityError):
                 raise
             raise ControlPlaneUnavailableError(
@@ -484,9 +484,13 @@ class ControlPlaneStore:
         self, tenant: str, reply_id: str, user_hash: str, helpful: bool | None, resolved: bool | None
     ) -> None:
         """Attach a shopper's verdict to a reply."""
+        self.write_feedback([(tenant, reply_id, user_hash, helpful, resolved)])
+
+    def write_feedback(self, verdicts: list[tuple[str, str, str, bool | None, bool | None]]) -> None:
+        """Attach verdicts (tenant, reply id, shopper hash, helpful, resolved) in one transaction."""
         with self.session() as session:
-            session.add(
-                Feedback(tenant=tenant, reply_id=reply_id, user_hash=user_hash, helpful=helpful, resolved=resolved)
+            session.add_all(
+                Feedback(tenant=t, reply_id=r, user_hash=u, helpful=h, resolved=v) for t, r, u, h, v in verdicts
             )
 
     def record(self, tenant: str, reply_id: str) -> dict[str, Any]:
