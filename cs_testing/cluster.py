@@ -25,11 +25,12 @@ def minilm_dir() -> Path:
 
 
 @contextlib.contextmanager
-def local_ray_cluster(tracing: dict[str, Any] | None = None) -> Iterator[dict[str, str]]:
-    """Start Ray (2 CPUs, no dashboard, small object store) and Serve's proxy; shut both down on exit.
+def local_ray_cluster(tracing: dict[str, Any] | None = None, num_cpus: int = 2) -> Iterator[dict[str, str]]:
+    """Start Ray (no dashboard, small object store) and Serve's proxy; shut both down on exit.
 
     Args:
         tracing: Serve's ``tracing_config``, or None for no tracing.
+        num_cpus: CPUs Ray is told the node has (Ray Serve LLM needs more than 2).
 
     Yields:
         ``http_url`` of the proxy, ``metrics_url`` of the node's Prometheus endpoint and
@@ -46,7 +47,7 @@ def local_ray_cluster(tracing: dict[str, Any] | None = None) -> Iterator[dict[st
     http_port, metrics_port = free_port(), free_port()
     ray.init(
         _metrics_export_port=metrics_port,
-        num_cpus=2,
+        num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=100 * 1024 * 1024,
         log_to_driver=False,

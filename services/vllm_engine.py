@@ -93,6 +93,12 @@ def _ray_stat_logger_keeping_gauges() -> type:
 def engine_args(config: LLMConfig) -> AsyncEngineArgs:
     """The vLLM engine arguments for an LLM config (also what the benchmarks give the bare engine)."""
     from vllm import AsyncEngineArgs
+
+    return AsyncEngineArgs(**engine_kwargs(config))
+
+
+def engine_kwargs(config: LLMConfig) -> dict[str, Any]:
+    """:func:`engine_args` as keyword arguments (what Ray Serve LLM's ``engine_kwargs`` takes in the benchmark)."""
     from vllm.config import StructuredOutputsConfig
 
     args: dict[str, Any] = {
@@ -112,7 +118,7 @@ def engine_args(config: LLMConfig) -> AsyncEngineArgs:
     # their token budget on blanks between fields. vLLM reads this per engine, not per request.
     args["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
     args |= config.engine_kwargs
-    return AsyncEngineArgs(**args)
+    return args
 
 
 def sampling_params(
