@@ -61,6 +61,7 @@ from benchmarks.common import (
     tree_memory_bytes,
     write_report,
 )
+from cs_testing.cluster import SERVING_RAY_ENV
 
 API_KEY = "bench-key"
 TENANT = "lumen"
@@ -601,7 +602,7 @@ def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], c
     sections = [
         f"Model `{model}`, {settings['max_tokens']} tokens at most per answer, greedy; engine environment "
         f"`{settings['app_args']['llm']['engine_env']}` on every side; Ray environment "
-        f"`{settings['ray_env'] or 'default'}` on the app and Ray Serve LLM; answer checks (numbers, form) "
+        f"`{settings['ray_env']}` on the app and Ray Serve LLM; answer checks (numbers, form) "
         f"{'on' if settings['answer_checks'] else 'off'}; {len(settings['questions'])} questions (English and "
         f"Chinese interleaved), each request a new conversation. {settings['rounds']} rounds of every level per "
         f"side; requests per level: {settings['per_caller']} per caller, at least {settings['least']}. Figures "
@@ -717,7 +718,8 @@ def main() -> None:
             "profile": args.profile,
             "answer_checks": answer_checks,
             "engine_env": dict(item.split("=", 1) for item in args.engine_env),
-            "ray_env": dict(item.split("=", 1) for item in args.ray_env),
+            # The platform's serving settings, as deployed, unless overridden; Ray Serve LLM gets the same.
+            "ray_env": SERVING_RAY_ENV | dict(item.split("=", 1) for item in args.ray_env),
         }
         settings["prompts"] = engine_prompts(settings, workdir / "kb-engine.db")
         (workdir / "settings.json").write_text(json.dumps(settings))

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
+# Ray Serve's throughput-optimized mode, its direct ingress off (docs/deploying.md, "Ray settings for serving").
+export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=0
 config=serve_config.dev.yaml
 port="${PORT:-8000}"
 

@@ -64,7 +64,13 @@ class Orchestrator:
                 await call_dependency("LLM", lambda: llm.check_adapter.remote(adapter), config.dependency_timeout_s)
 
             self._adapter_admin = AdapterAdmin(registry, llm_config.model, llm_config.max_lora_rank, load_check)
-        self._knowledge = RetrieverClient(retriever, config.dependency_timeout_s, config.ingest_timeout_s, metrics)
+        self._knowledge = RetrieverClient(
+            retriever,
+            config.dependency_timeout_s,
+            config.ingest_timeout_s,
+            metrics,
+            generation_cache_s=config.answer_cache.generation_cache_s,
+        )
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         self._sessions = open_session_memory(config.session, redis_url)
         if config.session.backend == "redis" and settings.session_secret is None:

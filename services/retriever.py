@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from ray import serve
@@ -36,23 +37,33 @@ class HandleEmbeddingBackend:
     """An :class:`~services.embedder.EmbeddingBackend` that calls the Embedder deployment.
 
     Blocking by design: the sync pipeline runs in a worker thread, never on the event loop.
+    Each call is made on the replica's event loop (``loop``) and waited for from the thread:
+    under Ray Serve's throughput mode a handle routes on its caller's loop, so a call made
+    from a thread that has none fails.
     """
 
-    def __init__(self, handle: DeploymentHandle, info: dict[str, Any]) -> None:
+    def __init__(self, handle: DeploymentHandle, info: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
         self._handle = handle
+        self._loop = loop
         self.dimension: int = info["dimension"]
         self.has_sparse: bool = info["has_sparse"]
         self.max_length: int = info["max_length"]
 
     def encode(self, texts: list[str], kind: Literal["query", "passage"]) -> list[Embedding]:
         """Embed through the deployment, waiting for the result."""
-        result: list[Embedding] = self._handle.embed.remote(texts, kind).result()
+        result: list[Embedding] = self._on_loop(lambda: self._handle.embed.remote(texts, kind))
         return result
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Count tokens with the deployment's tokenizer, waiting for the result."""
-        result: list[int] = self._handle.count_tokens.remote(texts).result()
+        result: list[int] = self._on_loop(lambda: self._handle.count_tokens.remote(texts))
         return result
+
+    def _on_loop(self, call: Callable[[], Any]) -> Any:
+        async def made_there() -> Any:
+            return await call()
+
+        return asyncio.run_coroutine_threadsafe(made_there(), self._loop).result()
 
 
 class Retriever:
@@ -132,7 +143,8 @@ class Retriever:
         from services.knowledge.ingest import sync_source
 
         tenant_filter(tenant)  # refuse odd tenant ids before any work
-        embedder = HandleEmbeddingBackend(self._embedder, await self._embedder.info.remote())
+        info = await self._embedder.info.remote()
+        embedder = HandleEmbeddingBackend(self._embedder, info, asyncio.get_running_loop())
 
         async def run() -> SyncReport:
             async with self._lease.hold(tenant):

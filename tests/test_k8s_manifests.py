@@ -21,6 +21,7 @@ import jsonschema
 import pytest
 import yaml
 
+from cs_testing.cluster import SERVING_RAY_ENV
 from services.config import AppConfig
 from tests.conftest import REPO_ROOT
 
@@ -320,6 +321,15 @@ def test_the_image_builds_on_the_ray_llm_image_of_the_pinned_ray() -> None:
     assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray_version
     ignored = (K8S / "Dockerfile.dockerignore").read_text().splitlines()
     assert "*" in ignored and "!services/" in ignored  # no venv or model folders in the context
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_pod_and_the_dev_script_serve_with_the_ray_settings_the_tests_run_under(overlay: str) -> None:
+    documents = rendered(overlay)
+    [env] = [c for c in by_kind(documents, "ConfigMap") if c["metadata"]["name"].startswith("customer-service-env")]
+    assert SERVING_RAY_ENV.items() <= env["data"].items()
+    dev_script = (REPO_ROOT / "scripts" / "run-dev.sh").read_text()
+    assert all(f"{key}={value}" in dev_script for key, value in SERVING_RAY_ENV.items())
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

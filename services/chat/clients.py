@@ -142,12 +142,19 @@ class RetrieverClient:
     """:class:`KnowledgeSearch` and knowledge ingest over the Retriever deployment."""
 
     def __init__(
-        self, handle: DeploymentHandle, timeout_s: float, ingest_timeout_s: float, metrics: Metrics | None = None
+        self,
+        handle: DeploymentHandle,
+        timeout_s: float,
+        ingest_timeout_s: float,
+        metrics: Metrics | None = None,
+        generation_cache_s: float = 0.0,
     ) -> None:
         self._handle = handle
         self._timeout_s = timeout_s
         self._ingest_timeout_s = ingest_timeout_s
         self._metrics = metrics or Metrics()
+        self._generation_cache_s = generation_cache_s
+        self._generations: dict[str, tuple[int, float]] = {}  # tenant -> (generation, when read)
 
     async def ingest(
         self,
@@ -170,16 +177,29 @@ class RetrieverClient:
                 f"Retriever and may still commit: see GET /admin/knowledge/{tenant} before sending it again"
             )
 
-        return await call_dependency(
-            "knowledge retriever",
-            lambda: self._handle.ingest.remote(tenant, source, batch, chunking, max_delete_fraction),
-            self._ingest_timeout_s,
-            on_timeout=unknown,
-        )
+        try:
+            return await call_dependency(
+                "knowledge retriever",
+                lambda: self._handle.ingest.remote(tenant, source, batch, chunking, max_delete_fraction),
+                self._ingest_timeout_s,
+                on_timeout=unknown,
+            )
+        finally:
+            self._generations.pop(tenant, None)  # committed or not, read it afresh
 
     async def generation(self, tenant: str) -> int:
-        """The tenant's committed knowledge generation (the answer cache's knowledge version)."""
-        return int((await self.state(tenant))["generation"])
+        """The tenant's committed knowledge generation (the answer cache's knowledge version).
+
+        Reused for ``generation_cache_s``: a sync through another replica or the sync job is
+        seen within that time, one through this replica at once.
+        """
+        now = time.monotonic()
+        cached = self._generations.get(tenant)
+        if cached is not None and now - cached[1] < self._generation_cache_s:
+            return cached[0]
+        generation = int((await self.state(tenant))["generation"])
+        self._generations[tenant] = (generation, now)
+        return generation
 
     async def state(self, tenant: str) -> dict[str, Any]:
         """The tenant's committed knowledge generation and source cursors."""

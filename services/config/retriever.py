@@ -63,6 +63,14 @@ class RetrieverConfig(StrictModel):
         description="Weight of each signal in RRF (default 1); raise bm25 when the embedder is weak in a language.",
     )
     timeout_s: float = Field(10, gt=0, description="Timeout of one Milvus call.")
+    generation_cache_s: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="How long a search reuses the tenant's committed generation before reading it again (0: every "
+        "search reads it). A commit waits twice this long before deleting the rows it retired, so a search that "
+        "still uses the previous generation sees all of it.",
+    )
     sync_lease: SyncLeaseConfig = Field(
         default_factory=SyncLeaseConfig, description="The lease that lets one knowledge sync per tenant run at a time."
     )

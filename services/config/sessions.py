@@ -33,3 +33,12 @@ class AnswerCacheConfig(StrictModel):
     ttl_s: int = Field(3600, ge=1, description="How long an answer is served from the cache.")
     max_entries: int = Field(10000, ge=1, description="In process: answers kept (least recently used dropped).")
     redis_timeout_s: float = Field(0.5, gt=0, description="Redis: bound on one command; a slow cache is a miss.")
+    generation_cache_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="How long an orchestrator replica reuses a tenant's knowledge generation for cache keys. 0 (the "
+        "default): every first message asks the retriever, so a sync is seen by every replica at once. More saves "
+        "that call, but a sync through another replica is seen only that much later, and until then its cached "
+        "answers of the previous knowledge are served. An ingest through this replica is seen at once.",
+    )

@@ -125,6 +125,8 @@ class MilvusKnowledgeStore:
         self._collection = config.collection
         self._state_collection = f"{config.collection}_state"
         self._has_sparse = has_sparse
+        # tenant -> (committed generation, when it was read): saves a state read per search.
+        self._generations: dict[str, tuple[int, float]] = {}
         if config.is_lite:
             Path(config.milvus_uri).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -221,6 +223,12 @@ class MilvusKnowledgeStore:
         row = {"tenant": tenant, "state": state.model_dump(mode="json"), "unused_vector": [0.0, 0.0]}
         self._call("commit", lambda: self._client.upsert(self._state_collection, [row]))
         self._call("flush", lambda: self._client.flush(self._state_collection))
+        self._generations[tenant] = (generation, time.monotonic())
+        if data_changed and not self._config.is_lite:
+            # Other processes' searches may use the previous generation for up to
+            # generation_cache_s: its retired rows stay until they have all moved on. A Lite
+            # file has one process, whose searches switched above.
+            time.sleep(2 * self._config.generation_cache_s)
         scope = tenant_filter(tenant)
         # After the commit these rows are invisible; if this fails, the next begin() drops them.
         self._delete_where(f"{scope} and gen_to <= {generation}")
@@ -296,7 +304,7 @@ class MilvusKnowledgeStore:
             KnowledgeBaseUnavailableError: Milvus failed; never hidden as an empty result.
 
         """
-        expr = self._visible(tenant, self.tenant_state(tenant).generation)
+        expr = self._visible(tenant, self._search_generation(tenant))
         limit = max(self._config.candidates_per_signal, top_k)
         signals: dict[str, list[dict[str, Any]]] = {
             "dense": self._search_field(DENSE_FIELD, [embedding.dense], "COSINE", expr, limit),
@@ -334,6 +342,16 @@ class MilvusKnowledgeStore:
             )
             for cid in best
         ]
+
+    def _search_generation(self, tenant: str) -> int:
+        """The tenant's committed generation, read again once ``generation_cache_s`` has passed."""
+        now = time.monotonic()
+        cached = self._generations.get(tenant)
+        if cached is not None and now - cached[1] < self._config.generation_cache_s:
+            return cached[0]
+        generation = self.tenant_state(tenant).generation
+        self._generations[tenant] = (generation, now)
+        return generation
 
     def _search_field(self, field: str, data: list[Any], metric: str, expr: str, limit: int) -> list[dict[str, Any]]:
         result = self._call(

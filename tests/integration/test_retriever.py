@@ -111,3 +111,48 @@ def test_dimension_mismatch_is_reported(tmp_path: Path) -> None:
     MilvusKnowledgeStore(config, dimension=384, has_sparse=False).close()
     with pytest.raises(KnowledgeBaseUnavailableError, match="holds 384-dim vectors but the embedder gives 768"):
         MilvusKnowledgeStore(config, dimension=768, has_sparse=False)
+
+
+def test_searches_reuse_the_generation_and_see_a_commit_of_their_own_store_at_once(
+    tmp_path: Path, backend: FlagEmbeddingBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db") | {"generation_cache_s": 30})
+    store = MilvusKnowledgeStore(config, dimension=384, has_sparse=False)
+    try:
+        sync_complete(store, backend, "lumen", "test", LUMEN_DOCS)
+        reads = 0
+        read_state = store.tenant_state
+
+        def counted(tenant: str) -> Any:
+            nonlocal reads
+            reads += 1
+            return read_state(tenant)
+
+        monkeypatch.setattr(store, "tenant_state", counted)
+        [query] = backend.encode(["How many days do I have to return an item?"], "query")
+        for _ in range(5):
+            assert store.search("lumen", "return", query, 3)[0].chunk.text == LUMEN_DOCS[0].text
+        assert reads == 0  # the commit left its generation for the searches
+
+        changed = LUMEN_DOCS[0].model_copy(update={"text": "Items can be returned within 15 days of delivery."})
+        sync_complete(store, backend, "lumen", "test", [changed, *LUMEN_DOCS[1:]])
+        texts = {hit.chunk.text for hit in store.search("lumen", "return", query, 10)}
+        assert changed.text in texts and LUMEN_DOCS[0].text not in texts
+    finally:
+        store.close()
+
+
+def test_with_no_generation_cache_every_search_reads_the_state(tmp_path: Path, backend: FlagEmbeddingBackend) -> None:
+    config = RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db") | {"generation_cache_s": 0})
+    store = MilvusKnowledgeStore(config, dimension=384, has_sparse=False)
+    try:
+        sync_complete(store, backend, "lumen", "test", LUMEN_DOCS)
+        calls: list[str] = []
+        read_state = store.tenant_state
+        store.tenant_state = lambda tenant: calls.append(tenant) or read_state(tenant)  # type: ignore[method-assign]
+        [query] = backend.encode(["Service hours"], "query")
+        for _ in range(3):
+            store.search("lumen", "hours", query, 3)
+        assert calls == ["lumen"] * 3
+    finally:
+        store.close()
