@@ -29,12 +29,14 @@ MODELS = REPO_ROOT / "models"
 
 
 def embedders() -> dict[str, dict[str, Any]]:
-    """The embedder configs compared: the multilingual dev default and MiniLM."""
+    """The embedder configs compared: the multilingual dev default (float32 and bfloat16 weights) and MiniLM."""
+    e5 = {
+        "model": str(MODELS / "multilingual-e5-small"), "family": "dense", "pooling_method": "mean",
+        "query_instruction": "query: ", "passage_instruction": "passage: ", "device": "cpu", "max_length": 512,
+    }  # fmt: skip
     return {
-        "multilingual-e5-small": {
-            "model": str(MODELS / "multilingual-e5-small"), "family": "dense", "pooling_method": "mean",
-            "query_instruction": "query: ", "passage_instruction": "passage: ", "device": "cpu", "max_length": 512,
-        },
+        "multilingual-e5-small": e5,
+        "multilingual-e5-small-bf16": e5 | {"use_bf16": True},
         "all-MiniLM-L6-v2": {
             "model": str(minilm_dir()), "family": "dense", "pooling_method": "mean", "device": "cpu", "max_length": 256,
         },

@@ -323,10 +323,12 @@ def start_profiles(pids: dict[str, int], seconds: int, outdir: Path) -> list[tup
 
 
 def profile_summary(runs: list[tuple[str, Path, Any]], top: int = 8) -> dict[str, list[tuple[str, float]]]:
-    """Per part, the functions holding the most samples at the top of the stack (self time), with their share.
+    """Per part, where its busy samples are, each with its share of them.
 
-    Idle frames (waiting in epoll/select, a thread's wait) are left out, so the shares are of
-    the time the process was busy.
+    First the functions holding the most samples at the top of the stack (self time), then,
+    marked ``incl.``, the project's own functions (``services/``) with the most samples
+    anywhere on the stack (inclusive time): what the request path under them costs, Ray's
+    calls included. Idle frames (waiting in epoll/select, a thread's wait) are left out.
     """
     idle = ("select (selectors.py", "poll (selectors.py", "wait (threading.py", "_worker (concurrent",
             "run_forever (", "_run_once (asyncio/base_events.py", "get (queue.py")  # fmt: skip
@@ -336,13 +338,18 @@ def profile_summary(runs: list[tuple[str, Path, Any]], top: int = 8) -> dict[str
         if not out.exists():
             continue
         counts: dict[str, int] = {}
+        inclusive: dict[str, int] = {}
         for line in out.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
-            leaf = stack.split(";")[-1].strip()
+            frames = [frame.strip() for frame in stack.split(";")]
+            leaf = frames[-1]
             if not leaf or any(mark in leaf for mark in idle) or not count.isdigit():
                 continue
             counts[leaf] = counts.get(leaf, 0) + int(count)
+            for frame in {f for f in frames if "(services/" in f}:
+                inclusive[frame] = inclusive.get(frame, 0) + int(count)
         total = sum(counts.values()) or 1
         best = sorted(counts.items(), key=lambda item: -item[1])[:top]
-        summary[part] = [(frame, n / total) for frame, n in best]
+        ours = sorted(inclusive.items(), key=lambda item: -item[1])[:top]
+        summary[part] = [(frame, n / total) for frame, n in best] + [(f"incl. {f}", n / total) for f, n in ours]
     return summary

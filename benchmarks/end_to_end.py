@@ -69,8 +69,10 @@ SIDES = ("engine", "app", "rsl")
 RSL_MODEL_ID = "bench-model"
 ENGINE_PARTS = ("LLM engine core", "LLM engine worker")  # vLLM's engine processes (Ray Serve LLM's may differ)
 EVERY_SIDE_COLUMNS = [
-    "callers", "side", "requests", "errors", "req/s", "out tok/s", "p50", "p95", "TTFT p50", "TTFT p95",
+    "callers", "side", "requests", "errors", "standard replies", "req/s", "out tok/s", "p50", "p95", "TTFT p50",
+    "TTFT p95", "chunks per answer",
 ]  # fmt: skip
+NO_MODEL_CALL = "no model call (fallback or standard reply)"
 AGAINST_ENGINE_COLUMNS = [
     "callers", "app / engine", "app: added TTFT ms", "RSL / engine", "RSL: added TTFT ms", "app: embed ms",
     "app: retrieve ms", "app: added TTFT beyond embed+retrieve ms",
@@ -87,6 +89,7 @@ class Sample:
     ttft_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    chunks: int = 0  # streamed pieces of text (server-sent events carrying text)
     error: str = ""
 
 
@@ -113,7 +116,8 @@ class Level:
         ttfts = [s.ttft_s for s in ok if s.ttft_s is not None]
         return {
             "requests": len(self.samples),
-            "errors": len(self.samples) - len(ok),
+            "errors": sum(1 for s in self.samples if not s.ok and s.error != NO_MODEL_CALL),
+            "standard_replies": sum(1 for s in self.samples if s.error == NO_MODEL_CALL),
             "rps": len(ok) / self.wall_s,
             "tokens_per_s": sum(s.completion_tokens for s in ok) / self.wall_s,
             "p50": percentile(latencies, 50),
@@ -121,6 +125,7 @@ class Level:
             "ttft_p50": percentile(ttfts, 50),
             "ttft_p95": percentile(ttfts, 95),
             "completion_tokens": median(s.completion_tokens for s in ok),
+            "chunks": median(s.chunks for s in ok),
         }
 
     @staticmethod
@@ -286,6 +291,7 @@ def engine_phase(workdir: Path) -> None:
                     sample.ttft_s = time.monotonic() - started
                     sample.prompt_tokens = len(output.prompt_token_ids or [])
                 sample.completion_tokens += len(output.outputs[0].token_ids)
+                sample.chunks += 1
             sample.ok = True
         except Exception as err:
             sample.error = f"{type(err).__name__}: {err}"
@@ -309,14 +315,16 @@ def engine_phase(workdir: Path) -> None:
 
 def read_chat_event(sample: Sample, event: str, data: str, started: float) -> None:
     """``POST /v1/chat`` events: time to the first delta, usage from the final reply."""
-    if event == "delta" and sample.ttft_s is None:
-        sample.ttft_s = time.monotonic() - started
+    if event == "delta":
+        sample.chunks += 1
+        if sample.ttft_s is None:
+            sample.ttft_s = time.monotonic() - started
     elif event == "final":
         usage = json.loads(data).get("usage") or {}
         sample.prompt_tokens = usage.get("prompt_tokens", 0)
         sample.completion_tokens = usage.get("completion_tokens", 0)
         sample.ok = bool(usage)
-        sample.error = "" if usage else "no model call (fallback or standard reply)"
+        sample.error = "" if usage else NO_MODEL_CALL
     elif event == "error":
         sample.error = data[:200]
 
@@ -427,8 +435,10 @@ def read_completion_event(sample: Sample, event: str, data: str, started: float)
     if data.strip() == "[DONE]":
         return
     chunk = json.loads(data)
-    if sample.ttft_s is None and any(choice.get("text") for choice in chunk.get("choices") or []):
-        sample.ttft_s = time.monotonic() - started
+    if any(choice.get("text") for choice in chunk.get("choices") or []):
+        sample.chunks += 1
+        if sample.ttft_s is None:
+            sample.ttft_s = time.monotonic() - started
     if usage := chunk.get("usage"):
         sample.prompt_tokens = usage.get("prompt_tokens", 0)
         sample.completion_tokens = usage.get("completion_tokens", 0)
@@ -558,9 +568,11 @@ def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], c
             summaries = [level.summary() for level in rounds]
             rows.append([
                 concurrency, side, summaries[0]["requests"], sum(int(s["errors"]) for s in summaries),
+                sum(int(s["standard_replies"]) for s in summaries),
                 spread([s["rps"] for s in summaries], digits=1), spread([s["tokens_per_s"] for s in summaries]),
                 spread([s["p50"] for s in summaries], 1000), spread([s["p95"] for s in summaries], 1000),
                 spread([s["ttft_p50"] for s in summaries], 1000), spread([s["ttft_p95"] for s in summaries], 1000),
+                spread([s["chunks"] for s in summaries], digits=1),
             ])  # fmt: skip
             cpu = mean_cpu(rounds)
             total = sum(cpu.values())
@@ -652,10 +664,16 @@ def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], c
     )
     for side, result in sides.items():
         if result.profile:
-            lines = [f"## Profile: {side} at {max(levels)} callers\n\npy-spy, 10 s at 100 Hz, self time of the "
-                     "busiest functions as a share of each process's busy samples.\n"]  # fmt: skip
+            lines = [f"## Profile: {side} at {max(levels)} callers\n\npy-spy, 10 s at 100 Hz, as shares of each "
+                     "process's busy samples: the busiest functions by self time, then the project's own by "
+                     "inclusive time (Ray's calls under them included).\n"]  # fmt: skip
             for part, frames in result.profile.items():
-                lines.append(f"- **{part}**: " + "; ".join(f"`{frame}` {share:.0%}" for frame, share in frames[:6]))
+                own = [(f, share) for f, share in frames if not f.startswith("incl. ")][:6]
+                ours = [(f.removeprefix("incl. "), share) for f, share in frames if f.startswith("incl. ")][:6]
+                line = f"- **{part}**: " + "; ".join(f"`{frame}` {share:.0%}" for frame, share in own)
+                if ours:
+                    line += "; project code, inclusive: " + "; ".join(f"`{frame}` {share:.0%}" for frame, share in ours)
+                lines.append(line)
             sections.append("\n".join(lines))
     name = f"end_to_end-{Path(model).name}" + "".join(f"-{k}{v}" for k, v in settings["engine_env"].items())
     title = f"End to end: app, Ray Serve LLM and bare engine ({model})"

@@ -1,4 +1,4 @@
-"""Embedder deployment: FlagEmbedding models behind ``@serve.batch``.
+"""Embedder deployment: FlagEmbedding models behind a batcher that takes what queued while the model ran.
 
 ``BGEM3FlagModel`` (family ``bge-m3``) gives dense and learned-sparse vectors;
 ``FlagModel`` (family ``dense``) gives dense vectors only. Queries and passages are
@@ -10,9 +10,12 @@ are always embedded by the same code.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from typing import Any, Literal, Protocol
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ray import serve
 from ray.serve.deployment import Application
@@ -28,6 +31,8 @@ from services.schemas import Embedding
 logger = logging.getLogger(__name__)
 
 TextKind = Literal["query", "passage"]
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class EmbeddingBackend(Protocol):
@@ -109,6 +114,7 @@ class FlagEmbeddingBackend:
             self._model = BGEM3FlagModel(config.model, **common)
         else:
             self._model = FlagModel(config.model, pooling_method=config.pooling_method, **common)
+            self._place_dense_model(config)
         self._dimension = len(self.encode(["dimension probe"], "passage")[0].dense)
 
     @property
@@ -133,18 +139,40 @@ class FlagEmbeddingBackend:
 
     def encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
         """Embed texts with the query or passage instruction."""
-        encode = self._model.encode_queries if kind == "query" else self._model.encode_corpus
         if self._family == "bge-m3":
+            encode = self._model.encode_queries if kind == "query" else self._model.encode_corpus
             out = encode(texts, return_dense=True, return_sparse=True, return_colbert_vecs=False)
             dense, sparse = out["dense_vecs"], out["lexical_weights"]
             return [
                 Embedding(dense=d.tolist(), sparse={int(k): float(v) for k, v in s.items()})
                 for d, s in zip(dense, sparse, strict=True)
             ]
-        # Big passage batches go through FlagEmbedding's loop, where its probe is amortized.
-        big = len(texts) > self._batch_size
-        vectors = encode(texts) if big else self._encode_dense_in_one_pass(texts, kind)
-        return [Embedding(dense=v.tolist()) for v in vectors.reshape(len(texts), -1)]
+        return [Embedding(dense=v.tolist()) for v in self._encode_dense(texts, kind)]
+
+    def _place_dense_model(self, config: EmbedderConfig) -> None:
+        """Put the dense model on its device, in its precision, once: every dense encode is one of ours.
+
+        FlagEmbedding's ``encode`` would move it there on each call, and cast a CPU model
+        back to float32 (so ``use_fp16``, like FlagEmbedding, applies on GPUs only).
+        """
+        import torch
+
+        device = str(self._model.target_devices[0])
+        on_cpu = device.startswith("cpu")
+        bf16 = config.use_bf16 if config.use_bf16 != "auto" else _has_native_bf16(device)
+        dtype = torch.bfloat16 if bf16 else torch.float16 if config.use_fp16 and not on_cpu else torch.float32
+        self._model.model.to(device=device, dtype=dtype).eval()
+        logger.info("dense embedding model on %s in %s", device, dtype)
+
+    def _encode_dense(self, texts: list[str], kind: TextKind) -> list[Any]:
+        """Dense vectors in passes of ``max_batch_size`` texts, longest first (least padding), in the texts' order."""
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        vectors: list[Any] = [None] * len(texts)
+        for start in range(0, len(order), self._batch_size):
+            batch = order[start : start + self._batch_size]
+            for i, vector in zip(batch, self._encode_dense_in_one_pass([texts[i] for i in batch], kind), strict=True):
+                vectors[i] = vector
+        return vectors
 
     def _encode_dense_in_one_pass(self, texts: list[str], kind: TextKind) -> Any:
         """What ``FlagModel.encode_queries`` / ``encode_corpus`` return, in one forward pass.
@@ -152,7 +180,8 @@ class FlagEmbeddingBackend:
         FlagEmbedding's ``encode`` runs the first batch of every call twice: a probe for the
         largest batch that fits in memory (FlagEmbedding PR #1229). For the Embedder's query
         batches (one to ``max_batch_size`` texts) that doubles the cost: 34 ms instead of
-        16 ms for one MiniLM query on one core.
+        16 ms for one MiniLM query on one core. Passes are at most ``max_batch_size`` texts,
+        so no probe is needed.
         """
         import torch
 
@@ -166,7 +195,7 @@ class FlagEmbeddingBackend:
             max_length = model.passage_max_length
         if instruction:
             texts = [model.get_detailed_instruct(template, instruction, text) for text in texts]
-        device = model.target_devices[0]  # the constructor's first encode placed the model there
+        device = model.target_devices[0]  # where the constructor placed the model
         with torch.inference_mode():
             inputs = model.tokenizer(
                 texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
@@ -176,6 +205,16 @@ class FlagEmbeddingBackend:
             if model.normalize_embeddings:
                 vectors = torch.nn.functional.normalize(vectors, dim=-1)
             return vectors.float().cpu().numpy()
+
+
+def _has_native_bf16(device: str) -> bool:
+    """Whether the device computes in bfloat16 natively: AVX512-BF16 or AMX on a CPU, Ampere or later on CUDA."""
+    import torch
+
+    if device.startswith("cpu"):
+        # Private but stable helpers; vLLM's CPU platform chooses its bfloat16 kernels with the first.
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return bool(device.startswith("cuda") and torch.cuda.is_bf16_supported())
 
 
 class FlagRerankerBackend:
@@ -203,6 +242,53 @@ class FlagRerankerBackend:
         return [float(s) for s in (scores if isinstance(scores, list) else [scores])]
 
 
+class DrainingBatcher(Generic[Item, Result]):
+    """One batch at a time, of everything that queued while the last one ran; a lone call runs at once.
+
+    Serve's ``@serve.batch`` waits ``batch_wait_timeout_s`` for a batch to fill, which every
+    lone query pays in full (10 ms of the dev config's 47 ms embed stage at one caller); with
+    no wait, its loop forms the next batch while the last one runs, so each text that comes
+    meanwhile becomes a batch of its own. Here the texts that come while the model is busy
+    wait for it, and go in together when it is free. Each batch runs in the context of its
+    first caller (its trace span nests there), and a caller that went away is left out.
+    """
+
+    def __init__(self, run: Callable[[list[Item]], Coroutine[Any, Any, list[Result]]], max_batch_size: int) -> None:
+        self._run = run
+        self._max_batch_size = max_batch_size
+        self._waiting: deque[tuple[Item, asyncio.Future[Result], contextvars.Context]] = deque()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: Item) -> Result:
+        """``run``'s result for this item, from the batch it went in."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._waiting.append((item, future, contextvars.copy_context()))
+        if self._worker is None or self._worker.done():
+            # In a context of its own: no caller's cancellation or span reaches the worker itself.
+            self._worker = loop.create_task(self._drain(), context=contextvars.Context())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            taken = [self._waiting.popleft() for _ in range(min(self._max_batch_size, len(self._waiting)))]
+            live = [entry for entry in taken if not entry[1].done()]
+            if not live:
+                continue
+            try:
+                results: list[Result] = await asyncio.get_running_loop().create_task(
+                    self._run([item for item, _, _ in live]), context=live[0][2]
+                )
+            except Exception as err:  # every caller of the batch gets it; the next batch still runs
+                for _, future, _ in live:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            for (_, future, _), result in zip(live, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
 class Embedder:
     """Ray Serve deployment around an :class:`EmbeddingBackend` (and a :class:`RerankingBackend`, if configured)."""
 
@@ -224,10 +310,11 @@ class Embedder:
         if reranker is None and config.reranker is not None:
             reranker = await asyncio.to_thread(FlagRerankerBackend, config.reranker, config.device)
         self._reranker = reranker
-        # serve.batch options are set per instance so they come from config, not code.
-        for batched in (self._embed_query_batch, self._embed_passage_batch):
-            batched.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
-            batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        # Queries and passages are encoded with different instructions: a batcher each.
+        self._batches: dict[TextKind, DrainingBatcher[str, Embedding | ServiceError]] = {
+            "query": DrainingBatcher(lambda texts: self._encode(texts, "query"), config.max_batch_size),
+            "passage": DrainingBatcher(lambda texts: self._encode(texts, "passage"), config.max_batch_size),
+        }
         self._gpu_sampling = start_gpu_sampling(
             self._metrics, config.deployment.num_gpus, observability.gpu_sample_interval_s
         )
@@ -254,7 +341,7 @@ class Embedder:
             DependencyUnavailableError: the model failed.
 
         """
-        batch = self._embed_query_batch if kind == "query" else self._embed_passage_batch
+        batch = self._batches[kind]
         embeddings: list[Embedding] = []
         for result in await asyncio.gather(*(batch(text) for text in texts)):
             if isinstance(result, ServiceError):
@@ -283,22 +370,14 @@ class Embedder:
             self._metrics.observe("cs_rerank_seconds", time.monotonic() - started, {})
             return scores
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _embed_query_batch(self, texts: list[str]) -> list[Embedding | ServiceError]:
-        return await self._encode(texts, "query")
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _embed_passage_batch(self, texts: list[str]) -> list[Embedding | ServiceError]:
-        return await self._encode(texts, "passage")
-
     async def _encode(self, texts: list[str], kind: TextKind) -> list[Embedding | ServiceError]:
         """Each text's embedding, or the error that is its caller's alone.
 
-        Serve sets an exception raised here on every request of the batch, whatever tenant
-        sent it; so when the batch fails, each text is encoded alone, and only those the
-        model cannot read fail (returned, not raised: Serve hands each caller its own item).
+        An exception raised here would reach every caller of the batch, whatever tenant sent
+        it; so when the batch fails, each text is encoded alone, and only those the model
+        cannot read fail (returned, not raised: the batcher hands each caller its own item).
         """
-        # Serve's batcher runs this in the trace context of the batch's first request.
+        # The batcher runs this in the trace context of the batch's first request.
         with tracer().start_as_current_span("embedder.encode", attributes={"kind": kind, "batch_size": len(texts)}):
             started = time.monotonic()
             try:

@@ -231,13 +231,15 @@ class LLMServer:
                     self._record(watch, label, request.tenant, len(prompt_ids))
                     yield chunk.model_copy(update=update)
                     return
-                # The first token goes out at once (time to first token); later ones are coalesced.
-                if (
+                # The first text goes out at once (time to first token); later text is coalesced.
+                # A token that is part of a character (most Chinese ones) has no text yet: it waits.
+                text = "".join(pending)
+                if text and (
                     not sent_any
                     or len(pending) >= self._config.stream_chunk_tokens
                     or now - last_sent >= self._config.stream_chunk_interval_s
                 ):
-                    yield GenerationChunk(text="".join(pending))
+                    yield GenerationChunk(text=text)
                     pending, last_sent, sent_any = [], now, True
         except ServiceError as err:
             span.record_exception(err)

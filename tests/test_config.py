@@ -168,3 +168,13 @@ def test_reranking_without_a_cross_encoder_is_refused_by_name() -> None:
     assert "embedder.reranker names no cross-encoder" in error_text(args)
     args["embedder"]["reranker"] = {"model": "BAAI/bge-reranker-v2-m3"}
     assert AppConfig.model_validate(args).orchestrator.reranking.threshold == 0.2  # type: ignore[union-attr]
+
+
+def test_bfloat16_embeddings_are_refused_beside_half_precision_and_for_bge_m3() -> None:
+    args = app_args("serve_config.dev.yaml")
+    args["embedder"] |= {"use_bf16": True, "use_fp16": True}
+    assert "use_fp16 and use_bf16 are both set" in error_text(args)
+    args["embedder"] |= {"use_fp16": False, "family": "bge-m3"}
+    assert "use_bf16 is for family 'dense'" in error_text(args)
+    args["embedder"]["family"] = "dense"
+    assert AppConfig.model_validate(args).embedder.use_bf16

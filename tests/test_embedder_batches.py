@@ -1,8 +1,10 @@
-"""One text the model cannot read fails alone: the others of its ``@serve.batch`` still get their vectors."""
+"""The Embedder's batches: what queued while the model ran goes in together, a lone text at once; one text
+the model cannot read fails alone, the others of its batch still get their vectors."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -12,21 +14,22 @@ from services.errors import DependencyUnavailableError, InvalidRequestError
 from services.schemas import Embedding
 from tests.conftest import RecordingMetrics
 
-# Serve keeps a method's batch queue across instances, bound to the event loop it was made in.
-pytestmark = pytest.mark.asyncio(loop_scope="module")
-
 
 class PickyBackend:
     """Encodes any text but those holding ``poison``, as a tokenizer fails on a lone surrogate."""
 
     dimension, has_sparse, max_length = 2, False, 16
 
-    def __init__(self, poison: str = "\ud800", down: bool = False) -> None:
-        self.poison, self.down = poison, down
+    def __init__(self, poison: str = "\ud800", down: bool = False, gate: threading.Event | None = None) -> None:
+        self.poison, self.down, self.gate = poison, down, gate
         self.calls: list[int] = []
+        self.busy = threading.Event()  # set while the first call runs
 
     def encode(self, texts: list[str], kind: str) -> list[Embedding]:
         self.calls.append(len(texts))
+        if self.gate is not None and len(self.calls) == 1:
+            self.busy.set()
+            self.gate.wait(10)  # the model is busy until the test lets it go
         if self.down or any(self.poison in t for t in texts):
             raise UnicodeEncodeError("utf-8", self.poison, 0, 1, "surrogates not allowed")
         return [Embedding(dense=[float(len(t)), 1.0]) for t in texts]
@@ -35,21 +38,8 @@ class PickyBackend:
         return [len(t) for t in texts]
 
 
-@pytest.fixture(autouse=True)
-def replica_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What ``@serve.batch`` reads of the replica it runs in (only its request bound), outside Serve."""
-    from types import SimpleNamespace
-
-    from ray import serve
-
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=1000))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
-
-
 async def embedder(backend: PickyBackend) -> Embedder:
-    config = EmbedderConfig.model_validate(
-        {"model": "unused", "family": "dense", "max_batch_size": 64, "batch_wait_timeout_s": 0.05}
-    )
+    config = EmbedderConfig.model_validate({"model": "unused", "family": "dense", "max_batch_size": 64})
     model = Embedder.__new__(Embedder)  # Serve awaits the async constructor; so does this test
     await model.__init__(config, backend=backend, metrics=RecordingMetrics())  # type: ignore[misc]
     return model
@@ -77,3 +67,31 @@ async def test_a_lone_unreadable_text_is_reported_as_the_model_failing() -> None
     # Alone in its batch there is nothing to compare with: the 400 comes from the API's input check.
     with pytest.raises(DependencyUnavailableError):
         await (await embedder(PickyBackend())).embed(["\ud800"])
+
+
+async def test_a_lone_text_runs_at_once_and_the_texts_that_came_meanwhile_go_in_together() -> None:
+    gate = threading.Event()
+    backend = PickyBackend(gate=gate)
+    model = await embedder(backend)
+    first = asyncio.ensure_future(model.embed(["alone"]))
+    assert await asyncio.to_thread(backend.busy.wait, 10)  # started with nothing else to wait for
+    rest = [asyncio.ensure_future(model.embed([f"question {n}"])) for n in range(5)]
+    await asyncio.sleep(0)  # let them queue
+    gate.set()
+    await asyncio.gather(first, *rest)
+    assert backend.calls == [1, 5]
+
+
+async def test_a_caller_that_went_away_is_left_out_of_the_next_batch() -> None:
+    gate = threading.Event()
+    backend = PickyBackend(gate=gate)
+    model = await embedder(backend)
+    first = asyncio.ensure_future(model.embed(["alone"]))
+    assert await asyncio.to_thread(backend.busy.wait, 10)
+    gone, kept = asyncio.ensure_future(model.embed(["gone"])), asyncio.ensure_future(model.embed(["kept"]))
+    await asyncio.sleep(0)
+    gone.cancel()
+    gate.set()
+    [vector] = await kept
+    await first
+    assert backend.calls == [1, 1] and vector.dense == [4.0, 1.0]

@@ -21,8 +21,9 @@ class TokenEngine:
 
     max_model_len = 4096
 
-    def __init__(self, tokens: int) -> None:
+    def __init__(self, tokens: int, textless: int = 0) -> None:
         self.tokens = tokens
+        self.textless = textless  # the first tokens carry no text yet (parts of one character)
 
     def shutdown(self) -> None:
         pass
@@ -36,23 +37,28 @@ class TokenEngine:
         for n in range(self.tokens):
             last = n == self.tokens - 1
             yield GenerationChunk(
-                text=str(n % 10),
+                text="" if n < self.textless else str(n % 10),
                 finish_reason="length" if last else None,
                 prompt_tokens=len(prompt_ids) if last else None,
                 completion_tokens=self.tokens if last else None,
             )
 
 
-async def chunks_of(tokens: int, chunk_tokens: int) -> list[str]:
+async def chunks_of(tokens: int, chunk_tokens: int, textless: int = 0) -> list[str]:
     config = LLMConfig(model="m", stream_chunk_tokens=chunk_tokens, stream_chunk_interval_s=3600)
     server = LLMServer.__new__(LLMServer)  # an async constructor: awaited as Serve awaits it
-    await server.__init__(config, engine=TokenEngine(tokens), metrics=RecordingMetrics())  # type: ignore[arg-type,misc]
+    engine = TokenEngine(tokens, textless)
+    await server.__init__(config, engine=engine, metrics=RecordingMetrics())  # type: ignore[arg-type,misc]
     request = GenerationRequest(messages=[ChatMessage(role="user", content="hi")], sampling=SamplingConfig())
     return [chunk.text async for chunk in server.generate(request)]
 
 
 async def test_the_first_token_is_sent_alone_then_tokens_are_coalesced() -> None:
     assert await chunks_of(10, 4) == ["0", "1234", "5678", "9"]
+
+
+async def test_the_first_chunk_waits_for_text_when_the_first_tokens_are_parts_of_a_character() -> None:
+    assert await chunks_of(10, 4, textless=2) == ["2", "3456", "789"]
 
 
 async def test_a_one_token_answer_is_one_final_chunk() -> None:

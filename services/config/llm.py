@@ -42,9 +42,14 @@ class LLMConfig(StrictModel):
     )
     start_timeout_s: float = Field(900, gt=0, description="Bound on engine start-up.")
     stream_chunk_tokens: int = Field(
-        8, ge=1, description="Tokens coalesced into one streamed chunk; per-chunk cost dominates fast engines."
+        32, ge=1, description="Tokens coalesced into one streamed chunk at most; per-chunk cost dominates fast engines."
     )
-    stream_chunk_interval_s: float = Field(0.1, ge=0, description="A chunk is sent at least this often.")
+    stream_chunk_interval_s: float = Field(
+        0.2,
+        ge=0,
+        description="A chunk is sent at least this often (the first token at once). Under load each stream's tokens "
+        "come slower, so a short interval means more, smaller chunks just when CPU is scarce (benchmarks/README.md).",
+    )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
     @model_validator(mode="after")

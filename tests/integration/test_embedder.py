@@ -84,6 +84,24 @@ def test_one_pass_encoding_equals_flagembeddings_own(minilm_dir: Path, kind: str
     assert len(ours) == len(texts)
     for mine, reference in zip(ours, theirs, strict=True):
         assert mine.dense == pytest.approx(reference.tolist(), abs=1e-5)
-    # Bigger calls go through FlagEmbedding's batching loop and give the same vectors.
+    # Bigger calls are several passes, longest texts first, and come back in the texts' order.
     many = backend.encode(texts * 2, kind)
-    assert many[1].dense == pytest.approx(ours[1].dense, abs=1e-5)
+    for mine, reference in zip(many, ours * 2, strict=True):
+        assert mine.dense == pytest.approx(reference.dense, abs=1e-5)
+
+
+def test_bfloat16_weights_give_the_float32_vectors_to_within_rounding(minilm_dir: Path) -> None:
+    import torch
+
+    from services.embedder import FlagEmbeddingBackend
+
+    texts = ["refund to the original payment method", "七天无理由退货", "a much longer sentence " * 40]
+    exact = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(minilm_dir))).encode(texts, "query")
+    half = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(minilm_dir) | {"use_bf16": True}))
+    assert next(half._model.model.parameters()).dtype == torch.bfloat16
+    auto = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(minilm_dir) | {"use_bf16": "auto"}))
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert next(auto._model.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    for reference, vector in zip(exact, half.encode(texts, "query"), strict=True):
+        cosine = sum(p * q for p, q in zip(reference.dense, vector.dense, strict=True))
+        assert 0.995 < cosine <= 1.0001
