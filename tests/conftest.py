@@ -148,6 +148,10 @@ def ray_cluster(otlp_collector: tuple[Any, str]) -> Iterator[dict[str, Any]]:
             "OTEL_BSP_SCHEDULE_DELAY": "200",
             # Orchestrator replicas sharing Redis sessions share the key of their ids, as in production.
             "CS_SESSION_SECRET": "test-session-secret-shared-by-every-replica",
+            # The serving settings but the controller's loop: the suite deploys and deletes dozens
+            # of apps, each waiting on that loop (0.5 s when serving: ~10% longer runs). The loop
+            # decides deployments, not the path of a request.
+            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1",
         }
     )
     tracing = {"enabled": True, "exporter_import_path": TRACING_EXPORTER, "sampling_ratio": 1.0}

@@ -34,9 +34,9 @@ class EmbedderConfig(StrictModel):
     use_fp16: bool = Field(False, description="Half precision; only on GPUs.")
     use_bf16: bool | Literal["auto"] = Field(
         False,
-        description="bfloat16 weights (family 'dense'), on the CPU too: queries ~1.7x faster where the CPU has "
-        "native bfloat16 (AVX512-BF16, AMX), slower where it has not; 'auto': where the device has it "
-        "(benchmarks/README.md, 'Embedding').",
+        description="bfloat16 weights (family 'dense'), on the CPU too: queries ~1.5x faster where the CPU has "
+        "native bfloat16 (AVX512-BF16, AMX), slower where it has not; 'auto': where the device has it. Check "
+        "cs-eval first: e5-small lost recall in bfloat16 (benchmarks/README.md, 'Answerability').",
     )
     device: str | None = Field(None, description="'cpu', 'cuda:0', ...; None lets FlagEmbedding choose.")
     max_batch_size: int = Field(
