@@ -246,7 +246,7 @@ class DrainingBatcher(Generic[Item, Result]):
     """One batch at a time, of everything that queued while the last one ran; a lone call runs at once.
 
     Serve's ``@serve.batch`` waits ``batch_wait_timeout_s`` for a batch to fill, which every
-    lone query pays in full (10 ms of the dev config's 47 ms embed stage at one caller); with
+    lone query pays in full (10 ms by default); with
     no wait, its loop forms the next batch while the last one runs, so each text that comes
     meanwhile becomes a batch of its own. Here the texts that come while the model is busy
     wait for it, and go in together when it is free. Each batch runs in the context of its

@@ -233,13 +233,12 @@ class LLMServer:
                     return
                 # The first text goes out at once (time to first token); later text is coalesced.
                 # A token that is part of a character (most Chinese ones) has no text yet: it waits.
-                text = "".join(pending)
-                if text and (
+                if any(pending) and (
                     not sent_any
                     or len(pending) >= self._config.stream_chunk_tokens
                     or now - last_sent >= self._config.stream_chunk_interval_s
                 ):
-                    yield GenerationChunk(text=text)
+                    yield GenerationChunk(text="".join(pending))
                     pending, last_sent, sent_any = [], now, True
         except ServiceError as err:
             span.record_exception(err)
