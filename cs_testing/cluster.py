@@ -12,12 +12,16 @@ from typing import Any
 #: Ray Serve's settings for serving, as every deployment sets them (k8s/base/config.yaml,
 #: scripts/run-dev.sh): Ray Serve's throughput-optimized mode (user code on the replica's own
 #: event loop, gRPC between deployments, buffered request logs), with its direct ingress off so
-#: the HTTP proxy keeps serving the one port; the controller's loop every 0.5 s instead of
-#: 0.1 s, and Serve's own metrics exported from each replica and handle every second instead
-#: of every 0.1 s (what an idle platform spends). Measured in benchmarks/README.md ("End to end").
+#: the HTTP proxy keeps serving the one port, and the proxy calling the ingress over gRPC too
+#: (the mode leaves it on actor calls); the controller's loop every 0.5 s instead of 0.1 s, and
+#: Serve's own metrics exported from each replica and handle every second instead of every
+#: 0.1 s (what an idle platform spends). Measured in benchmarks/README.md ("End to end").
+#: Serve reads them once, on import: a process that binds an application must have them
+#: before it imports Ray, or its handles keep actor calls.
 SERVING_RAY_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }

@@ -22,6 +22,20 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Custom metrics reach the Prometheus endpoint within a second instead of ten.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+# Ray's serving settings, before the test modules import Serve: it reads them once, and the
+# handles this process binds take their transport (gRPC between deployments) from them.
+for _key, _value in cluster.SERVING_RAY_ENV.items():
+    os.environ.setdefault(_key, _value)
+# This process's own handles route in a loop of their own, as outside the throughput mode:
+# tests call them synchronously and from a loop per test, which a router bound to the
+# caller's loop (the mode's) refuses. Dropped before the cluster starts (``ray_cluster``),
+# so the deployments route on their replicas' loops, as deployed.
+ROUTER_OF_THIS_PROCESS = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
+os.environ[ROUTER_OF_THIS_PROCESS] = "1"
+# But the controller's loop: the suite deploys and deletes dozens of apps, each waiting on
+# that loop (0.5 s when serving: ~10% longer runs). The loop decides deployments, not the
+# path of a request.
+os.environ["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] = "0.1"
 # The widget secret of the test tenants (tenants[].widget.secret_env): every replica inherits it.
 WIDGET_SECRET_ENV = "CS_TEST_WIDGET_SECRET"
 WIDGET_SECRET = os.environ.setdefault(WIDGET_SECRET_ENV, "widget-secret-of-the-test-suite-0123456789")
@@ -148,12 +162,9 @@ def ray_cluster(otlp_collector: tuple[Any, str]) -> Iterator[dict[str, Any]]:
             "OTEL_BSP_SCHEDULE_DELAY": "200",
             # Orchestrator replicas sharing Redis sessions share the key of their ids, as in production.
             "CS_SESSION_SECRET": "test-session-secret-shared-by-every-replica",
-            # The serving settings but the controller's loop: the suite deploys and deletes dozens
-            # of apps, each waiting on that loop (0.5 s when serving: ~10% longer runs). The loop
-            # decides deployments, not the path of a request.
-            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1",
         }
     )
+    os.environ.pop(ROUTER_OF_THIS_PROCESS, None)  # read already, by this process's import of Serve
     tracing = {"enabled": True, "exporter_import_path": TRACING_EXPORTER, "sampling_ratio": 1.0}
     with cluster.local_ray_cluster(tracing) as urls:
         yield {**urls, "spans": otlp_collector[0]}

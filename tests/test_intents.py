@@ -181,3 +181,20 @@ def test_counting_messages_and_saying_enough_are_frustration_in_both_languages()
     assert frustration_signals("退款申请提交一周了都没人管", [], config) == ["angry words: 没人管"]
     assert frustration_signals("I've had enough of waiting", [], config) == ["angry words: had enough"]
     assert frustration_signals("Is my second order eligible for the discount?", [], config) == []
+
+
+def test_the_most_similar_example_names_the_intent_and_below_the_threshold_it_is_a_policy_question() -> None:
+    import pytest
+
+    classifier = IntentClassifier(INTENTS)
+    examples = [text for _, text in classifier.examples]
+    vectors = [[1.0 if i == j else 0.0 for j in range(len(examples))] for i in range(len(examples))]
+    near_poem = [0.1] * len(examples)
+    near_poem[examples.index("write a poem")] = 0.95
+    classification = classifier.classify("compose verses", near_poem, vectors, [])
+    assert (classification.intent, classification.score) == ("out_of_scope", 0.95)
+    halfway = [0.5] * len(examples)  # equally near every example, and not near enough to any
+    classification = classifier.classify("something else", halfway, vectors, [])
+    assert (classification.intent, classification.score) == ("policy_question", 0.5)
+    with pytest.raises(ValueError, match="5 example vectors for 6 examples"):
+        classifier.classify("something else", halfway, vectors[:5], [])

@@ -332,6 +332,14 @@ def test_every_ray_pod_and_the_dev_script_serve_with_the_ray_settings_the_tests_
     assert all(f"{key}={value}" in dev_script for key, value in SERVING_RAY_ENV.items())
 
 
+def test_the_handles_the_tests_bind_call_over_grpc_as_deployed_handles_do() -> None:
+    # Serve reads its settings on import: set too late, the suite's handles would keep Ray
+    # actor calls while every deployment's call over gRPC (the throughput-optimized mode).
+    from ray.serve._private.handle_options import DynamicHandleOptions
+
+    assert DynamicHandleOptions()._by_reference is False
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ray_control_ports_admit_only_ray_pods_and_the_operator_and_the_public_routes_skip_admin(
     overlay: str,

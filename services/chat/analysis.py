@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from services.chat.clients import QueryEmbedder
-from services.chat.intents import Classification, IntentClassifier
+from services.chat.intents import Classification, IntentClassifier, similarities
 from services.schemas import Embedding
 from services.sessions import Turn
 
@@ -38,7 +40,7 @@ class MessageAnalyzer:
         self._threshold = threshold
         self._embedder = embedder
         self._intents = intents
-        self._vectors: list[list[float]] | None = None
+        self._vectors: np.ndarray | None = None
 
     async def analyze(self, message: str, history: list[Turn] | None = None) -> Analysis:
         """Embed the message (once) and analyze it against the examples and the intent rules."""
@@ -46,19 +48,20 @@ class MessageAnalyzer:
         vectors = await self._example_vectors()
         about = 0.0
         if self._examples:
-            best = max(sum(a * b for a, b in zip(query.dense, v, strict=True)) for v in vectors[: len(self._examples)])
+            best = float(similarities(query.dense, vectors[: len(self._examples)]).max())
             about = round(min(best, 1.0), 4) if best >= self._threshold else 0.0
         intent = None
         if self._intents is not None:
             intent = self._intents.classify(message, query.dense, vectors[len(self._examples) :], history or [])
         return Analysis(query, about, intent)
 
-    async def _example_vectors(self) -> list[list[float]]:
-        """Assistant-question examples, then intent examples, embedded on first use.
+    async def _example_vectors(self) -> np.ndarray:
+        """Assistant-question examples, then intent examples, embedded on first use (one row each).
 
         Not at init: the Embedder may still be starting when this replica starts.
         """
         intent_examples = [text for _, text in self._intents.examples] if self._intents else []
         if self._vectors is None and (self._examples or intent_examples):
-            self._vectors = [e.dense for e in await self._embedder.embed(self._examples + intent_examples)]
-        return self._vectors or []
+            embedded = await self._embedder.embed(self._examples + intent_examples)
+            self._vectors = np.asarray([e.dense for e in embedded], dtype=np.float32)
+        return self._vectors if self._vectors is not None else np.zeros((0, 0), dtype=np.float32)

@@ -13,7 +13,10 @@ from __future__ import annotations
 import difflib
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from services.config import IntentConfig
 from services.sessions import Turn
@@ -84,8 +87,8 @@ class IntentClassifier:
     def classify(
         self,
         message: str,
-        query_vector: list[float],
-        example_vectors: list[list[float]],
+        query_vector: Sequence[float],
+        example_vectors: Sequence[Sequence[float]] | np.ndarray,
         history: list[Turn],
     ) -> Classification:
         """Classify one message.
@@ -93,7 +96,8 @@ class IntentClassifier:
         Args:
             message: The shopper's message.
             query_vector: Its normalized embedding.
-            example_vectors: Normalized embeddings of :attr:`examples`, same order.
+            example_vectors: Normalized embeddings of :attr:`examples`, same order (a matrix
+                kept by the caller is used as it is).
             history: Earlier turns of the conversation, for the repeated-question signal.
 
         Returns:
@@ -106,11 +110,24 @@ class IntentClassifier:
         for intent, rule in self._rules.items():
             if rule.search(message):
                 return Classification(intent, 1.0, by_rule=True, frustration=signals)
+        examples = self.examples
+        if len(example_vectors) != len(examples):
+            raise ValueError(f"{len(example_vectors)} example vectors for {len(examples)} examples")
         best_intent, best = POLICY_QUESTION, 0.0
-        for (intent, _), vector in zip(self.examples, example_vectors, strict=True):
-            score = sum(a * b for a, b in zip(query_vector, vector, strict=True))
-            if score > best:
-                best_intent, best = intent, score
+        if examples:
+            scores = similarities(query_vector, example_vectors)
+            top = int(scores.argmax())  # the first of equals, as the config orders them
+            if scores[top] > best:
+                best_intent, best = examples[top][0], float(scores[top])
         if best < self._config.threshold:
             return Classification(POLICY_QUESTION, round(best, 4), frustration=signals)
         return Classification(best_intent, round(min(best, 1.0), 4), frustration=signals)
+
+
+def similarities(query_vector: Sequence[float], vectors: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+    """Dot products of one normalized vector with each row (cosine similarities), in one matrix product.
+
+    A Python loop over every example's 384-1024 dimensions cost the orchestrator ~0.5 ms of CPU
+    per message; the product takes microseconds.
+    """
+    return np.asarray(vectors, dtype=np.float32) @ np.asarray(query_vector, dtype=np.float32)
