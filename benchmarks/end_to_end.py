@@ -347,15 +347,28 @@ def stage_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
     return {stage: (values[0], values[1]) for stage, values in totals.items()}
 
 
-def stage_means(metrics_url: str, before: dict[str, tuple[float, float]], requests: int) -> dict[str, float]:
-    """Mean seconds per stage since ``before``, once every request of the level is counted (≤ 30 s)."""
-    deadline = time.monotonic() + 30
-    while True:
-        after = stage_totals(metrics_url)
-        counted = after.get("generate", (0.0, 0.0))[1] - before.get("generate", (0.0, 0.0))[1]
-        if counted >= requests or time.monotonic() > deadline:
+def settled_stage_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """The stage totals once everything observed so far has reached the node's endpoint.
+
+    Replicas push their metrics every ``RAY_metrics_report_interval_ms``: a read taken sooner
+    misses the newest observations, and the next level's means would carry them (after the
+    warm-up, its slower requests and the one call that embeds every intent example).
+    """
+    push_s = int(os.environ.get("RAY_metrics_report_interval_ms", "10000")) / 1000  # noqa: SIM112  # Ray spells it so
+    time.sleep(push_s + 1)  # a settling window between measured levels, not a wait on a result
+    last = stage_totals(metrics_url)
+    deadline = time.monotonic() + push_s
+    while time.monotonic() < deadline:  # the agent may take a moment more to serve the push
+        time.sleep(1)
+        now = stage_totals(metrics_url)
+        if now == last:
             break
-        time.sleep(0.5)  # metrics reach the endpoint every RAY_metrics_report_interval_ms
+        last = now
+    return last
+
+
+def stage_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean seconds per observation of each stage between two settled reads."""
     means = {}
     for stage, (total, count) in after.items():
         old_total, old_count = before.get(stage, (0.0, 0.0))
@@ -390,10 +403,13 @@ def serve_side(
         print(f"{side} ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
         metrics_url = cluster["metrics_url"]
 
+        settled: list[dict[str, tuple[float, float]]] = []  # the last settled read: the next level's start
+
         async def around(n: int, one: Callable[[], Awaitable[Level]]) -> Level:
-            before = await asyncio.to_thread(stage_totals, metrics_url)
+            before = settled.pop() if settled else await asyncio.to_thread(settled_stage_totals, metrics_url)
             level = await one()
-            level.stages = await asyncio.to_thread(stage_means, metrics_url, before, n)
+            settled.append(await asyncio.to_thread(settled_stage_totals, metrics_url))
+            level.stages = stage_means(before, settled[-1])
             return level
 
         async def run() -> tuple[list[Level], dict[str, float], Any]:
