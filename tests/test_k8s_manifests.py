@@ -334,7 +334,7 @@ def test_every_ray_pod_and_the_dev_script_serve_with_the_ray_settings_the_tests_
 
 def test_the_handles_the_tests_bind_call_over_grpc_as_deployed_handles_do() -> None:
     # Serve reads its settings on import: set too late, the suite's handles would keep Ray
-    # actor calls while every deployment's call over gRPC (the throughput-optimized mode).
+    # actor calls while every deployment's calls go over gRPC (the throughput-optimized mode).
     from ray.serve._private.handle_options import DynamicHandleOptions
 
     assert DynamicHandleOptions()._by_reference is False

@@ -163,6 +163,43 @@ def test_past_the_deadline_a_504_answers_and_the_engine_stops_generating(slow_ur
 
 
 @pytest.fixture(scope="module")
+def long_url(
+    ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, tiny_llm_dir: Path
+) -> Iterator[str]:
+    # Answers far longer than a shopper waits for (3,500 tokens: ~10 s of the tiny model alone):
+    # each is still generating long after the caller left.
+    orchestrator = {"sampling": {"temperature": 0, "max_tokens": 3500}, "structured_replies": False}
+    workdir = tmp_path_factory.mktemp("long")
+    with sample_app(
+        "long", ray_cluster["http_url"], workdir, minilm_dir, tiny_llm_dir,
+        llm={"max_model_len": 4096}, orchestrator=orchestrator,
+    ) as url:  # fmt: skip
+        yield url
+
+
+def test_a_caller_who_leaves_mid_stream_stops_the_engine_generating(long_url: str) -> None:
+    # The HTTP proxy calls the orchestrator over gRPC (as deployed): a closed connection must
+    # still cancel the whole chain down to vLLM, or every abandoned answer runs to its end.
+    llm = serve.get_deployment_handle("LLM", app_name="long")
+    body = QUESTION | {"stream": True}
+    with (
+        httpx.Client(base_url=long_url, timeout=60) as http,
+        http.stream("POST", "/v1/chat", json=body, headers=AUTH) as reply,
+    ):
+        assert reply.status_code == 200
+        deadline = time.monotonic() + 30  # bounded poll: the engine has the request
+        while not (generating := llm.unfinished_requests.remote().result()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert generating == 1
+    # Leaving the block closed the connection with the answer unread.
+    left_at = time.monotonic()
+    while (left := llm.unfinished_requests.remote().result()) and time.monotonic() - left_at < 2:
+        time.sleep(0.05)
+    assert left == 0, f"{left} requests still generating 2 s after the caller left"
+    print(f"the engine stopped {time.monotonic() - left_at:.2f} s after the caller left")
+
+
+@pytest.fixture(scope="module")
 def twin_url(
     ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, tiny_llm_dir: Path
 ) -> Iterator[str]:
