@@ -191,7 +191,7 @@ async def sweep(
     settings: dict[str, Any],
     side: str,
     cpu: Callable[[], dict[str, float]],
-    around: Callable[[int, Callable[[], Awaitable[Level]]], Awaitable[Level]] | None = None,
+    around: Callable[[Callable[[], Awaitable[Level]]], Awaitable[Level]] | None = None,
 ) -> list[Level]:
     """Warm up, then every round of every level; ``cpu`` gives CPU seconds by component so far."""
     await sweep_level(send, settings["questions"], 4, 8)
@@ -207,7 +207,7 @@ async def sweep(
                 level.cpu_ms = {part: (after[part] - before.get(part, 0.0)) * 1000 / n for part in after}
                 return level
 
-            level = await (around(n, one) if around else one())
+            level = await (around(one) if around else one())
             level.round = round_no
             levels.append(level)
             print(f"{side} round {round_no} c={concurrency}: {level.summary()}", file=sys.stderr)
@@ -403,13 +403,14 @@ def serve_side(
         print(f"{side} ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
         metrics_url = cluster["metrics_url"]
 
-        settled: list[dict[str, tuple[float, float]]] = []  # the last settled read: the next level's start
+        settled: dict[str, tuple[float, float]] | None = None  # the last level's end: the next one's start
 
-        async def around(n: int, one: Callable[[], Awaitable[Level]]) -> Level:
-            before = settled.pop() if settled else await asyncio.to_thread(settled_stage_totals, metrics_url)
+        async def around(one: Callable[[], Awaitable[Level]]) -> Level:
+            nonlocal settled
+            before = settled if settled is not None else await asyncio.to_thread(settled_stage_totals, metrics_url)
             level = await one()
-            settled.append(await asyncio.to_thread(settled_stage_totals, metrics_url))
-            level.stages = stage_means(before, settled[-1])
+            settled = await asyncio.to_thread(settled_stage_totals, metrics_url)
+            level.stages = stage_means(before, settled)
             return level
 
         async def run() -> tuple[list[Level], dict[str, float], Any]:

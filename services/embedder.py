@@ -246,11 +246,11 @@ class DrainingBatcher(Generic[Item, Result]):
     """One batch at a time, of everything that queued while the last one ran; a lone call runs at once.
 
     Serve's ``@serve.batch`` waits ``batch_wait_timeout_s`` for a batch to fill, which every
-    lone query pays in full (10 ms by default); with
-    no wait, its loop forms the next batch while the last one runs, so each text that comes
-    meanwhile becomes a batch of its own. Here the texts that come while the model is busy
-    wait for it, and go in together when it is free. Each batch runs in the context of its
-    first caller (its trace span nests there), and a caller that went away is left out.
+    lone query pays in full (10 ms by default); with no wait, its loop forms the next batch
+    while the last one runs, so each text that comes meanwhile becomes a batch of its own.
+    Here the texts that come while the model is busy wait for it, and go in together when it
+    is free. Each batch runs in the context of its first caller (its trace span nests there),
+    and a caller that went away is left out.
     """
 
     def __init__(self, run: Callable[[list[Item]], Coroutine[Any, Any, list[Result]]], max_batch_size: int) -> None:

@@ -155,11 +155,19 @@ def test_past_the_deadline_a_504_answers_and_the_engine_stops_generating(slow_ur
         reply = http.post("/v1/chat", json=QUESTION, headers=AUTH)
         answered = time.monotonic() - started
     assert reply.status_code == 504 and reply.json()["error"]["code"] == "deadline_exceeded", reply.text
-    # The engine aborts the request: nothing left generating within 2 s of the answer (bounded poll).
-    while (left := llm.unfinished_requests.remote().result()) and time.monotonic() - started - answered < 2:
-        time.sleep(0.05)
+    # The engine aborts the request: nothing left generating within 2 s of the answer.
+    left, idle_after = still_generating_after(llm, 2)
     assert left == 0, f"{left} requests still generating 2 s after the 504"
-    print(f"504 after {answered:.2f} s; the engine was idle {time.monotonic() - started - answered:.2f} s later")
+    print(f"504 after {answered:.2f} s; the engine was idle {idle_after:.2f} s later")
+
+
+def still_generating_after(llm: Any, window_s: float) -> tuple[int, float]:
+    """Requests the engine still generates when it first has none or ``window_s`` is up (a bounded
+    poll), and the seconds that took."""
+    started = time.monotonic()
+    while (left := llm.unfinished_requests.remote().result()) and time.monotonic() - started < window_s:
+        time.sleep(0.05)
+    return left, time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
@@ -192,11 +200,9 @@ def test_a_caller_who_leaves_mid_stream_stops_the_engine_generating(long_url: st
             time.sleep(0.05)
         assert generating == 1
     # Leaving the block closed the connection with the answer unread.
-    left_at = time.monotonic()
-    while (left := llm.unfinished_requests.remote().result()) and time.monotonic() - left_at < 2:
-        time.sleep(0.05)
+    left, idle_after = still_generating_after(llm, 2)
     assert left == 0, f"{left} requests still generating 2 s after the caller left"
-    print(f"the engine stopped {time.monotonic() - left_at:.2f} s after the caller left")
+    print(f"the engine stopped {idle_after:.2f} s after the caller left")
 
 
 @pytest.fixture(scope="module")
