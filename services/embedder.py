@@ -310,6 +310,10 @@ class Embedder:
         if reranker is None and config.reranker is not None:
             reranker = await asyncio.to_thread(FlagRerankerBackend, config.reranker, config.device)
         self._reranker = reranker
+        self._health_model_check_s = config.health_model_check_s
+        # When the model and the cross-encoder last answered (monotonic), None once they failed.
+        self._model_answered_at: float | None = None
+        self._reranker_answered_at: float | None = None
         # Queries and passages are encoded with different instructions: a batcher each.
         self._batches: dict[TextKind, DrainingBatcher[str, Embedding | ServiceError]] = {
             "query": DrainingBatcher(lambda texts: self._encode(texts, "query"), config.max_batch_size),
@@ -363,10 +367,7 @@ class Embedder:
             raise DependencyUnavailableError("reranking was asked for but embedder.reranker names no cross-encoder")
         with tracer().start_as_current_span("embedder.rerank", attributes={"passages": len(passages)}):
             started = time.monotonic()
-            try:
-                scores = await asyncio.to_thread(reranker.score, query, passages)
-            except Exception as err:
-                raise DependencyUnavailableError(f"reranking failed: {type(err).__name__}: {err}") from err
+            scores = await self._run_reranker(reranker, query, passages)
             self._metrics.observe("cs_rerank_seconds", time.monotonic() - started, {})
             return scores
 
@@ -403,18 +404,36 @@ class Embedder:
     async def _run_model(self, texts: list[str], kind: TextKind) -> list[Embedding]:
         try:
             # The model call holds the GIL-free torch kernels; keep the event loop free.
-            return await asyncio.to_thread(self._backend.encode, texts, kind)
+            vectors = await asyncio.to_thread(self._backend.encode, texts, kind)
         except Exception as err:
+            self._model_answered_at = None
             raise DependencyUnavailableError(f"embedding failed: {type(err).__name__}: {err}") from err
+        self._model_answered_at = time.monotonic()
+        return vectors
+
+    async def _run_reranker(self, reranker: RerankingBackend, query: str, passages: list[str]) -> list[float]:
+        try:
+            scores = await asyncio.to_thread(reranker.score, query, passages)
+        except Exception as err:
+            self._reranker_answered_at = None
+            raise DependencyUnavailableError(f"reranking failed: {type(err).__name__}: {err}") from err
+        self._reranker_answered_at = time.monotonic()
+        return scores
+
+    def _answered_lately(self, answered_at: float | None) -> bool:
+        return answered_at is not None and time.monotonic() - answered_at < self._health_model_check_s
 
     async def check_health(self) -> None:
-        """Fail when the model cannot embed (or the cross-encoder score) a short text; not counted in the metrics."""
-        await self._run_model(["health"], "query")
-        if self._reranker is not None:
-            try:
-                await asyncio.to_thread(self._reranker.score, "health", ["health"])
-            except Exception as err:
-                raise DependencyUnavailableError(f"reranking failed: {type(err).__name__}: {err}") from err
+        """Fail when the model cannot embed (or the cross-encoder score) a short text; not counted in the metrics.
+
+        A model that answered within ``health_model_check_s`` is not asked again: a real
+        call proves as much as the check's own text, and an idle replica then runs no
+        forward pass for every probe. A real call that failed makes the next check ask.
+        """
+        if not self._answered_lately(self._model_answered_at):
+            await self._run_model(["health"], "query")
+        if self._reranker is not None and not self._answered_lately(self._reranker_answered_at):
+            await self._run_reranker(self._reranker, "health", ["health"])
 
 
 def _unreadable(err: ServiceError) -> InvalidRequestError:

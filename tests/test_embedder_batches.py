@@ -1,5 +1,6 @@
 """The Embedder's batches: what queued while the model ran goes in together, a lone text at once; one text
-the model cannot read fails alone, the others of its batch still get their vectors."""
+the model cannot read fails alone, the others of its batch still get their vectors. Its health checks run
+the model only when it has not answered lately."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ class PickyBackend:
         return [len(t) for t in texts]
 
 
-async def embedder(backend: PickyBackend) -> Embedder:
-    config = EmbedderConfig.model_validate({"model": "unused", "family": "dense", "max_batch_size": 64})
+async def embedder(backend: PickyBackend, **settings: object) -> Embedder:
+    config = EmbedderConfig.model_validate({"model": "unused", "family": "dense", "max_batch_size": 64} | settings)
     model = Embedder.__new__(Embedder)  # Serve awaits the async constructor; so does this test
     await model.__init__(config, backend=backend, metrics=RecordingMetrics())  # type: ignore[misc]
     return model
@@ -95,3 +96,34 @@ async def test_a_caller_that_went_away_is_left_out_of_the_next_batch() -> None:
     [vector] = await kept
     await first
     assert backend.calls == [1, 1] and vector.dense == [4.0, 1.0]
+
+
+async def test_a_health_check_runs_the_model_only_when_it_has_not_answered_lately() -> None:
+    backend = PickyBackend()
+    model = await embedder(backend, health_model_check_s=60)
+    await model.check_health()
+    await model.check_health()
+    await model.embed(["a question"])
+    await model.check_health()
+    assert backend.calls == [1, 1]  # the first check's pass and the question's; the other checks asked nothing
+
+
+async def test_after_a_failed_call_the_next_health_check_asks_the_model_and_fails() -> None:
+    backend = PickyBackend()
+    model = await embedder(backend, health_model_check_s=60)
+    await model.embed(["a question"])
+    backend.down = True
+    with pytest.raises(DependencyUnavailableError):
+        await model.embed(["another"])
+    with pytest.raises(DependencyUnavailableError):
+        await model.check_health()
+    assert len(backend.calls) == 3
+
+
+async def test_with_no_grace_every_health_check_runs_the_model() -> None:
+    backend = PickyBackend()
+    model = await embedder(backend, health_model_check_s=0)
+    await model.embed(["a question"])
+    await model.check_health()
+    await model.check_health()
+    assert backend.calls == [1, 1, 1]

@@ -46,6 +46,13 @@ class EmbedderConfig(StrictModel):
         None,
         description="A cross-encoder loaded beside the embedding model, for orchestrator.reranking; None loads none.",
     )
+    health_model_check_s: float = Field(
+        60,
+        ge=0,
+        description="A health check runs the model (and the cross-encoder) only when it has not answered for this "
+        "long; a failed call makes the next check run it. Each check used to run it: with Serve's checks and each "
+        "orchestrator's /healthz probe that is a forward pass every few seconds of an idle platform. 0: every check.",
+    )
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
 
     @model_validator(mode="after")
