@@ -15,7 +15,8 @@ from typing import Any
 #: the HTTP proxy keeps serving the one port, and the proxy calling the ingress over gRPC too
 #: (the mode leaves it on actor calls); the controller's loop every 0.5 s instead of 0.1 s, and
 #: Serve's own metrics exported from each replica and handle every second instead of every
-#: 0.1 s (what an idle platform spends). Measured in benchmarks/README.md ("End to end").
+#: 0.1 s, and Ray's log monitor looking for new log files every 5 s instead of every 0.1 s
+#: (what an idle platform spends). Measured in benchmarks/README.md ("End to end").
 #: Serve reads them once, on import: a process that binds an application must have them
 #: before it imports Ray, or its handles keep actor calls.
 SERVING_RAY_ENV = {
@@ -24,6 +25,8 @@ SERVING_RAY_ENV = {
     "RAY_SERVE_PROXY_USE_GRPC": "1",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "5",
 }
 
 
