@@ -4,7 +4,7 @@ Run (after ``scripts/bootstrap.sh cpu,devmodels,dev,bench``)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.retrieval
 
-For each dense index type (``--indexes``, FLAT by default), one tenant's knowledge
+For each dense index type (``--indexes``, FLAT and HNSW by default), one tenant's knowledge
 base grows to each size: bilingual FAQ-sized chunks (the knowledge-sync benchmark's
 generator) with random unit dense vectors (latency does not depend on what the vectors mean;
 embedding 100k chunks on two cores would take over an hour), written and committed through
@@ -88,9 +88,7 @@ def main() -> None:
     """Grow the knowledge base and time searches at each size, for each dense index type."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
-    parser.add_argument(
-        "--indexes", default="FLAT", help="dense index types to compare (Milvus Lite: FLAT, IVF_FLAT, AUTOINDEX)"
-    )
+    parser.add_argument("--indexes", default="FLAT,HNSW", help="dense index types to compare")
     parser.add_argument("--rounds", type=int, default=5, help="passes over the question set per size")
     args = parser.parse_args()
     import matplotlib

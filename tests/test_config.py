@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from services.config import AppConfig, DeploymentOptions, RetrieverConfig, ServiceSettings, load_app_config
+from services.config import AppConfig, DeploymentOptions, ServiceSettings, load_app_config
 from tests.conftest import REPO_ROOT
 
 
@@ -47,13 +47,6 @@ def error_text(args: dict[str, Any]) -> str:
     with pytest.raises(ValidationError) as info:
         AppConfig.model_validate(args)
     return str(info.value)
-
-
-def test_an_hnsw_index_on_milvus_lite_is_refused_naming_what_lite_builds() -> None:
-    with pytest.raises(ValidationError, match="HNSW needs a Milvus server; Milvus Lite builds FLAT, IVF_FLAT"):
-        RetrieverConfig.model_validate({"milvus_uri": "data/kb.db", "dense_index_type": "HNSW"})
-    server = RetrieverConfig.model_validate({"milvus_uri": "http://milvus:19530", "dense_index_type": "HNSW"})
-    assert server.dense_index_type == "HNSW"
 
 
 def test_unknown_key_is_rejected_by_name() -> None:

@@ -55,9 +55,7 @@ class RetrieverConfig(StrictModel):
         default_factory=lambda: {"tokenizer": "jieba", "filter": ["lowercase"]},
         description="Milvus analyzer_params of the text field; jieba segments Chinese and splits English words.",
     )
-    dense_index_type: Literal["AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT"] = Field(
-        "AUTOINDEX", description="Index of the dense field; Milvus Lite builds FLAT, IVF_FLAT and AUTOINDEX only."
-    )
+    dense_index_type: Literal["AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT"] = Field("AUTOINDEX", description="Index.")
     candidates_per_signal: int = Field(20, ge=1, le=1000, description="Hits fetched per signal before fusion.")
     rrf_k: int = Field(60, ge=1, description="RRF constant: score = sum weight / (k + rank).")
     signal_weights: dict[Literal["dense", "sparse", "bm25"], float] = Field(
@@ -84,14 +82,6 @@ class RetrieverConfig(StrictModel):
             raise ValueError(
                 "several Retriever replicas need sync_lease.backend: redis, so that two syncs of one tenant never run "
                 "at once on different replicas"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _an_index_lite_builds(self) -> RetrieverConfig:
-        if self.is_lite and self.dense_index_type == "HNSW":
-            raise ValueError(
-                "dense_index_type HNSW needs a Milvus server; Milvus Lite builds FLAT, IVF_FLAT and AUTOINDEX only"
             )
         return self
 
