@@ -128,14 +128,7 @@ class MilvusKnowledgeStore:
         # tenant -> (committed generation, when it was read): saves a state read per search.
         self._generations: dict[str, tuple[int, float]] = {}
         if config.is_lite:
-            path = Path(config.milvus_uri)
-            if path.is_dir():
-                # Milvus Lite 3 (this platform's earlier releases) kept a folder; Lite 2.5 one file.
-                raise KnowledgeBaseUnavailableError(
-                    f"{path} is a folder of the Milvus Lite 3 format, which this release no longer reads; "
-                    "remove it and sync the knowledge base again (cs-knowledge-sync)"
-                )
-            path.parent.mkdir(parents=True, exist_ok=True)
+            Path(config.milvus_uri).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._client = MilvusClient(uri=config.milvus_uri, token=token or "", timeout=config.timeout_s)
             ensure_chunk_collection(self._client, config, dimension=dimension, has_sparse=has_sparse)
@@ -257,19 +250,9 @@ class MilvusKnowledgeStore:
         return f"{tenant_filter(tenant)} and gen_from <= {generation} and gen_to > {generation}"
 
     def _set_gen_to(self, ids: list[str], generation: int) -> None:
-        """Rewrite whole rows with a new ``gen_to``.
-
-        Milvus Lite 2.5 (and Milvus before 2.6) has no partial upsert, and a row written
-        without its text has no BM25 input: each row is read back whole (vectors included;
-        the BM25 field is derived from the text again) and upserted.
-        """
-        fields = [*SCALAR_FIELDS, "gen_from", DENSE_FIELD] + ([SPARSE_FIELD] if self._has_sparse else [])
         for start in range(0, len(ids), _WRITE_BATCH):
-            batch = ids[start : start + _WRITE_BATCH]
-            rows = self._call("read", partial(self._client.get, self._collection, ids=batch, output_fields=fields))
-            for row in rows:
-                row["gen_to"] = generation
-            self._call("update", partial(self._client.upsert, self._collection, rows))
+            rows = [{"id": i, "gen_to": generation} for i in ids[start : start + _WRITE_BATCH]]
+            self._call("update", partial(self._client.upsert, self._collection, rows, partial_update=True))
 
     def _delete_where(self, expr: str) -> None:
         self._call("delete", lambda: self._client.delete(self._collection, filter=expr))
@@ -391,7 +374,7 @@ class MilvusKnowledgeStore:
         self._call("describe", lambda: self._client.describe_collection(self._collection))
 
     def close(self) -> None:
-        """Release the client and, for Milvus Lite, the local server holding the file lock."""
+        """Release the client and, for Milvus Lite, the in-process server holding the file lock."""
         try:
             self._client.close()
             if self._config.is_lite:

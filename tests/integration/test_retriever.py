@@ -156,11 +156,3 @@ def test_with_no_generation_cache_every_search_reads_the_state(tmp_path: Path, b
         assert calls == ["lumen"] * 3
     finally:
         store.close()
-
-
-def test_a_milvus_lite_3_folder_at_the_lite_path_is_refused_with_what_to_do(tmp_path: Path) -> None:
-    old = tmp_path / "kb.db"
-    (old / "collections").mkdir(parents=True)  # the layout Milvus Lite 3 left
-    with pytest.raises(KnowledgeBaseUnavailableError, match="remove it and sync the knowledge base again"):
-        MilvusKnowledgeStore(RetrieverConfig.model_validate(retriever_args(old)), dimension=384, has_sparse=False)
-    assert (old / "collections").is_dir()  # nothing of it was touched
