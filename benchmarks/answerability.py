@@ -48,11 +48,11 @@ def measure(store: str, embedder_args: dict[str, Any], workdir: Path) -> list[di
     from cs_testing.knowledge import sync_complete
     from cs_tools.evaluate import ExpectedDocs, load_questions
     from services.config import EmbedderConfig, RetrieverConfig
-    from services.embedder import FlagEmbeddingBackend
+    from services.embedder import load_embedding_backend
     from services.knowledge.documents import load_documents
     from services.knowledge.store import MilvusKnowledgeStore
 
-    backend = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args))
+    backend = load_embedding_backend(EmbedderConfig.model_validate(embedder_args))
     retriever = RetrieverConfig(milvus_uri=str(workdir / f"{store}.db"), dense_index_type="FLAT")
     kb = MilvusKnowledgeStore(retriever, dimension=backend.dimension, has_sparse=False)
     rows = []

@@ -526,12 +526,12 @@ def engine_prompts(settings: dict[str, Any], milvus_path: Path) -> dict[str, str
 
     from services.chat.grounding import build_messages, ground
     from services.config import AppConfig
-    from services.embedder import FlagEmbeddingBackend
+    from services.embedder import load_embedding_backend
     from services.knowledge.store import MilvusKnowledgeStore
 
     config = AppConfig.model_validate(settings["app_args"])
     orchestrator = config.orchestrator
-    embedder = FlagEmbeddingBackend(config.embedder)
+    embedder = load_embedding_backend(config.embedder)
     retriever = config.retriever.model_copy(update={"milvus_uri": str(milvus_path)})
     store = MilvusKnowledgeStore(retriever, dimension=embedder.dimension, has_sparse=embedder.has_sparse)
     tokenizer = AutoTokenizer.from_pretrained(config.llm.model)

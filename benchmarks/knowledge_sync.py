@@ -25,7 +25,7 @@ from cs_testing.crm_emulator import CrmState, create_crm_app, serve_in_thread
 from knowledge_sync.runner import RunOptions, StoreTarget, run_sources
 from knowledge_sync.sources import SourcesFile
 from services.config import EmbedderConfig, RetrieverConfig
-from services.embedder import FlagEmbeddingBackend
+from services.embedder import load_embedding_backend
 from services.knowledge.store import MilvusKnowledgeStore
 
 _EN = [
@@ -66,7 +66,7 @@ def main() -> None:
     for i in range(args.records):
         crm.put(f"rec-{i:05d}", f"Policy {i}", _record_text(rng))
     os.environ["CRM_TOKEN"] = crm.token
-    embedder = FlagEmbeddingBackend(
+    embedder = load_embedding_backend(
         EmbedderConfig(model=args.model, family="dense", pooling_method="mean", device="cpu", max_length=256)
     )
     with tempfile.TemporaryDirectory() as tmp, serve_in_thread(create_crm_app(crm)) as url:

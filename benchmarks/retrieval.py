@@ -97,12 +97,12 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     from services.config import EmbedderConfig, RetrieverConfig
-    from services.embedder import FlagEmbeddingBackend
+    from services.embedder import load_embedding_backend
     from services.knowledge.collections import BM25_FIELD, DENSE_FIELD
     from services.knowledge.store import MilvusKnowledgeStore
 
     dev = yaml.safe_load(DEV_CONFIG.read_text())["applications"][0]["args"]
-    embedder = FlagEmbeddingBackend(EmbedderConfig.model_validate(dev_embedder_args()))
+    embedder = load_embedding_backend(EmbedderConfig.model_validate(dev_embedder_args()))
     questions = mixed_questions()
     queries = [(q, embedder.encode([q], "query")[0]) for q in questions]
     candidates = dev["orchestrator"].get("retrieval_candidates", 20)

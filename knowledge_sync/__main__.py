@@ -142,10 +142,10 @@ def _main(argv: list[str] | None) -> int:
 def _run_direct(config: AppConfig, sources: SourcesFile, options: RunOptions) -> list[SourceOutcome]:
     config = config.resolve_paths(ServiceSettings().config_base_dir or Path.cwd())
     # Heavy imports only once the arguments are known to be good.
-    from services.embedder import FlagEmbeddingBackend
+    from services.embedder import load_embedding_backend
     from services.knowledge.store import MilvusKnowledgeStore
 
-    embedder = FlagEmbeddingBackend(config.embedder)
+    embedder = load_embedding_backend(config.embedder)
     token = ServiceSettings().milvus_token
     try:
         store = MilvusKnowledgeStore(

@@ -1,10 +1,10 @@
-"""Embedder deployment: FlagEmbedding models behind a batcher that takes what queued while the model ran.
+"""Embedder deployment: embedding models behind a batcher that takes what queued while the model ran.
 
-``BGEM3FlagModel`` (family ``bge-m3``) gives dense and learned-sparse vectors;
-``FlagModel`` (family ``dense``) gives dense vectors only. Queries and passages are
-encoded differently (instructions), so they are batched in separate queues. The
-knowledge-sync job uses :class:`FlagEmbeddingBackend` directly, so chunks and queries
-are always embedded by the same code.
+Family ``bge-m3`` (FlagEmbedding's ``BGEM3FlagModel``) gives dense and learned-sparse
+vectors; family ``dense`` (transformers alone) gives dense vectors only. Queries and
+passages are encoded differently (instructions), so they are batched in separate queues.
+The knowledge-sync job loads its backend with :func:`load_embedding_backend` too, so chunks
+and queries are always embedded by the same code.
 """
 
 from __future__ import annotations
@@ -90,31 +90,120 @@ def _silence_flagembedding_progress_bars() -> None:
             module.trange = lambda *a, **k: quiet(range(*a), **k)
 
 
-class FlagEmbeddingBackend:
-    """The real backend: FlagEmbedding's ``FlagModel`` or ``BGEM3FlagModel``."""
+def load_embedding_backend(config: EmbedderConfig) -> EmbeddingBackend:
+    """The backend of ``config.family``: transformers alone for dense models, FlagEmbedding for BGE-M3."""
+    return BGEM3Backend(config) if config.family == "bge-m3" else DenseEmbeddingBackend(config)
+
+
+class DenseEmbeddingBackend:
+    """A dense embedding model (BGE, e5, sentence-transformers) through transformers alone.
+
+    It computes what FlagEmbedding's ``FlagModel`` does (instruction, tokenizer, one forward
+    pass, cls or mean pooling, normalization) without importing FlagEmbedding: its package
+    imports its fine-tuning code (datasets, peft) on the way, 29 MB of every Embedder
+    replica's memory for nothing it uses, and the dense path no longer reaches into
+    FlagEmbedding's internals.
+    """
 
     def __init__(self, config: EmbedderConfig) -> None:
-        from FlagEmbedding import BGEM3FlagModel, FlagModel
+        import torch
+        from transformers import AutoModel, AutoTokenizer
 
-        _silence_flagembedding_progress_bars()
-        common: dict[str, Any] = {
-            "normalize_embeddings": True,
-            "use_fp16": config.use_fp16,
-            "devices": config.device,
-            "query_instruction_for_retrieval": config.query_instruction,
-            "passage_instruction_for_retrieval": config.passage_instruction,
-            "query_max_length": config.max_length,
-            "passage_max_length": config.max_length,
-            "batch_size": config.max_batch_size,
+        self._device = config.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+        on_cpu = self._device.startswith("cpu")
+        bf16 = config.use_bf16 if config.use_bf16 != "auto" else _has_native_bf16(self._device)
+        # FlagEmbedding, too, takes use_fp16 on GPUs only (it casts a CPU model back to float32).
+        dtype = torch.bfloat16 if bf16 else torch.float16 if config.use_fp16 and not on_cpu else torch.float32
+        self._tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self._model = AutoModel.from_pretrained(config.model, dtype=dtype).to(self._device).eval()
+        logger.info("dense embedding model on %s in %s", self._device, dtype)
+        self._instructions: dict[TextKind, str | None] = {
+            "query": config.query_instruction,
+            "passage": config.passage_instruction,
         }
-        self._family = config.family
+        self._pooling = config.pooling_method
         self._max_length = config.max_length
         self._batch_size = config.max_batch_size
-        if config.family == "bge-m3":
-            self._model = BGEM3FlagModel(config.model, **common)
-        else:
-            self._model = FlagModel(config.model, pooling_method=config.pooling_method, **common)
-            self._place_dense_model(config)
+        self._dimension = len(self.encode(["dimension probe"], "passage")[0].dense)
+
+    @property
+    def dimension(self) -> int:
+        """Length of the dense vectors."""
+        return self._dimension
+
+    @property
+    def dtype(self) -> Any:
+        """The torch dtype the model's weights are in."""
+        return next(self._model.parameters()).dtype
+
+    @property
+    def has_sparse(self) -> bool:
+        """Dense models give no sparse weights."""
+        return False
+
+    @property
+    def max_length(self) -> int:
+        """Tokens the model reads per text (config ``max_length``)."""
+        return self._max_length
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text with the model's own tokenizer, without special tokens."""
+        return _count_tokens(self._tokenizer, texts)
+
+    def encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
+        """Dense vectors in passes of ``max_batch_size`` texts, longest first (least padding), in the texts' order."""
+        instruction = self._instructions[kind]
+        if instruction:
+            texts = [instruction + text for text in texts]
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        vectors: list[Embedding | None] = [None] * len(texts)
+        for start in range(0, len(order), self._batch_size):
+            batch = order[start : start + self._batch_size]
+            for i, vector in zip(batch, self._encode_in_one_pass([texts[i] for i in batch]), strict=True):
+                vectors[i] = Embedding(dense=vector.tolist())
+        return [v for v in vectors if v is not None]
+
+    def _encode_in_one_pass(self, texts: list[str]) -> Any:
+        """Normalized pooled vectors of one forward pass, as float32 numpy rows.
+
+        FlagEmbedding's own ``encode`` would run the first batch of every call twice: a probe
+        for the largest batch that fits in memory (FlagEmbedding PR #1229), 34 ms instead of
+        16 ms for one MiniLM query on one core. Passes here are at most ``max_batch_size``.
+        """
+        import torch
+
+        with torch.inference_mode():
+            inputs = self._tokenizer(
+                texts, padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
+            ).to(self._device)
+            hidden = self._model(**inputs, return_dict=True).last_hidden_state
+            if self._pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = inputs["attention_mask"].unsqueeze(-1).float()
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+            return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+
+
+class BGEM3Backend:
+    """BGE-M3 (dense and learned-sparse vectors) through FlagEmbedding's ``BGEM3FlagModel``."""
+
+    def __init__(self, config: EmbedderConfig) -> None:
+        from FlagEmbedding import BGEM3FlagModel
+
+        _silence_flagembedding_progress_bars()
+        self._max_length = config.max_length
+        self._model = BGEM3FlagModel(
+            config.model,
+            normalize_embeddings=True,
+            use_fp16=config.use_fp16,
+            devices=config.device,
+            query_instruction_for_retrieval=config.query_instruction,
+            passage_instruction_for_retrieval=config.passage_instruction,
+            query_max_length=config.max_length,
+            passage_max_length=config.max_length,
+            batch_size=config.max_batch_size,
+        )
         self._dimension = len(self.encode(["dimension probe"], "passage")[0].dense)
 
     @property
@@ -124,8 +213,8 @@ class FlagEmbeddingBackend:
 
     @property
     def has_sparse(self) -> bool:
-        """BGE-M3 gives learned sparse weights; dense models do not."""
-        return self._family == "bge-m3"
+        """BGE-M3 gives learned sparse weights."""
+        return True
 
     @property
     def max_length(self) -> int:
@@ -134,77 +223,20 @@ class FlagEmbeddingBackend:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens of each text with the model's own tokenizer, without special tokens."""
-        ids = self._model.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
-        return [len(i) for i in ids]
+        return _count_tokens(self._model.tokenizer, texts)
 
     def encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
-        """Embed texts with the query or passage instruction."""
-        if self._family == "bge-m3":
-            encode = self._model.encode_queries if kind == "query" else self._model.encode_corpus
-            out = encode(texts, return_dense=True, return_sparse=True, return_colbert_vecs=False)
-            dense, sparse = out["dense_vecs"], out["lexical_weights"]
-            return [
-                Embedding(dense=d.tolist(), sparse={int(k): float(v) for k, v in s.items()})
-                for d, s in zip(dense, sparse, strict=True)
-            ]
-        return [Embedding(dense=v.tolist()) for v in self._encode_dense(texts, kind)]
+        """Dense and sparse vectors with the query or passage instruction."""
+        encode = self._model.encode_queries if kind == "query" else self._model.encode_corpus
+        out = encode(texts, return_dense=True, return_sparse=True, return_colbert_vecs=False)
+        return [
+            Embedding(dense=d.tolist(), sparse={int(k): float(v) for k, v in s.items()})
+            for d, s in zip(out["dense_vecs"], out["lexical_weights"], strict=True)
+        ]
 
-    def _place_dense_model(self, config: EmbedderConfig) -> None:
-        """Put the dense model on its device, in its precision, once: every dense encode is one of ours.
 
-        FlagEmbedding's ``encode`` would move it there on each call, and cast a CPU model
-        back to float32 (so ``use_fp16``, like FlagEmbedding, applies on GPUs only).
-        """
-        import torch
-
-        device = str(self._model.target_devices[0])
-        on_cpu = device.startswith("cpu")
-        bf16 = config.use_bf16 if config.use_bf16 != "auto" else _has_native_bf16(device)
-        dtype = torch.bfloat16 if bf16 else torch.float16 if config.use_fp16 and not on_cpu else torch.float32
-        self._model.model.to(device=device, dtype=dtype).eval()
-        logger.info("dense embedding model on %s in %s", device, dtype)
-
-    def _encode_dense(self, texts: list[str], kind: TextKind) -> list[Any]:
-        """Dense vectors in passes of ``max_batch_size`` texts, longest first (least padding), in the texts' order."""
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        vectors: list[Any] = [None] * len(texts)
-        for start in range(0, len(order), self._batch_size):
-            batch = order[start : start + self._batch_size]
-            for i, vector in zip(batch, self._encode_dense_in_one_pass([texts[i] for i in batch], kind), strict=True):
-                vectors[i] = vector
-        return vectors
-
-    def _encode_dense_in_one_pass(self, texts: list[str], kind: TextKind) -> Any:
-        """What ``FlagModel.encode_queries`` / ``encode_corpus`` return, in one forward pass.
-
-        FlagEmbedding's ``encode`` runs the first batch of every call twice: a probe for the
-        largest batch that fits in memory (FlagEmbedding PR #1229). For the Embedder's query
-        batches (one to ``max_batch_size`` texts) that doubles the cost: 34 ms instead of
-        16 ms for one MiniLM query on one core. Passes are at most ``max_batch_size`` texts,
-        so no probe is needed.
-        """
-        import torch
-
-        model = self._model
-        if kind == "query":
-            instruction, template = model.query_instruction_for_retrieval, model.query_instruction_format
-            max_length = model.query_max_length
-        else:
-            instruction = model.passage_instruction_for_retrieval
-            template = model.kwargs.get("passage_instruction_format", "{}{}")
-            max_length = model.passage_max_length
-        if instruction:
-            texts = [model.get_detailed_instruct(template, instruction, text) for text in texts]
-        device = model.target_devices[0]  # where the constructor placed the model
-        with torch.inference_mode():
-            inputs = model.tokenizer(
-                texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            ).to(device)
-            hidden = model.model(**inputs, return_dict=True).last_hidden_state
-            vectors = model.pooling(hidden, inputs["attention_mask"])
-            if model.normalize_embeddings:
-                vectors = torch.nn.functional.normalize(vectors, dim=-1)
-            return vectors.float().cpu().numpy()
+def _count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]]
 
 
 def _has_native_bf16(device: str) -> bool:
@@ -305,7 +337,7 @@ class Embedder:
         configure_replica_logging(observability.log_level, observability.log_format)
         self._metrics = metrics or RayMetrics(names_for("Embedder"))
         if backend is None:
-            backend = await asyncio.to_thread(FlagEmbeddingBackend, config)
+            backend = await asyncio.to_thread(load_embedding_backend, config)
         self._backend: EmbeddingBackend = backend
         if reranker is None and config.reranker is not None:
             reranker = await asyncio.to_thread(FlagRerankerBackend, config.reranker, config.device)

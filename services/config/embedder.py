@@ -19,11 +19,12 @@ class RerankerConfig(StrictModel):
 
 
 class EmbedderConfig(StrictModel):
-    """The embedding model (FlagEmbedding)."""
+    """The embedding model: a dense model through transformers, or BGE-M3 through FlagEmbedding."""
 
     model: str = Field(description="Model folder or hub id, e.g. BAAI/bge-m3.")
     family: Literal["bge-m3", "dense"] = Field(
-        description="'bge-m3' loads BGEM3FlagModel (dense + sparse); 'dense' loads FlagModel (dense only)."
+        description="'bge-m3' loads FlagEmbedding's BGEM3FlagModel (dense + sparse); 'dense' loads the model with "
+        "transformers alone (dense only; what FlagEmbedding's FlagModel computes)."
     )
     pooling_method: Literal["cls", "mean"] = Field(
         "cls", description="Pooling of dense models: BGE uses cls, sentence-transformers models use mean."
@@ -38,7 +39,9 @@ class EmbedderConfig(StrictModel):
         "native bfloat16 (AVX512-BF16, AMX), slower where it has not; 'auto': where the device has it. Check "
         "cs-eval first: e5-small lost recall in bfloat16 (benchmarks/README.md, 'Answerability').",
     )
-    device: str | None = Field(None, description="'cpu', 'cuda:0', ...; None lets FlagEmbedding choose.")
+    device: str | None = Field(
+        None, description="'cpu', 'cuda:0', ...; None: the first GPU if there is one, else the CPU."
+    )
     max_batch_size: int = Field(
         32, ge=1, description="Most texts in one forward pass: those that queued while the model was busy."
     )

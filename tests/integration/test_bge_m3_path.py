@@ -13,7 +13,7 @@ import pytest
 
 from cs_testing.knowledge import sync_complete
 from services.config import EmbedderConfig, RetrieverConfig
-from services.embedder import FlagEmbeddingBackend
+from services.embedder import load_embedding_backend
 from services.knowledge.documents import KnowledgeDocument
 from services.knowledge.store import MilvusKnowledgeStore
 from tests.conftest import embedder_args, retriever_args
@@ -25,7 +25,7 @@ def test_bge_m3_family_gives_sparse_vectors_that_milvus_searches(minilm_dir: Pat
     import torch
 
     torch.manual_seed(1)  # the sparse head is randomly initialized: fix it so the weights are non-empty
-    backend = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(minilm_dir) | {"family": "bge-m3"}))
+    backend = load_embedding_backend(EmbedderConfig.model_validate(embedder_args(minilm_dir) | {"family": "bge-m3"}))
     assert backend.has_sparse
     [emb] = backend.encode(["refund to the original payment method"], "query")
     assert emb.sparse and all(isinstance(k, int) and v >= 0 for k, v in emb.sparse.items())

@@ -1,9 +1,11 @@
-"""Embedder deployment with the real MiniLM model through FlagEmbedding."""
+"""Embedder deployment and its backends with the real MiniLM model."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,19 +70,34 @@ async def test_concurrent_requests_are_batched_consistently(embedder: Any) -> No
     assert dot(a, b) > dot(a, c) + 0.1
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
 @pytest.mark.parametrize("kind", ["query", "passage"])
-def test_one_pass_encoding_equals_flagembeddings_own(minilm_dir: Path, kind: str) -> None:
-    from services.embedder import FlagEmbeddingBackend
+def test_dense_backend_gives_flagembeddings_own_vectors(minilm_dir: Path, kind: str, pooling: str) -> None:
+    from FlagEmbedding import FlagModel
+
+    from services.embedder import DenseEmbeddingBackend, load_embedding_backend
 
     config = EmbedderConfig.model_validate(
         embedder_args(minilm_dir)
         | {"query_instruction": "query: ", "passage_instruction": "passage: ", "max_batch_size": 4}
+        | {"pooling_method": pooling}
     )
-    backend = FlagEmbeddingBackend(config)
+    backend = load_embedding_backend(config)
+    assert isinstance(backend, DenseEmbeddingBackend)
     texts = ["refund to the original payment method", "七天无理由退货", "a much longer sentence " * 40, "x"]
-    ours = backend.encode(texts, kind)  # within max_batch_size: one forward pass of our own
-    model = backend._model
-    theirs = (model.encode_queries if kind == "query" else model.encode_corpus)(texts)
+    ours = backend.encode(texts, kind)  # within max_batch_size: one forward pass
+    reference_model = FlagModel(
+        str(minilm_dir),
+        pooling_method=pooling,
+        normalize_embeddings=True,
+        use_fp16=False,  # FlagModel's default is True: float16 weights
+        devices="cpu",
+        query_instruction_for_retrieval="query: ",
+        passage_instruction_for_retrieval="passage: ",
+        query_max_length=config.max_length,
+        passage_max_length=config.max_length,
+    )
+    theirs = (reference_model.encode_queries if kind == "query" else reference_model.encode_corpus)(texts)
     assert len(ours) == len(texts)
     for mine, reference in zip(ours, theirs, strict=True):
         assert mine.dense == pytest.approx(reference.tolist(), abs=1e-5)
@@ -88,20 +105,35 @@ def test_one_pass_encoding_equals_flagembeddings_own(minilm_dir: Path, kind: str
     many = backend.encode(texts * 2, kind)
     for mine, reference in zip(many, ours * 2, strict=True):
         assert mine.dense == pytest.approx(reference.dense, abs=1e-5)
+    assert backend.count_tokens(texts) == [
+        len(ids) for ids in reference_model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
+
+
+def test_dense_backend_does_not_import_flagembedding(minilm_dir: Path) -> None:
+    # Its package imports its fine-tuning code (datasets, peft) on the way.
+    code = (
+        "import sys; from services.config import EmbedderConfig; from services.embedder import load_embedding_backend; "
+        f"load_embedding_backend(EmbedderConfig(model={str(minilm_dir)!r}, family='dense')).encode(['x'], 'query'); "
+        "print(sorted(m for m in ('FlagEmbedding', 'datasets', 'peft') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_bfloat16_weights_give_the_float32_vectors_to_within_rounding(minilm_dir: Path) -> None:
     import torch
 
-    from services.embedder import FlagEmbeddingBackend
+    from services.embedder import DenseEmbeddingBackend, load_embedding_backend
 
     texts = ["refund to the original payment method", "七天无理由退货", "a much longer sentence " * 40]
-    exact = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(minilm_dir))).encode(texts, "query")
-    half = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(minilm_dir) | {"use_bf16": True}))
-    assert next(half._model.model.parameters()).dtype == torch.bfloat16
-    auto = FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(minilm_dir) | {"use_bf16": "auto"}))
+    exact = load_embedding_backend(EmbedderConfig.model_validate(embedder_args(minilm_dir))).encode(texts, "query")
+    half = load_embedding_backend(EmbedderConfig.model_validate(embedder_args(minilm_dir) | {"use_bf16": True}))
+    assert isinstance(half, DenseEmbeddingBackend) and half.dtype == torch.bfloat16
+    auto = load_embedding_backend(EmbedderConfig.model_validate(embedder_args(minilm_dir) | {"use_bf16": "auto"}))
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert next(auto._model.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    assert isinstance(auto, DenseEmbeddingBackend)
+    assert auto.dtype == (torch.bfloat16 if native else torch.float32)
     for reference, vector in zip(exact, half.encode(texts, "query"), strict=True):
         cosine = sum(p * q for p, q in zip(reference.dense, vector.dense, strict=True))
         assert 0.995 < cosine <= 1.0001

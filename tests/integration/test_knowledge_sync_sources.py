@@ -18,7 +18,7 @@ from knowledge_sync.__main__ import main
 from knowledge_sync.runner import ExitCode, RunOptions, SourceOutcome, StoreTarget, run_sources
 from knowledge_sync.sources import SourcesFile
 from services.config import ChunkingConfig, EmbedderConfig, RetrieverConfig
-from services.embedder import FlagEmbeddingBackend
+from services.embedder import EmbeddingBackend, load_embedding_backend
 from services.knowledge.documents import KnowledgeDocument
 from services.knowledge.ingest import SourceBatch, sync_source
 from services.knowledge.store import MilvusKnowledgeStore
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 class CountingEncoder:
     """The real backend, recording every passage it embeds; optionally failing after N batches."""
 
-    def __init__(self, backend: FlagEmbeddingBackend) -> None:
+    def __init__(self, backend: EmbeddingBackend) -> None:
         self._backend = backend
         self.max_length = backend.max_length
         self.encoded: list[str] = []
@@ -51,12 +51,12 @@ class CountingEncoder:
 
 
 @pytest.fixture(scope="module")
-def backend(minilm_dir: Path) -> FlagEmbeddingBackend:
-    return FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(minilm_dir)))
+def backend(minilm_dir: Path) -> EmbeddingBackend:
+    return load_embedding_backend(EmbedderConfig.model_validate(embedder_args(minilm_dir)))
 
 
 @pytest.fixture()
-def encoder(backend: FlagEmbeddingBackend) -> CountingEncoder:
+def encoder(backend: EmbeddingBackend) -> CountingEncoder:
     return CountingEncoder(backend)
 
 
@@ -68,7 +68,7 @@ def store(tmp_path: Path) -> Iterator[MilvusKnowledgeStore]:
     store.close()
 
 
-def search(store: MilvusKnowledgeStore, backend: FlagEmbeddingBackend, query: str, tenant: str = "lumen") -> list[str]:
+def search(store: MilvusKnowledgeStore, backend: EmbeddingBackend, query: str, tenant: str = "lumen") -> list[str]:
     [embedding] = backend.encode([query], "query")
     return [h.chunk.text for h in store.search(tenant, query, embedding, 50)]
 
@@ -111,7 +111,7 @@ def crm_source(url: str) -> dict[str, Any]:
 
 
 def test_crm_changes_are_pulled_incrementally_and_only_changed_chunks_embedded(
-    crm: tuple[str, CrmState], store: MilvusKnowledgeStore, encoder: CountingEncoder, backend: FlagEmbeddingBackend
+    crm: tuple[str, CrmState], store: MilvusKnowledgeStore, encoder: CountingEncoder, backend: EmbeddingBackend
 ) -> None:
     url, crm_state = crm
     file = sources(crm_source(url))
@@ -164,7 +164,7 @@ def policies(version: str, count: int = 80) -> list[KnowledgeDocument]:
 def test_an_interrupted_run_leaves_the_previous_knowledge_searchable(
     store: MilvusKnowledgeStore,
     encoder: CountingEncoder,
-    backend: FlagEmbeddingBackend,
+    backend: EmbeddingBackend,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from services.knowledge import ingest as pipeline
@@ -239,7 +239,7 @@ def test_sql_source_with_a_watermark(
     database_url: str,
     store: MilvusKnowledgeStore,
     encoder: CountingEncoder,
-    backend: FlagEmbeddingBackend,
+    backend: EmbeddingBackend,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     engine = sa.create_engine(database_url)

@@ -11,7 +11,7 @@ from ray import serve
 
 from cs_testing.knowledge import sync_complete
 from services.config import EmbedderConfig, RetrieverConfig
-from services.embedder import FlagEmbeddingBackend, build_embedder
+from services.embedder import EmbeddingBackend, build_embedder, load_embedding_backend
 from services.errors import InvalidRequestError, KnowledgeBaseUnavailableError
 from services.knowledge.documents import KnowledgeDocument
 from services.knowledge.store import MilvusKnowledgeStore
@@ -31,12 +31,12 @@ OTHER_DOCS = [
 
 
 @pytest.fixture(scope="module")
-def backend(minilm_dir: Path) -> FlagEmbeddingBackend:
-    return FlagEmbeddingBackend(EmbedderConfig.model_validate(embedder_args(minilm_dir)))
+def backend(minilm_dir: Path) -> EmbeddingBackend:
+    return load_embedding_backend(EmbedderConfig.model_validate(embedder_args(minilm_dir)))
 
 
 @pytest.fixture(scope="module")
-def milvus_path(tmp_path_factory: pytest.TempPathFactory, backend: FlagEmbeddingBackend) -> Path:
+def milvus_path(tmp_path_factory: pytest.TempPathFactory, backend: EmbeddingBackend) -> Path:
     path = tmp_path_factory.mktemp("milvus") / "kb.db"
     store = MilvusKnowledgeStore(RetrieverConfig.model_validate(retriever_args(path)), dimension=384, has_sparse=False)
     try:
@@ -86,7 +86,7 @@ async def test_filter_injection_is_refused(retriever: Any) -> None:
         await retriever.search.remote('lumen" or tenant != "', "returns", 3)
 
 
-def test_milvus_outage_is_an_error_not_an_empty_result(tmp_path: Path, backend: FlagEmbeddingBackend) -> None:
+def test_milvus_outage_is_an_error_not_an_empty_result(tmp_path: Path, backend: EmbeddingBackend) -> None:
     store = MilvusKnowledgeStore(
         RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db")), dimension=384, has_sparse=False
     )
@@ -114,7 +114,7 @@ def test_dimension_mismatch_is_reported(tmp_path: Path) -> None:
 
 
 def test_searches_reuse_the_generation_and_see_a_commit_of_their_own_store_at_once(
-    tmp_path: Path, backend: FlagEmbeddingBackend, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, backend: EmbeddingBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db") | {"generation_cache_s": 30})
     store = MilvusKnowledgeStore(config, dimension=384, has_sparse=False)
@@ -142,7 +142,7 @@ def test_searches_reuse_the_generation_and_see_a_commit_of_their_own_store_at_on
         store.close()
 
 
-def test_with_no_generation_cache_every_search_reads_the_state(tmp_path: Path, backend: FlagEmbeddingBackend) -> None:
+def test_with_no_generation_cache_every_search_reads_the_state(tmp_path: Path, backend: EmbeddingBackend) -> None:
     config = RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db") | {"generation_cache_s": 0})
     store = MilvusKnowledgeStore(config, dimension=384, has_sparse=False)
     try:
