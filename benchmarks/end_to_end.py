@@ -539,8 +539,14 @@ def engine_prompts(settings: dict[str, Any], milvus_path: Path) -> dict[str, str
     try:
         for question in settings["questions"]:
             [embedding] = embedder.encode([question], "query")
-            hits = store.search(TENANT, question, embedding, orchestrator.retrieval_candidates)
-            grounding = ground(hits, orchestrator.relevance_threshold, orchestrator.retrieval_top_k)
+            found = store.search(TENANT, question, embedding, orchestrator.retrieval_candidates)
+            grounding = ground(
+                found.hits,
+                orchestrator.relevance_threshold,
+                orchestrator.retrieval_top_k,
+                orchestrator.relevance_margin,
+                dense_candidates=found.dense_candidates,
+            )
             messages = build_messages(orchestrator.tenants[0].persona, grounding, [], question)
             prompts[question] = str(
                 tokenizer.apply_chat_template(

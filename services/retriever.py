@@ -25,7 +25,7 @@ from services.knowledge.store import MilvusKnowledgeStore, tenant_filter
 from services.observability.logs import configure_replica_logging
 from services.observability.metrics import Metrics, RayMetrics, names_for
 from services.observability.tracing import tracer
-from services.schemas import Embedding, RetrievedChunk
+from services.schemas import Embedding, SearchResult
 
 if TYPE_CHECKING:
     from services.knowledge.ingest import SourceBatch, SyncReport
@@ -96,10 +96,8 @@ class Retriever:
         self._lease = sync_lease or open_sync_lease(config)
         self._runs: set[asyncio.Task[SyncReport]] = set()  # syncs under way, kept to their end
 
-    async def search(
-        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
-    ) -> list[RetrievedChunk]:
-        """Return the tenant's best chunks for ``query``, best first.
+    async def search(self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None) -> SearchResult:
+        """Return the tenant's best chunks for ``query``, best first, and the dense signal's own candidates.
 
         ``embedding`` is the query's embedding when the caller computed it already;
         otherwise the Embedder deployment computes it.
@@ -108,10 +106,10 @@ class Retriever:
             [embedding] = await self._embedder.embed.remote([query], "query")
         with tracer().start_as_current_span("retriever.search", attributes={"tenant": tenant, "top_k": top_k}) as span:
             started = time.monotonic()
-            hits = await asyncio.to_thread(self._store.search, tenant, query, embedding, top_k)
+            result = await asyncio.to_thread(self._store.search, tenant, query, embedding, top_k)
             self._metrics.observe("cs_retriever_search_seconds", time.monotonic() - started, {"tenant": tenant})
-            span.set_attribute("hits", len(hits))
-            return hits
+            span.set_attribute("hits", len(result.hits))
+            return result
 
     async def ingest(
         self,

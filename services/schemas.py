@@ -46,6 +46,17 @@ class RetrievedChunk(BaseModel):
     )
 
 
+class SearchResult(BaseModel):
+    """The fused hits of a search, and what the dense signal found on its own."""
+
+    hits: list[RetrievedChunk] = Field(description="Best first by fused RRF score.")
+    dense_candidates: list[float] = Field(
+        default_factory=list,
+        description="Cosine similarities of the dense signal's own candidates, best first, before fusion: the "
+        "relevance gate's margin is measured against them, so the other signals cannot move it.",
+    )
+
+
 class ChatMessage(BaseModel):
     """One message of a chat-template conversation."""
 

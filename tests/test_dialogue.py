@@ -74,6 +74,19 @@ def test_a_best_hit_that_does_not_stand_out_from_the_candidates_is_no_evidence()
     assert [h.chunk.doc_id for h in ground(flat, threshold=0.82, top_k=3).chunks] == ["a", "b", "c"]  # off: kept
 
 
+def test_the_margin_is_measured_against_the_dense_signals_own_candidates_not_the_fused_hits() -> None:
+    # Fusion kept the dense signal's best three and lexical hits with no dense score; the
+    # dense search's own 20 candidates trail far behind the best.
+    fused = [hit("a", 0.90), hit("lexical-1", None), hit("b", 0.89), hit("lexical-2", None), hit("c", 0.88)]
+    own = [0.90, 0.89, 0.88] + [0.84] * 17
+    assert ground(fused, threshold=0.82, top_k=3, min_margin=0.03).is_empty  # median of 0.90, 0.89, 0.88
+    kept = ground(fused, threshold=0.82, top_k=3, min_margin=0.03, dense_candidates=own)
+    assert [h.chunk.doc_id for h in kept.chunks] == ["a", "b", "c"]
+    # And candidates that all score alike refuse, whatever survived fusion.
+    flat_own = [0.90, 0.89, 0.88] + [0.885] * 17
+    assert ground(fused, threshold=0.82, top_k=3, min_margin=0.03, dense_candidates=flat_own).is_empty
+
+
 def test_reranked_hits_are_judged_by_the_cross_encoder_not_the_cosine() -> None:
     # A cross-encoder reads question and passage together: it can reject a hit the cosine
     # likes, and vouch for one found only lexically (no dense score).

@@ -9,7 +9,7 @@ from services.chat.contracts import ChatReply, ChatRequest
 from services.chat.pipeline import ChatPipeline
 from services.chat.structured_reply import REPLY_INSTRUCTION, combined_confidence
 from services.config import OrchestratorConfig, SamplingConfig
-from services.schemas import ChatMessage, Embedding, GenerationChunk, KnowledgeChunk, RetrievedChunk
+from services.schemas import ChatMessage, Embedding, GenerationChunk, KnowledgeChunk, RetrievedChunk, SearchResult
 from tests.conftest import RecordingMetrics, orchestrator_args
 
 
@@ -17,14 +17,12 @@ class Retriever:
     def __init__(self, dense: float) -> None:
         self.dense = dense
 
-    async def search(
-        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
-    ) -> list[RetrievedChunk]:
+    async def search(self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None) -> SearchResult:
         chunk = KnowledgeChunk(
             id=f"{tenant}:s:returns:0", tenant=tenant, source="s", doc_id="returns", chunk_no=0,
             title="Returns", text="Returns within 7 days.", content_hash="h",
         )  # fmt: skip
-        return [RetrievedChunk(chunk=chunk, score=0.03, dense_score=self.dense)]
+        return SearchResult(hits=[RetrievedChunk(chunk=chunk, score=0.03, dense_score=self.dense)])
 
 
 class Generator:
@@ -112,9 +110,7 @@ class RankedRetriever:
     def __init__(self) -> None:
         self.asked_for: int | None = None
 
-    async def search(
-        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
-    ) -> list[RetrievedChunk]:
+    async def search(self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None) -> SearchResult:
         self.asked_for = top_k
         hits = []
         for n, dense in enumerate([0.15, 0.17, 0.12, 0.16, 0.64]):
@@ -123,7 +119,7 @@ class RankedRetriever:
                 title=f"T{n}", text="Returns within 7 days.", content_hash="h",
             )  # fmt: skip
             hits.append(RetrievedChunk(chunk=chunk, score=0.05 - n / 100, dense_score=dense))
-        return hits[:top_k]
+        return SearchResult(hits=hits[:top_k])
 
 
 async def test_the_gate_sees_more_candidates_than_it_keeps() -> None:
@@ -151,9 +147,7 @@ class RecordingRetriever(Retriever):
         super().__init__(dense=0.8)
         self.embeddings: list[Embedding | None] = []
 
-    async def search(
-        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
-    ) -> list[RetrievedChunk]:
+    async def search(self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None) -> SearchResult:
         self.embeddings.append(embedding)
         return await super().search(tenant, query, top_k)
 

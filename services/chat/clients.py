@@ -26,7 +26,7 @@ from services.errors import (
 )
 from services.observability.metrics import Metrics
 from services.observability.tracing import tracer
-from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, RetrievedChunk
+from services.schemas import ChatMessage, Embedding, GenerationChunk, GenerationRequest, SearchResult
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -45,9 +45,7 @@ AdapterResolver = Callable[[str, str], str | None]
 class KnowledgeSearch(Protocol):
     """Finds a tenant's knowledge chunks for a query."""
 
-    async def search(
-        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
-    ) -> list[RetrievedChunk]:
+    async def search(self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None) -> SearchResult:
         """Best chunks first; ``embedding`` is the query's, when the caller has it already."""
         ...
 
@@ -207,9 +205,7 @@ class RetrieverClient:
             "knowledge retriever", lambda: self._handle.knowledge_state.remote(tenant), self._timeout_s
         )
 
-    async def search(
-        self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None
-    ) -> list[RetrievedChunk]:
+    async def search(self, tenant: str, query: str, top_k: int, embedding: Embedding | None = None) -> SearchResult:
         """Search through the Retriever deployment."""
         with stage(self._metrics, "retrieve", "cs.retrieve", tenant=tenant, top_k=top_k):
             return await call_dependency(

@@ -40,6 +40,7 @@ def ground(
     top_k: int,
     min_margin: float = 0.0,
     rerank_threshold: float | None = None,
+    dense_candidates: list[float] | None = None,
 ) -> Grounding:
     """Keep the hits relevant enough to answer from.
 
@@ -49,8 +50,10 @@ def ground(
     Some embedders score all text alike (multilingual-e5-small: unrelated text 0.80-0.89),
     so how far the best hit stands out from the other candidates says more: with
     ``min_margin`` the knowledge base has nothing relevant unless the best similarity leads
-    the candidates' median by that much. Hits reranked by a cross-encoder (``rerank_score``)
-    are judged by it instead of the cosine: it reads the question and the passage together.
+    the median of the dense signal's own candidates by that much. Not the median over the
+    fused hits: which dense hits survive fusion depends on the other signals (a different
+    BM25 tokenizer moved it). Hits reranked by a cross-encoder (``rerank_score``) are judged
+    by it instead of the cosine: it reads the question and the passage together.
 
     Args:
         hits: Search hits, best first (reranked hits: best cross-encoder score first).
@@ -58,12 +61,16 @@ def ground(
         top_k: Most hits to keep.
         min_margin: Least lead of the best similarity over the candidates' median (0: no check).
         rerank_threshold: Least cross-encoder score of a usable hit, when the hits were reranked.
+        dense_candidates: The dense signal's own similarities before fusion (``SearchResult``);
+            None: the dense scores of ``hits``.
 
     Returns:
         The usable hits (best first) and the confidence, the best deciding score (0 if none).
 
     """
-    dense = sorted((h.dense_score for h in hits if h.dense_score is not None), reverse=True)
+    if dense_candidates is None:
+        dense_candidates = [h.dense_score for h in hits if h.dense_score is not None]
+    dense = sorted(dense_candidates, reverse=True)
     if min_margin and dense and dense[0] - statistics.median(dense) < min_margin:
         return Grounding(chunks=[], confidence=0.0)
 

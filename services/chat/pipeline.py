@@ -305,7 +305,8 @@ class ChatPipeline:
         self, profile: TenantConfig, question: str, embedding: Embedding | None
     ) -> tuple[list[RetrievedChunk], Grounding]:
         tenant = profile.tenant
-        hits = await self._retriever.search(tenant, question, self._config.retrieval_candidates, embedding)
+        found = await self._retriever.search(tenant, question, self._config.retrieval_candidates, embedding)
+        hits = found.hits
         config = self._config
         rerank_threshold = None
         if self._reranker is not None and config.reranking is not None and hits:
@@ -318,6 +319,7 @@ class ChatPipeline:
             config.retrieval_top_k,
             config.relevance_margin,
             rerank_threshold,
+            found.dense_candidates,
         )
 
     async def _rerank(self, question: str, hits: list[RetrievedChunk]) -> list[RetrievedChunk]:

@@ -49,7 +49,7 @@ from services.knowledge.collections import (
     ensure_chunk_collection,
     ensure_state_collection,
 )
-from services.schemas import Embedding, KnowledgeChunk, RetrievedChunk
+from services.schemas import Embedding, KnowledgeChunk, RetrievedChunk, SearchResult
 
 logger = logging.getLogger(__name__)
 
@@ -294,11 +294,12 @@ class MilvusKnowledgeStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def search(self, tenant: str, query: str, embedding: Embedding, top_k: int) -> list[RetrievedChunk]:
+    def search(self, tenant: str, query: str, embedding: Embedding, top_k: int) -> SearchResult:
         """Hybrid search within the chunks of the tenant's committed generation.
 
         Returns:
-            Up to ``top_k`` hits ordered by fused RRF score, each with its per-signal scores.
+            Up to ``top_k`` hits ordered by fused RRF score, each with its per-signal scores,
+            and the similarities of the dense signal's own candidates.
 
         Raises:
             KnowledgeBaseUnavailableError: Milvus failed; never hidden as an empty result.
@@ -332,7 +333,7 @@ class MilvusKnowledgeStore:
             self._config.rrf_k,
         )
         best = sorted(fused, key=fused.__getitem__, reverse=True)[:top_k]
-        return [
+        fused_hits = [
             RetrievedChunk(
                 chunk=KnowledgeChunk(**{f: entities[cid][f] for f in SCALAR_FIELDS}),
                 score=round(fused[cid], 6),
@@ -342,6 +343,7 @@ class MilvusKnowledgeStore:
             )
             for cid in best
         ]
+        return SearchResult(hits=fused_hits, dense_candidates=sorted(per_signal["dense"].values(), reverse=True))
 
     def _search_generation(self, tenant: str) -> int:
         """The tenant's committed generation, read again once ``generation_cache_s`` has passed."""

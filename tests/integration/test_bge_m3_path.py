@@ -42,7 +42,7 @@ def test_bge_m3_family_gives_sparse_vectors_that_milvus_searches(minilm_dir: Pat
             KnowledgeDocument(doc_id="hours", title="Hours", text="Agents work from 9:00 to 22:00."),
         ]
         sync_complete(store, backend, "lumen", "test", docs)
-        hits = store.search("lumen", "refund payment method", emb, 2)
+        hits = store.search("lumen", "refund payment method", emb, 2).hits
         assert hits[0].chunk.doc_id == "refund"
         assert hits[0].sparse_score is not None
         assert hits[0].dense_score is not None and hits[0].bm25_score is not None

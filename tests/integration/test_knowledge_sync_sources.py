@@ -70,7 +70,7 @@ def store(tmp_path: Path) -> Iterator[MilvusKnowledgeStore]:
 
 def search(store: MilvusKnowledgeStore, backend: EmbeddingBackend, query: str, tenant: str = "lumen") -> list[str]:
     [embedding] = backend.encode([query], "query")
-    return [h.chunk.text for h in store.search(tenant, query, embedding, 50)]
+    return [h.chunk.text for h in store.search(tenant, query, embedding, 50).hits]
 
 
 def sources(*configs: dict[str, Any], tenant: str = "lumen") -> SourcesFile:

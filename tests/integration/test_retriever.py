@@ -61,7 +61,8 @@ def retriever(ray_cluster: dict[str, Any], minilm_dir: Path, milvus_path: Path) 
 
 
 async def test_hits_carry_scores_and_rank_the_right_chunk_first(retriever: Any) -> None:
-    hits = await retriever.search.remote("lumen", "How many days do I have to return an item?", 3)
+    found = await retriever.search.remote("lumen", "How many days do I have to return an item?", 3)
+    hits = found.hits
     assert hits[0].chunk.doc_id == "returns"
     assert hits[0].dense_score > 0.4
     assert hits[0].bm25_score is not None and hits[0].bm25_score > 0
@@ -69,16 +70,17 @@ async def test_hits_carry_scores_and_rank_the_right_chunk_first(retriever: Any) 
 
 
 async def test_bm25_finds_chinese_text(retriever: Any) -> None:
-    hits = await retriever.search.remote("lumen", "我忘记密码了", 3)
+    hits = (await retriever.search.remote("lumen", "我忘记密码了", 3)).hits
     assert any(h.chunk.doc_id == "pwd" and h.bm25_score for h in hits)
 
 
 async def test_a_tenant_never_sees_another_tenants_chunks(retriever: Any) -> None:
-    lumen = await retriever.search.remote("lumen", "return within days", 10)
-    other = await retriever.search.remote("other", "return within days", 10)
+    lumen = (await retriever.search.remote("lumen", "return within days", 10)).hits
+    other = (await retriever.search.remote("other", "return within days", 10)).hits
     assert {h.chunk.tenant for h in lumen} == {"lumen"} and len(lumen) == 3
     assert [(h.chunk.tenant, h.chunk.text) for h in other] == [("other", OTHER_DOCS[0].text)]
-    assert await retriever.search.remote("nobody", "return within days", 10) == []
+    nobody = await retriever.search.remote("nobody", "return within days", 10)
+    assert nobody.hits == [] and nobody.dense_candidates == []
 
 
 async def test_filter_injection_is_refused(retriever: Any) -> None:
@@ -92,7 +94,7 @@ def test_milvus_outage_is_an_error_not_an_empty_result(tmp_path: Path, backend: 
     )
     sync_complete(store, backend, "lumen", "test", LUMEN_DOCS[:1])
     query = backend.encode(["returns"], "query")[0]
-    assert store.search("lumen", "returns", query, 3)
+    assert store.search("lumen", "returns", query, 3).hits
     store.close()  # the Lite server process is gone now
     with pytest.raises(KnowledgeBaseUnavailableError, match=r"Milvus .* failed"):
         store.search("lumen", "returns", query, 3)
@@ -131,13 +133,35 @@ def test_searches_reuse_the_generation_and_see_a_commit_of_their_own_store_at_on
         monkeypatch.setattr(store, "tenant_state", counted)
         [query] = backend.encode(["How many days do I have to return an item?"], "query")
         for _ in range(5):
-            assert store.search("lumen", "return", query, 3)[0].chunk.text == LUMEN_DOCS[0].text
+            assert store.search("lumen", "return", query, 3).hits[0].chunk.text == LUMEN_DOCS[0].text
         assert reads == 0  # the commit left its generation for the searches
 
         changed = LUMEN_DOCS[0].model_copy(update={"text": "Items can be returned within 15 days of delivery."})
         sync_complete(store, backend, "lumen", "test", [changed, *LUMEN_DOCS[1:]])
-        texts = {hit.chunk.text for hit in store.search("lumen", "return", query, 10)}
+        texts = {hit.chunk.text for hit in store.search("lumen", "return", query, 10).hits}
         assert changed.text in texts and LUMEN_DOCS[0].text not in texts
+    finally:
+        store.close()
+
+
+def test_the_dense_candidates_are_the_dense_signals_own_whatever_fusion_keeps(
+    tmp_path: Path, backend: EmbeddingBackend
+) -> None:
+    config = RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db") | {"candidates_per_signal": 4})
+    store = MilvusKnowledgeStore(config, dimension=384, has_sparse=False)
+    try:
+        docs = [
+            *LUMEN_DOCS,
+            KnowledgeDocument(doc_id="gift", title="Gift cards", text="Gift cards never expire."),
+            KnowledgeDocument(doc_id="fees", title="Return fees", text="Return shipping is free for members."),
+        ]
+        sync_complete(store, backend, "lumen", "test", docs)
+        [query] = backend.encode(["return shipping fee"], "query")
+        found = store.search("lumen", "return shipping fee", query, 2)
+        passages = backend.encode([f"{d.title}\n{d.text}" for d in docs], "passage")
+        exact = sorted((sum(p * q for p, q in zip(query.dense, v.dense, strict=True)) for v in passages), reverse=True)
+        assert found.dense_candidates == pytest.approx(exact[:4], abs=1e-3)  # its own four, best first
+        assert len(found.hits) == 2  # of which fusion kept two
     finally:
         store.close()
 
