@@ -279,6 +279,7 @@ def test_the_search_test_shows_each_signal_and_the_gates_decision_and_whoami_nam
     a, _ = replicas
     found = a.client.post("/admin/tenants/lumen/search-test", json={"question": "Returns?"}, headers=ADMIN).json()
     assert found["decision"] == "answer" and found["confidence"] == 0.8
+    assert found["margin"] == 0.0  # the stand-in's one candidate is its own median
     assert found["hits"][0] | {"passage": None} == {
         "doc_id": "returns", "title": "Returns", "source": "s", "passage": None, "fused": 0.03, "dense": 0.8,
         "sparse": None, "bm25": None, "rerank": None, "kept": True,

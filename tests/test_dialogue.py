@@ -81,7 +81,7 @@ def test_the_margin_is_measured_against_the_dense_signals_own_candidates_not_the
     own = [0.90, 0.89, 0.88] + [0.84] * 17
     assert ground(fused, threshold=0.82, top_k=3, min_margin=0.03).is_empty  # median of 0.90, 0.89, 0.88
     kept = ground(fused, threshold=0.82, top_k=3, min_margin=0.03, dense_candidates=own)
-    assert [h.chunk.doc_id for h in kept.chunks] == ["a", "b", "c"]
+    assert [h.chunk.doc_id for h in kept.chunks] == ["a", "b", "c"] and kept.margin == 0.06
     # And candidates that all score alike refuse, whatever survived fusion.
     flat_own = [0.90, 0.89, 0.88] + [0.885] * 17
     assert ground(fused, threshold=0.82, top_k=3, min_margin=0.03, dense_candidates=flat_own).is_empty

@@ -22,7 +22,9 @@ class Retriever:
             id=f"{tenant}:s:returns:0", tenant=tenant, source="s", doc_id="returns", chunk_no=0,
             title="Returns", text="Returns within 7 days.", content_hash="h",
         )  # fmt: skip
-        return SearchResult(hits=[RetrievedChunk(chunk=chunk, score=0.03, dense_score=self.dense)])
+        return SearchResult(
+            hits=[RetrievedChunk(chunk=chunk, score=0.03, dense_score=self.dense)], dense_candidates=[self.dense]
+        )
 
 
 class Generator:

@@ -216,7 +216,7 @@ def _operator_key(request: Request, tenant: str) -> None:
 async def search_test(
     request: Request, _: Annotated[None, Depends(_operator_key)], tenant: Tenant, body: SearchTest
 ) -> dict[str, Any]:
-    """The fused hits of a question with each signal's score, and the relevance gate's decision.
+    """The fused hits of a question with each signal's score, and the relevance gate's decision and margin.
 
     Runs the chat's own embedding, hybrid search, reranking and gate; nothing is generated,
     remembered or recorded. Admin key, or the tenant's operator key.
@@ -231,6 +231,8 @@ async def search_test(
         "question": body.question.strip(),
         "decision": "fallback" if grounding.is_empty else "answer",
         "confidence": grounding.confidence,
+        # The gate's relevance_margin is compared with this lead; operators tune it here.
+        "margin": grounding.margin,
         "hits": [
             {
                 "doc_id": h.chunk.doc_id,

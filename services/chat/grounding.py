@@ -27,6 +27,8 @@ class Grounding:
 
     chunks: list[RetrievedChunk]
     confidence: float
+    margin: float | None = None
+    """How far the best dense similarity led the median of the dense candidates; None: no dense candidates."""
 
     @property
     def is_empty(self) -> bool:
@@ -71,8 +73,9 @@ def ground(
     if dense_candidates is None:
         dense_candidates = [h.dense_score for h in hits if h.dense_score is not None]
     dense = sorted(dense_candidates, reverse=True)
-    if min_margin and dense and dense[0] - statistics.median(dense) < min_margin:
-        return Grounding(chunks=[], confidence=0.0)
+    margin = round(dense[0] - statistics.median(dense), 4) if dense else None
+    if min_margin and margin is not None and margin < min_margin:
+        return Grounding(chunks=[], confidence=0.0, margin=margin)
 
     def usable(hit: RetrievedChunk) -> bool:
         if hit.rerank_score is not None and rerank_threshold is not None:
@@ -81,7 +84,7 @@ def ground(
 
     relevant = [h for h in hits if usable(h)][:top_k]
     confidence = max((relevance_of(h) or 0.0 for h in relevant), default=0.0)
-    return Grounding(chunks=relevant, confidence=round(min(max(confidence, 0.0), 1.0), 4))
+    return Grounding(chunks=relevant, confidence=round(min(max(confidence, 0.0), 1.0), 4), margin=margin)
 
 
 def relevance_of(hit: RetrievedChunk) -> float | None:

@@ -197,7 +197,8 @@
         e.preventDefault();
         result.textContent = "";
         api("POST", "/admin/tenants/" + tenant + "/search-test", {question: input.value}).then(function (found) {
-          result.appendChild(el("p", {id: "search-decision", text: t("decision") + ": " + found.decision + " (confidence " + fmt(found.confidence) + ")"}));
+          result.appendChild(el("p", {id: "search-decision", text: t("decision") + ": " + found.decision + " (confidence " + fmt(found.confidence) +
+            (found.margin === null ? "" : " · margin " + fmt(found.margin)) + ")"}));
           result.appendChild(table(["kept", "doc_id", "title", "fused", "dense", "sparse", "bm25", "rerank"], found.hits.map(function (h) {
             return [h.kept ? "✓" : "", h.doc_id, h.title, h.fused, h.dense, h.sparse, h.bm25, h.rerank];
           })));
