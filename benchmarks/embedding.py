@@ -58,6 +58,7 @@ async def load(handle: Any, callers: int, calls_each: int) -> tuple[float, list[
 def in_process(repeats: int) -> list[list[Any]]:
     """Milliseconds for one query: the one-pass path in bfloat16 and in float32, and FlagEmbedding's encode."""
     import torch
+    from FlagEmbedding import FlagModel
 
     from services.config import EmbedderConfig
     from services.embedder import load_embedding_backend
@@ -65,8 +66,6 @@ def in_process(repeats: int) -> list[list[Any]]:
     torch.set_num_threads(1)  # as in a replica with num_cpus < 2 (Ray sets OMP_NUM_THREADS=1)
     half = load_embedding_backend(EmbedderConfig.model_validate(embedder_args(32) | {"use_bf16": True}))
     exact = load_embedding_backend(EmbedderConfig.model_validate(embedder_args(32) | {"use_bf16": False}))
-    from FlagEmbedding import FlagModel
-
     args = embedder_args(32)
     flag = FlagModel(
         args["model"],

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar, cast
 
 from ray import serve
 from ray.serve.deployment import Application
@@ -161,7 +161,7 @@ class DenseEmbeddingBackend:
             batch = order[start : start + self._batch_size]
             for i, vector in zip(batch, self._encode_in_one_pass([texts[i] for i in batch]), strict=True):
                 vectors[i] = Embedding(dense=vector.tolist())
-        return [v for v in vectors if v is not None]
+        return cast(list[Embedding], vectors)  # every index was filled by its batch
 
     def _model_inputs(self, texts: list[str]) -> dict[str, Any]:
         """Token ids cut to ``max_length`` with the model's special tokens, padded, and their attention mask.
@@ -243,7 +243,8 @@ class BGEM3Backend:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens of each text with the model's own tokenizer, without special tokens."""
-        return _count_tokens(self._model.tokenizer, texts)
+        ids = self._model.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+        return [len(i) for i in ids]
 
     def encode(self, texts: list[str], kind: TextKind) -> list[Embedding]:
         """Dense and sparse vectors with the query or passage instruction."""
@@ -272,10 +273,6 @@ def _load_tokenizer(model: str) -> Any:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
-
-
-def _count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]]
 
 
 def _has_native_bf16(device: str) -> bool:

@@ -141,7 +141,8 @@ class OrchestratorConfig(StrictModel):
         ge=0,
         le=1,
         description="Least lead of the best hit's dense similarity over the median of the dense signal's own "
-        "candidates (retriever.candidates_per_signal) for an answer from the knowledge base; 0 turns the check off. "
+        "candidates (retriever.candidates_per_signal, or retrieval_candidates where that is more) for an answer "
+        "from the knowledge base; 0 turns the check off. "
         "For embedders that score all text alike (e5).",
     )
     retrieval_top_k: int = Field(4, ge=1, le=50, description="Chunks put into the prompt.")
