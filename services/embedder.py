@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from services.config import EmbedderConfig, ObservabilityConfig, RerankerConfig
+from services.config.embedder import ONNX_MODEL_FILE, ONNX_TOKENIZER_FILE
 from services.errors import DependencyUnavailableError, InvalidRequestError, ServiceError
 from services.observability.gpu import start_gpu_sampling
 from services.observability.logs import configure_replica_logging
@@ -91,32 +92,26 @@ def _silence_flagembedding_progress_bars() -> None:
 
 
 def load_embedding_backend(config: EmbedderConfig) -> EmbeddingBackend:
-    """The backend of ``config.family``: transformers alone for dense models, FlagEmbedding for BGE-M3."""
-    return BGEM3Backend(config) if config.family == "bge-m3" else DenseEmbeddingBackend(config)
+    """The backend of ``config``: FlagEmbedding for BGE-M3; transformers or ONNX Runtime for dense models."""
+    if config.family == "bge-m3":
+        return BGEM3Backend(config)
+    return OnnxEmbeddingBackend(config) if config.runtime == "onnxruntime" else DenseEmbeddingBackend(config)
 
 
-class DenseEmbeddingBackend:
-    """A dense embedding model (BGE, e5, sentence-transformers) through transformers alone.
+class _DenseModel:
+    """What every dense backend shares: instructions, batching, token ids cut and padded; the forward pass is theirs.
 
     It computes what FlagEmbedding's ``FlagModel`` does (instruction, tokenizer, one forward
-    pass, cls or mean pooling, normalization) without importing FlagEmbedding: its package
-    imports its fine-tuning code (datasets, peft) on the way, 29 MB of every Embedder
-    replica's memory for nothing it uses, and the dense path no longer reaches into
-    FlagEmbedding's internals.
+    pass per ``max_batch_size`` texts, cls or mean pooling, normalization) with the
+    tokenizers-library ``Tokenizer`` alone, not transformers' wrapper.
     """
 
-    def __init__(self, config: EmbedderConfig) -> None:
-        import torch
-        from transformers import AutoModel
-
-        self._device = config.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-        on_cpu = self._device.startswith("cpu")
-        bf16 = config.use_bf16 if config.use_bf16 != "auto" else _has_native_bf16(self._device)
-        # FlagEmbedding, too, takes use_fp16 on GPUs only (it casts a CPU model back to float32).
-        dtype = torch.bfloat16 if bf16 else torch.float16 if config.use_fp16 and not on_cpu else torch.float32
-        self._tokenizer = _load_tokenizer(config.model)
-        self._model = AutoModel.from_pretrained(config.model, dtype=dtype).to(self._device).eval()
-        logger.info("dense embedding model on %s in %s", self._device, dtype)
+    def __init__(self, config: EmbedderConfig, tokenizer: Any) -> None:
+        # transformers pads and cuts per call; a saved tokenizer.json may keep its own settings
+        # (MiniLM's: 128 tokens). Counts must not be cut; inputs are cut and padded here.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self._tokenizer = tokenizer
         self._instructions: dict[TextKind, str | None] = {
             "query": config.query_instruction,
             "passage": config.passage_instruction,
@@ -124,17 +119,6 @@ class DenseEmbeddingBackend:
         self._pooling = config.pooling_method
         self._max_length = config.max_length
         self._batch_size = config.max_batch_size
-        self._dimension = len(self.encode(["dimension probe"], "passage")[0].dense)
-
-    @property
-    def dimension(self) -> int:
-        """Length of the dense vectors."""
-        return self._dimension
-
-    @property
-    def dtype(self) -> Any:
-        """The torch dtype the model's weights are in."""
-        return next(self._model.parameters()).dtype
 
     @property
     def has_sparse(self) -> bool:
@@ -159,17 +143,18 @@ class DenseEmbeddingBackend:
         vectors: list[Embedding | None] = [None] * len(texts)
         for start in range(0, len(order), self._batch_size):
             batch = order[start : start + self._batch_size]
-            for i, vector in zip(batch, self._encode_in_one_pass([texts[i] for i in batch]), strict=True):
+            ids, mask = self._token_ids([texts[i] for i in batch])
+            for i, vector in zip(batch, self._pooled_vectors(ids, mask), strict=True):
                 vectors[i] = Embedding(dense=vector.tolist())
         return cast(list[Embedding], vectors)  # every index was filled by its batch
 
-    def _model_inputs(self, texts: list[str]) -> dict[str, Any]:
+    def _token_ids(self, texts: list[str]) -> tuple[Any, Any]:
         """Token ids cut to ``max_length`` with the model's special tokens, padded, and their attention mask.
 
-        What transformers' tokenizer call gives with ``truncation=True, padding=True``. Padded
-        positions are masked out, so the id they hold does not matter.
+        What transformers' tokenizer call gives with ``truncation=True, padding=True``, as
+        int64 numpy arrays. Padded positions are masked out, so the id they hold does not matter.
         """
-        import torch
+        import numpy as np
 
         tokenizer = self._tokenizer
         room = self._max_length - tokenizer.num_special_tokens_to_add(False)
@@ -178,15 +163,51 @@ class DenseEmbeddingBackend:
             encoding.truncate(room)
             encodings.append(tokenizer.post_process(encoding))
         width = max(len(e.ids) for e in encodings)
-        ids = torch.zeros((len(encodings), width), dtype=torch.long)
-        mask = torch.zeros((len(encodings), width), dtype=torch.long)
+        ids = np.zeros((len(encodings), width), dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
         for row, encoding in enumerate(encodings):
-            ids[row, : len(encoding.ids)] = torch.tensor(encoding.ids)
+            ids[row, : len(encoding.ids)] = encoding.ids
             mask[row, : len(encoding.ids)] = 1
-        return {"input_ids": ids.to(self._device), "attention_mask": mask.to(self._device)}
+        return ids, mask
 
-    def _encode_in_one_pass(self, texts: list[str]) -> Any:
-        """Normalized pooled vectors of one forward pass, as float32 numpy rows.
+    def _pooled_vectors(self, ids: Any, mask: Any) -> Any:
+        """Normalized pooled vectors of one forward pass over the padded batch, as float32 numpy rows."""
+        raise NotImplementedError
+
+
+class DenseEmbeddingBackend(_DenseModel):
+    """A dense embedding model (BGE, e5, sentence-transformers) through transformers and torch.
+
+    FlagEmbedding is not imported: its package imports its fine-tuning code (datasets, peft)
+    on the way, 29 MB of every Embedder replica's memory for nothing it uses.
+    """
+
+    def __init__(self, config: EmbedderConfig) -> None:
+        import torch
+        from transformers import AutoModel
+
+        super().__init__(config, _load_tokenizer(config.model))
+        self._device = config.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+        on_cpu = self._device.startswith("cpu")
+        bf16 = config.use_bf16 if config.use_bf16 != "auto" else _has_native_bf16(self._device)
+        # FlagEmbedding, too, takes use_fp16 on GPUs only (it casts a CPU model back to float32).
+        dtype = torch.bfloat16 if bf16 else torch.float16 if config.use_fp16 and not on_cpu else torch.float32
+        self._model = AutoModel.from_pretrained(config.model, dtype=dtype).to(self._device).eval()
+        logger.info("dense embedding model on %s in %s", self._device, dtype)
+        self._dimension = len(self.encode(["dimension probe"], "passage")[0].dense)
+
+    @property
+    def dimension(self) -> int:
+        """Length of the dense vectors."""
+        return self._dimension
+
+    @property
+    def dtype(self) -> Any:
+        """The torch dtype the model's weights are in."""
+        return next(self._model.parameters()).dtype
+
+    def _pooled_vectors(self, ids: Any, mask: Any) -> Any:
+        """One forward pass in torch.
 
         FlagEmbedding's own ``encode`` would run the first batch of every call twice: a probe
         for the largest batch that fits in memory (FlagEmbedding PR #1229), 34 ms instead of
@@ -195,14 +216,74 @@ class DenseEmbeddingBackend:
         import torch
 
         with torch.inference_mode():
-            inputs = self._model_inputs(texts)
-            hidden = self._model(**inputs, return_dict=True).last_hidden_state
+            attention = torch.from_numpy(mask).to(self._device)
+            hidden = self._model(
+                input_ids=torch.from_numpy(ids).to(self._device), attention_mask=attention, return_dict=True
+            ).last_hidden_state
             if self._pooling == "cls":
                 pooled = hidden[:, 0]
             else:
-                mask = inputs["attention_mask"].unsqueeze(-1).float()
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+                weights = attention.unsqueeze(-1).float()
+                pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
             return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+
+
+class OnnxEmbeddingBackend(_DenseModel):
+    """A dense embedding model exported by ``cs-export-onnx``, run by ONNX Runtime on the CPU; no torch in the process.
+
+    Measured with multilingual-e5-small on one core (benchmarks/README.md): a query 21 ms of
+    CPU in torch, 10.6 ms here; 32 texts 335 ms, 306 ms here. The export's weights are
+    memory-mapped, so the vocabulary table costs only the rows that are read, and torch and
+    transformers (468 MB of an Embedder's memory) are never imported.
+    """
+
+    def __init__(self, config: EmbedderConfig) -> None:
+        import os
+        from pathlib import Path
+
+        import onnxruntime
+        import tokenizers
+
+        folder = Path(config.model)
+        missing = [name for name in (ONNX_MODEL_FILE, ONNX_TOKENIZER_FILE) if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"embedder.model {folder} has no {' or '.join(missing)}: runtime 'onnxruntime' takes the folder "
+                "`cs-export-onnx MODEL_DIR DEST_DIR` writes"
+            )
+        super().__init__(config, tokenizers.Tokenizer.from_file(str(folder / ONNX_TOKENIZER_FILE)))
+        options = onnxruntime.SessionOptions()
+        # Ray sets OMP_NUM_THREADS to the CPUs the replica reserved (at least 1), which torch
+        # follows; ONNX Runtime reads no such variable, so it is passed on (unset: its default).
+        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+        # Its threads spin after each pass by default: CPU taken from the engine beside them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = onnxruntime.InferenceSession(
+            str(folder / ONNX_MODEL_FILE), options, providers=["CPUExecutionProvider"]
+        )
+        # Its memory arena keeps the largest pass's buffers (+430 MB after 8 texts of 512
+        # tokens, measured); shrunk after each pass, it holds the weights and little more.
+        self._run_options = onnxruntime.RunOptions()
+        self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        logger.info("dense embedding model in ONNX Runtime, %s threads", options.intra_op_num_threads or "default")
+        self._dimension = len(self.encode(["dimension probe"], "passage")[0].dense)
+
+    @property
+    def dimension(self) -> int:
+        """Length of the dense vectors."""
+        return self._dimension
+
+    def _pooled_vectors(self, ids: Any, mask: Any) -> Any:
+        """One forward pass in ONNX Runtime, pooled and normalized in numpy."""
+        import numpy as np
+
+        (hidden,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask}, self._run_options)
+        if self._pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = mask[..., None].astype(np.float32)
+            pooled = (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+        return (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float32)
 
 
 class BGEM3Backend:
@@ -267,12 +348,7 @@ def _load_tokenizer(model: str) -> Any:
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model).backend_tokenizer
-    # transformers pads and cuts per call; its backend may keep a saved tokenizer.json's own
-    # settings (MiniLM's: 128 tokens). Counts must not be cut; inputs are cut and padded here.
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
+    return AutoTokenizer.from_pretrained(model).backend_tokenizer
 
 
 def _has_native_bf16(device: str) -> bool:

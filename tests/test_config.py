@@ -172,9 +172,21 @@ def test_reranking_without_a_cross_encoder_is_refused_by_name() -> None:
 
 def test_bfloat16_embeddings_are_refused_beside_half_precision_and_for_bge_m3() -> None:
     args = app_args("serve_config.dev.yaml")
-    args["embedder"] |= {"use_bf16": True, "use_fp16": True}
+    args["embedder"] |= {"use_bf16": True, "use_fp16": True, "runtime": "torch"}
     assert "use_fp16 and use_bf16 are both set" in error_text(args)
     args["embedder"] |= {"use_fp16": False, "family": "bge-m3"}
     assert "use_bf16 is for family 'dense'" in error_text(args)
     args["embedder"]["family"] = "dense"
     assert AppConfig.model_validate(args).embedder.use_bf16
+
+
+def test_onnx_runtime_is_refused_for_bge_m3_half_precision_and_gpus() -> None:
+    args = app_args("serve_config.dev.yaml")
+    args["embedder"] |= {"runtime": "onnxruntime", "family": "bge-m3"}
+    assert "runtime 'onnxruntime' is for family 'dense'" in error_text(args)
+    args["embedder"] |= {"family": "dense", "use_bf16": True}
+    assert "runtime 'onnxruntime' runs the float32 export" in error_text(args)
+    args["embedder"] |= {"use_bf16": False, "device": "cuda:0"}
+    assert "runtime 'onnxruntime' runs on the CPU, not on device 'cuda:0'" in error_text(args)
+    args["embedder"]["device"] = "cpu"
+    assert AppConfig.model_validate(args).embedder.runtime == "onnxruntime"

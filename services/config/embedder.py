@@ -8,6 +8,10 @@ from pydantic import Field, model_validator
 
 from services.config.base import DeploymentOptions, StrictModel
 
+#: Files of a folder ``cs-export-onnx`` writes, which ``runtime: onnxruntime`` loads.
+ONNX_MODEL_FILE = "model.onnx"
+ONNX_TOKENIZER_FILE = "tokenizer.json"
+
 
 class RerankerConfig(StrictModel):
     """A cross-encoder that scores (question, passage) pairs (FlagEmbedding ``FlagReranker``)."""
@@ -31,6 +35,13 @@ class EmbedderConfig(StrictModel):
     )
     query_instruction: str | None = Field(None, description="Prefix put before queries (not passages).")
     passage_instruction: str | None = Field(None, description="Prefix put before passages.")
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        "torch",
+        description="What runs a 'dense' model: 'torch' (transformers) or 'onnxruntime' (CPU only; `model` is then "
+        "the folder `cs-export-onnx MODEL_DIR DEST_DIR` wrote, checked against torch when it was written). ONNX "
+        "Runtime: a query half the CPU on one core, and no torch in the Embedder or the knowledge-sync job "
+        "(benchmarks/README.md, 'Embedding').",
+    )
     max_length: int = Field(512, ge=8, le=8192, description="Token limit per text.")
     use_fp16: bool = Field(False, description="Half precision; only on GPUs.")
     use_bf16: bool | Literal["auto"] = Field(
@@ -65,4 +76,11 @@ class EmbedderConfig(StrictModel):
         if self.use_bf16 and self.family != "dense":
             # FlagEmbedding's BGE-M3 encode casts a CPU model back to float32 on every call.
             raise ValueError("use_bf16 is for family 'dense'; BGE-M3 takes use_fp16 on a GPU")
+        if self.runtime == "onnxruntime":
+            if self.family != "dense":
+                raise ValueError("runtime 'onnxruntime' is for family 'dense'; BGE-M3 runs in torch")
+            if self.use_fp16 or self.use_bf16:
+                raise ValueError("runtime 'onnxruntime' runs the float32 export: unset use_fp16 and use_bf16")
+            if self.device not in (None, "cpu"):
+                raise ValueError(f"runtime 'onnxruntime' runs on the CPU, not on device {self.device!r}: use 'torch'")
         return self

@@ -27,8 +27,8 @@ def client(ray_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
     from cs_testing.crm_emulator import serve_in_thread
     from examples.storefront.app import create_app
 
-    embedder_dir = REPO_ROOT / "models" / "multilingual-e5-small"
-    if not (DEV_MODEL_DIR / "config.json").exists() or not (embedder_dir / "config.json").exists():
+    embedder_dir = REPO_ROOT / "models" / "multilingual-e5-small-onnx"
+    if not (DEV_MODEL_DIR / "config.json").exists() or not (embedder_dir / "model.onnx").exists():
         pytest.skip("dev models missing: run `cs-fetch-models --dest models` (scripts/test.sh does)")
     milvus_path = tmp_path_factory.mktemp("dev-milvus") / "kb.db"
     document = yaml.safe_load((REPO_ROOT / "serve_config.dev.yaml").read_text())

@@ -1,0 +1,197 @@
+"""Export a dense embedding model to ONNX for the Embedder's ``runtime: onnxruntime``.
+
+Usage: ``cs-export-onnx MODEL_DIR DEST_DIR`` (a transformers folder of a BERT-like encoder:
+BGE, e5, sentence-transformers). ``DEST_DIR`` then holds:
+
+* ``model.onnx`` and ``model.onnx.data``: the encoder up to its last hidden state, with the
+  weights in a separate file so that ONNX Runtime memory-maps them (the 250k-row embedding
+  table of an XLM-R vocabulary then costs only the rows that are read);
+* ``tokenizer.json``: the tokenizers-library pipeline *as transformers builds it* for the
+  model (its XLM-R class rebuilds some pipelines, so the original ``tokenizer.json`` would
+  give other ids), without padding or truncation (the Embedder cuts and pads);
+* ``export.json``: where it came from and the largest difference measured against torch.
+
+The export is checked before it is kept: the ids of every probe text must equal
+transformers' own and the hidden states ONNX Runtime computes must match torch's within
+``1e-4`` (padded batches and a text cut at the model's length included); otherwise nothing
+is written. Pooling, instructions and normalization stay in the Embedder's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from services.config.embedder import ONNX_MODEL_FILE as MODEL_FILE
+from services.config.embedder import ONNX_TOKENIZER_FILE as TOKENIZER_FILE
+
+WEIGHTS_FILE = "model.onnx.data"
+MANIFEST_FILE = "export.json"
+#: Largest absolute difference of a hidden-state value (ONNX Runtime against torch) that is kept.
+TOLERANCE = 1e-4
+
+_PROBES = [
+    "query: 我的订单什么时候发货？",
+    "passage: Returns are accepted within 30 days of delivery, unused and in the original packaging.",
+    "可以开发票吗",
+    "  odd\twhitespace  and a trailing space ",
+    "ＦＵＬＬ－ＷＩＤＴＨ　ｔｅｘｔ１２３",
+    "退货 " * 400,  # longer than the model reads: cut at its length
+]
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or its export did not match torch."""
+
+
+def export_dense_model(model_dir: Path, dest: Path) -> Path:
+    """Export, check and write the model into ``dest`` (replaced only once the check passed).
+
+    Args:
+        model_dir: A transformers folder of an encoder model.
+        dest: The folder to write; its parent must exist.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        ExportError: The export failed, or ids or hidden states differ from torch's.
+
+    """
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    length = min(int(getattr(model.config, "max_position_embeddings", 512)), 512)
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _export_graph(model, tokenizer, staging)
+        backend = tokenizer.backend_tokenizer
+        backend.no_truncation()
+        backend.no_padding()
+        backend.save(str(staging / TOKENIZER_FILE))
+        difference = _check(model, tokenizer, staging, length)
+        (staging / MANIFEST_FILE).write_text(
+            json.dumps(
+                {
+                    "source": str(model_dir),
+                    "hidden_size": int(model.config.hidden_size),
+                    "max_length": length,
+                    "max_abs_difference": difference,
+                    "torch": torch.__version__,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.replace(dest)
+    return dest
+
+
+def _last_hidden_state(model: Any) -> Any:
+    """The model as a module of (input_ids, attention_mask) -> last hidden state, the graph that is traced."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    return Encoder().eval()
+
+
+def _export_graph(model: Any, tokenizer: Any, out: Path) -> None:
+    """Trace the encoder with dynamic batch and length, then move its weights beside the graph."""
+    import onnx
+    import torch
+
+    # Two texts of different lengths: the traced graph must take a padded batch.
+    example = tokenizer(_PROBES[:2], padding=True, return_tensors="pt")
+    traced = out / "traced.onnx"
+    axes = {0: "batch", 1: "tokens"}
+    try:
+        with warnings.catch_warnings():
+            # The tracer warns of every Python branch it freezes; the check after export is what counts.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _last_hidden_state(model),
+                (example["input_ids"], example["attention_mask"]),
+                str(traced),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["last_hidden_state"],
+                dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+                opset_version=17,
+                # The TorchScript exporter: the dynamo one needs onnxscript besides onnx.
+                dynamo=False,
+            )
+    except Exception as err:
+        raise ExportError(f"torch could not export the model: {err}") from err
+    graph = onnx.load(str(traced))
+    onnx.save(graph, str(out / MODEL_FILE), save_as_external_data=True, location=WEIGHTS_FILE, size_threshold=1024)
+    traced.unlink()
+
+
+def _check(model: Any, tokenizer: Any, out: Path, length: int) -> float:
+    """Largest hidden-state difference of ONNX Runtime against torch over the probes; raises past the tolerance."""
+    import numpy as np
+    import onnxruntime
+    import tokenizers
+    import torch
+
+    saved = tokenizers.Tokenizer.from_file(str(out / TOKENIZER_FILE))
+    for text in _PROBES:
+        theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ours = saved.encode(text, add_special_tokens=False).ids
+        if ours != theirs:
+            raise ExportError(f"the saved tokenizer gives other ids than transformers' for {text[:40]!r}")
+    session = onnxruntime.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for batch in ([_PROBES[0]], _PROBES[:3], _PROBES):
+        inputs = tokenizer(batch, padding=True, truncation=True, max_length=length, return_tensors="pt")
+        with torch.inference_mode():
+            expected = model(**inputs).last_hidden_state.numpy()
+        feed = {"input_ids": inputs["input_ids"].numpy(), "attention_mask": inputs["attention_mask"].numpy()}
+        got = session.run(None, feed)[0]
+        mask = inputs["attention_mask"].numpy()[..., None].astype(bool)
+        worst = max(worst, float(np.abs((expected - got) * mask).max()))
+    if worst > TOLERANCE:
+        raise ExportError(f"ONNX Runtime's hidden states differ from torch's by {worst:.2e} (> {TOLERANCE})")
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export MODEL_DIR to DEST_DIR; print the folder and the measured difference."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("model_dir", type=Path, help="A transformers folder of the embedding model.")
+    parser.add_argument("dest", type=Path, help="The folder to write (replaced).")
+    args = parser.parse_args(argv)
+    if not (args.model_dir / "config.json").is_file():
+        print(f"error: {args.model_dir} is not a transformers model folder (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        dest = export_dense_model(args.model_dir, args.dest)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    manifest = json.loads((dest / MANIFEST_FILE).read_text())
+    print(f"onnx: {dest} (largest difference from torch {manifest['max_abs_difference']:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The ONNX Runtime embedding backend and ``cs-export-onnx``, with the real MiniLM model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray import serve
+
+from cs_tools import export_onnx
+from services.config import EmbedderConfig
+from services.embedder import build_embedder, load_embedding_backend
+from tests.conftest import embedder_args
+
+pytestmark = pytest.mark.integration
+
+TEXTS = [
+    "refund to the original payment method",
+    "七天无理由退货",
+    "a much longer sentence " * 200,  # cut at max_length by both runtimes
+    "x",
+    "  odd\twhitespace  ",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_onnx(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx.export_dense_model(minilm_dir, tmp_path_factory.mktemp("export") / "minilm-onnx")
+
+
+def config_for(model: Path, **overrides: Any) -> EmbedderConfig:
+    return EmbedderConfig.model_validate(
+        embedder_args(model)
+        | {"query_instruction": "query: ", "passage_instruction": "passage: ", "max_batch_size": 4}
+        | overrides
+    )
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("kind", ["query", "passage"])
+def test_onnx_backend_gives_the_torch_backends_vectors_and_token_counts(
+    minilm_dir: Path, minilm_onnx: Path, kind: str, pooling: str
+) -> None:
+    from services.embedder import OnnxEmbeddingBackend
+
+    torch_backend = load_embedding_backend(config_for(minilm_dir, pooling_method=pooling))
+    onnx_backend = load_embedding_backend(config_for(minilm_onnx, pooling_method=pooling, runtime="onnxruntime"))
+    assert isinstance(onnx_backend, OnnxEmbeddingBackend)
+    assert onnx_backend.dimension == torch_backend.dimension == 384
+    # Five texts with max_batch_size 4: two passes, longest first, back in the texts' order.
+    for mine, reference in zip(onnx_backend.encode(TEXTS, kind), torch_backend.encode(TEXTS, kind), strict=True):
+        assert mine.dense == pytest.approx(reference.dense, abs=1e-5)
+    assert onnx_backend.count_tokens(TEXTS) == torch_backend.count_tokens(TEXTS)
+
+
+def test_onnx_backend_runs_without_torch_or_transformers_in_the_process(minilm_onnx: Path) -> None:
+    code = (
+        "import sys; from services.config import EmbedderConfig; from services.embedder import load_embedding_backend; "
+        f"config = EmbedderConfig(model={str(minilm_onnx)!r}, family='dense', runtime='onnxruntime'); "
+        "vector = load_embedding_backend(config).encode(['x'], 'query')[0].dense; "
+        "print(len(vector), sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "384 []"
+
+
+def test_onnx_runtime_names_the_export_command_for_a_folder_without_an_export(minilm_dir: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"has no model\.onnx: .*cs-export-onnx MODEL_DIR DEST_DIR"):
+        load_embedding_backend(config_for(minilm_dir, runtime="onnxruntime"))
+
+
+def test_an_export_that_differs_from_torch_is_not_written(
+    minilm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "minilm-onnx"
+    dest.mkdir()
+    (dest / "kept.txt").write_text("an earlier export")
+    # No float32 graph matches torch exactly: with no tolerance the check must refuse.
+    monkeypatch.setattr(export_onnx, "TOLERANCE", 0.0)
+    with pytest.raises(export_onnx.ExportError, match="differ from torch's"):
+        export_onnx.export_dense_model(minilm_dir, dest)
+    assert [p.name for p in tmp_path.iterdir()] == ["minilm-onnx"]
+    assert (dest / "kept.txt").read_text() == "an earlier export"
+
+
+def test_export_command_refuses_a_folder_that_is_no_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_onnx.main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "is not a transformers model folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def onnx_embedder(ray_cluster: dict[str, Any], minilm_onnx: Path) -> Iterator[Any]:
+    handle = serve.run(
+        build_embedder(config_for(minilm_onnx, runtime="onnxruntime")), name="onnx-embedder-test", route_prefix=None
+    )
+    yield handle
+    serve.delete("onnx-embedder-test")
+
+
+async def test_embedder_deployment_serves_the_onnx_export_with_torchs_vectors(
+    onnx_embedder: Any, minilm_dir: Path
+) -> None:
+    reference = load_embedding_backend(config_for(minilm_dir)).encode(TEXTS[:2], "query")
+    served = await onnx_embedder.embed.remote(TEXTS[:2], "query")
+    for mine, theirs in zip(served, reference, strict=True):
+        assert mine.dense == pytest.approx(theirs.dense, abs=1e-5)
+    assert (await onnx_embedder.info.remote())["dimension"] == 384
