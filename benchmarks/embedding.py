@@ -7,7 +7,8 @@ Run (after ``scripts/bootstrap.sh cpu,devmodels,dev,bench``)::
 1. **Dynamic batching**: 64 concurrent callers (as 64 orchestrator requests would), each
    embedding one shopper question per call, through Serve handles to the Embedder
    deployment of the dev config (multilingual-e5-small on the CPU): once with batches of up
-   to ``max_batch_size`` 32 (what queued while the model ran) and once with batches of one.
+   to ``max_batch_size`` 32 (what queued while the model ran), once with batches of one, and
+   once batched in torch (the runtime before).
    Texts/s and call latency.
 2. **In process**: the backend's own time (wall and CPU) for one question and for 32: ONNX
    Runtime (the dev config's runtime), torch in float32 and with bfloat16 weights
@@ -34,6 +35,9 @@ from benchmarks.common import (
     table,
     write_report,
 )
+
+#: The dev embedder's transformers folder, which the ONNX export of the dev config came from.
+TORCH_MODEL = REPO_ROOT / "models" / "multilingual-e5-small"
 
 
 def embedder_args(max_batch_size: int) -> dict[str, Any]:
@@ -68,7 +72,7 @@ def in_process(repeats: int) -> list[list[Any]]:
     torch.set_num_threads(1)  # as in a replica with num_cpus < 2 (Ray sets OMP_NUM_THREADS=1)
     os.environ["OMP_NUM_THREADS"] = "1"  # what the ONNX Runtime backend reads, as in a replica
     onnx = load_embedding_backend(EmbedderConfig.model_validate(embedder_args(32)))
-    torch_args = embedder_args(32) | {"model": str(REPO_ROOT / "models" / "multilingual-e5-small"), "runtime": "torch"}
+    torch_args = embedder_args(32) | {"model": str(TORCH_MODEL), "runtime": "torch"}
     half = load_embedding_backend(EmbedderConfig.model_validate(torch_args | {"use_bf16": True}))
     exact = load_embedding_backend(EmbedderConfig.model_validate(torch_args | {"use_bf16": False}))
     flag = FlagModel(
@@ -118,8 +122,13 @@ def main() -> None:
     single = in_process(50)
     rows = []
     with ray_cluster():
-        for label, batch in (("dynamic batching (dev config)", 32), ("batches of one", 1)):
-            config = EmbedderConfig.model_validate(embedder_args(batch))
+        torch_args = {"model": str(TORCH_MODEL), "runtime": "torch"}
+        for label, batch, overrides in (
+            ("dynamic batching (dev config: ONNX Runtime)", 32, {}),
+            ("batches of one (ONNX Runtime)", 1, {}),
+            ("dynamic batching, torch float32", 32, torch_args),
+        ):
+            config = EmbedderConfig.model_validate(embedder_args(batch) | overrides)
             handle = serve.run(build_embedder(config), name="embedder-bench", route_prefix=None)
             asyncio.run(load(handle, 8, 2))  # warm-up
             wall, latencies = asyncio.run(load(handle, args.callers, args.calls_each))
@@ -131,7 +140,7 @@ def main() -> None:
             serve.delete("embedder-bench")
     ratio = rows[0][2] / rows[1][2]
     figure, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r[0] for r in rows], [r[2] for r in rows], color=["tab:green", "tab:gray"])
+    ax.bar([r[0].split(" (")[0] for r in rows], [r[2] for r in rows], color=["tab:green", "tab:gray", "tab:blue"])
     ax.set_ylabel("texts/s")
     model = Path(embedder_args(32)["model"]).name
     ax.set_title(f"Embedder, {args.callers} concurrent callers ({model}, CPU): {ratio:.1f}x")
@@ -139,7 +148,7 @@ def main() -> None:
         f"## Dynamic batching\n\n{args.callers} concurrent callers x {args.calls_each} calls of one question each, "
         f"through Serve handles to one Embedder replica ({model}, CPU, dev config).\n\n"
         + table(["Embedder", "max_batch_size", "texts/s", "call p50 ms", "call p99 ms"], rows)
-        + f"\n\nBatched / unbatched throughput: **{ratio:.2f}x**.",
+        + f"\n\nBatched / unbatched throughput (ONNX Runtime): **{ratio:.2f}x**.",
         "## In process (one thread)\n\nMedian milliseconds of wall and CPU time for one question and for 32 "
         "questions in one call (English and Chinese).\n\n"
         + table(["path", "1 question ms", "1 question CPU ms", "32 questions ms", "32 questions CPU ms"], single),
