@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, Generic, Literal, Protocol, TypeVar, cast
 
 from ray import serve
@@ -112,6 +114,7 @@ class _DenseModel:
         tokenizer.no_truncation()
         tokenizer.no_padding()
         self._tokenizer = tokenizer
+        self._dimension = 0  # measured by the subclass once its model is loaded
         self._instructions: dict[TextKind, str | None] = {
             "query": config.query_instruction,
             "passage": config.passage_instruction,
@@ -119,6 +122,11 @@ class _DenseModel:
         self._pooling = config.pooling_method
         self._max_length = config.max_length
         self._batch_size = config.max_batch_size
+
+    @property
+    def dimension(self) -> int:
+        """Length of the dense vectors (a subclass measures it once its model is loaded)."""
+        return self._dimension
 
     @property
     def has_sparse(self) -> bool:
@@ -197,11 +205,6 @@ class DenseEmbeddingBackend(_DenseModel):
         self._dimension = len(self.encode(["dimension probe"], "passage")[0].dense)
 
     @property
-    def dimension(self) -> int:
-        """Length of the dense vectors."""
-        return self._dimension
-
-    @property
     def dtype(self) -> Any:
         """The torch dtype the model's weights are in."""
         return next(self._model.parameters()).dtype
@@ -238,9 +241,6 @@ class OnnxEmbeddingBackend(_DenseModel):
     """
 
     def __init__(self, config: EmbedderConfig) -> None:
-        import os
-        from pathlib import Path
-
         import onnxruntime
         import tokenizers
 
@@ -267,11 +267,6 @@ class OnnxEmbeddingBackend(_DenseModel):
         self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         logger.info("dense embedding model in ONNX Runtime, %s threads", options.intra_op_num_threads or "default")
         self._dimension = len(self.encode(["dimension probe"], "passage")[0].dense)
-
-    @property
-    def dimension(self) -> int:
-        """Length of the dense vectors."""
-        return self._dimension
 
     def _pooled_vectors(self, ids: Any, mask: Any) -> Any:
         """One forward pass in ONNX Runtime, pooled and normalized in numpy."""
