@@ -9,6 +9,10 @@ BGE, e5, sentence-transformers). ``DEST_DIR`` then holds:
 * ``tokenizer.json``: the tokenizers-library pipeline *as transformers builds it* for the
   model (its XLM-R class rebuilds some pipelines, so the original ``tokenizer.json`` would
   give other ids), without padding or truncation (the Embedder cuts and pads);
+* for an XLM-R-shaped vocabulary (multilingual e5, BGE-M3), ``sentencepiece.model`` and
+  ``sentencepiece.json``: the same pieces for SentencePiece, ~50 MB in memory where the
+  tokenizers library takes ~280 MB; kept only when its ids equal transformers' for every
+  probe (:mod:`services.embedding_tokenizer`);
 * ``export.json``: where it came from and the largest difference measured against torch.
 
 The export is checked before it is kept: the ids of every probe text must equal
@@ -20,6 +24,7 @@ is written. Pooling, instructions and normalization stay in the Embedder's confi
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import shutil
 import sys
@@ -29,8 +34,16 @@ from typing import Any
 
 from services.config.embedder import ONNX_MODEL_FILE as MODEL_FILE
 from services.config.embedder import ONNX_TOKENIZER_FILE as TOKENIZER_FILE
+from services.embedding_tokenizer import (
+    SENTENCEPIECE_FRAME_FILE,
+    SENTENCEPIECE_MODEL_FILE,
+    SentencePieceTokenizer,
+    load_export_tokenizer,
+)
 
 WEIGHTS_FILE = "model.onnx.data"
+#: Bumped when an export gains files: 2 added the SentencePiece tokenizer.
+EXPORT_FORMAT = 2
 MANIFEST_FILE = "export.json"
 #: Largest absolute difference of a hidden-state value (ONNX Runtime against torch) that is kept.
 TOLERANCE = 1e-4
@@ -41,6 +54,7 @@ _PROBES = [
     "可以开发票吗",
     "  odd\twhitespace  and a trailing space ",
     "ＦＵＬＬ－ＷＩＤＴＨ　ｔｅｘｔ１２３",
+    "<mask> and <s> written in the text",
     "退货 " * 400,  # longer than the model reads: cut at its length
 ]
 
@@ -78,6 +92,9 @@ def export_dense_model(model_dir: Path, dest: Path) -> Path:
         backend.no_truncation()
         backend.no_padding()
         backend.save(str(staging / TOKENIZER_FILE))
+        sentencepiece = write_sentencepiece(staging / TOKENIZER_FILE, staging) and keep_sentencepiece_if_equal(
+            staging, tokenizer
+        )
         difference = _check(model, tokenizer, staging, length)
         (staging / MANIFEST_FILE).write_text(
             json.dumps(
@@ -86,6 +103,8 @@ def export_dense_model(model_dir: Path, dest: Path) -> Path:
                     "hidden_size": int(model.config.hidden_size),
                     "max_length": length,
                     "max_abs_difference": difference,
+                    "tokenizer": "sentencepiece" if sentencepiece else "tokenizers",
+                    "format": EXPORT_FORMAT,
                     "torch": torch.__version__,
                 },
                 indent=2,
@@ -150,10 +169,9 @@ def _check(model: Any, tokenizer: Any, out: Path, length: int) -> float:
     """Largest hidden-state difference of ONNX Runtime against torch over the probes; raises past the tolerance."""
     import numpy as np
     import onnxruntime
-    import tokenizers
     import torch
 
-    saved = tokenizers.Tokenizer.from_file(str(out / TOKENIZER_FILE))
+    saved = load_export_tokenizer(out)  # what the Embedder will run
     for text in _PROBES:
         theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
         ours = saved.encode(text, add_special_tokens=False).ids
@@ -172,6 +190,86 @@ def _check(model: Any, tokenizer: Any, out: Path, length: int) -> float:
     if worst > TOLERANCE:
         raise ExportError(f"ONNX Runtime's hidden states differ from torch's by {worst:.2e} (> {TOLERANCE})")
     return worst
+
+
+def write_sentencepiece(tokenizer_json: Path, folder: Path) -> bool:
+    """Write a SentencePiece model of an XLM-R-shaped ``tokenizer.json`` into ``folder``; False for any other shape.
+
+    The shape: a Unigram model, SentencePiece's precompiled normalizer, whitespace split then
+    the metaspace, and a template of special tokens around the text. The pieces keep their
+    order, so the ids are the vocabulary's own; special tokens become control pieces (never
+    matched in text: :class:`SentencePieceTokenizer` splits them out, as transformers does).
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    spm_model: Any = sentencepiece_model_pb2  # generated protobuf code: no types to check
+
+    spec = json.loads(tokenizer_json.read_text())
+    model, normalizer, pre, post = (
+        spec.get(k) or {} for k in ("model", "normalizer", "pre_tokenizer", "post_processor")
+    )
+    steps = [step.get("type") for step in pre.get("pretokenizers", [])]
+    metaspace = pre.get("pretokenizers", [{}])[-1]
+    if (
+        model.get("type") != "Unigram"
+        or model.get("byte_fallback")
+        or normalizer.get("type") != "Precompiled"
+        or steps != ["WhitespaceSplit", "Metaspace"]
+        or metaspace.get("replacement") != "\u2581"
+        or metaspace.get("prepend_scheme") != "always"
+        or post.get("type") != "TemplateProcessing"
+    ):
+        return False
+    specials = {token["content"]: token["id"] for token in spec.get("added_tokens", []) if token.get("special")}
+    proto = spm_model.ModelProto()
+    piece_type = spm_model.ModelProto.SentencePiece
+    for index, (piece, score) in enumerate(model["vocab"]):
+        entry = proto.pieces.add()
+        entry.piece, entry.score = piece, score
+        entry.type = (
+            piece_type.UNKNOWN
+            if index == model["unk_id"]
+            else piece_type.CONTROL
+            if piece in specials
+            else piece_type.NORMAL
+        )
+    proto.trainer_spec.model_type = spm_model.TrainerSpec.UNIGRAM
+    proto.trainer_spec.unk_id = model["unk_id"]
+    proto.trainer_spec.bos_id = proto.trainer_spec.eos_id = proto.trainer_spec.pad_id = -1
+    proto.normalizer_spec.name = "precompiled"
+    proto.normalizer_spec.precompiled_charsmap = base64.b64decode(normalizer["precompiled_charsmap"])
+    proto.normalizer_spec.add_dummy_prefix = True
+    proto.normalizer_spec.remove_extra_whitespaces = True
+    proto.normalizer_spec.escape_whitespaces = True
+    before_and_after: tuple[list[int], list[int]] = ([], [])
+    side = 0
+    for item in post["single"]:
+        if "Sequence" in item:
+            side = 1  # the text: special tokens from here on follow it
+        else:
+            before_and_after[side].append(specials[item["SpecialToken"]["id"]])
+    (folder / SENTENCEPIECE_MODEL_FILE).write_bytes(proto.SerializeToString())
+    frame = {"specials": specials, "prefix": before_and_after[0], "suffix": before_and_after[1]}
+    (folder / SENTENCEPIECE_FRAME_FILE).write_text(json.dumps(frame, ensure_ascii=False, indent=2) + "\n")
+    return True
+
+
+def keep_sentencepiece_if_equal(folder: Path, tokenizer: Any) -> bool:
+    """Keep the folder's SentencePiece model only if its ids equal ``tokenizer``'s (transformers') for every probe.
+
+    Returns:
+        Whether it was kept; if not, its files are removed and the Embedder loads ``tokenizer.json``.
+
+    """
+    reader = SentencePieceTokenizer(folder / SENTENCEPIECE_MODEL_FILE, folder / SENTENCEPIECE_FRAME_FILE)
+    if all(
+        reader.encode(t, add_special_tokens=False).ids == tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in _PROBES
+    ):
+        return True
+    for name in (SENTENCEPIECE_MODEL_FILE, SENTENCEPIECE_FRAME_FILE):
+        (folder / name).unlink()
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

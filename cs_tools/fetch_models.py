@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import shutil
 import subprocess
@@ -160,7 +161,8 @@ def export_multilingual_embedder(dest: Path) -> Path:
 
     source = dest / MULTILINGUAL_EMBEDDER_DIR
     target = dest / (MULTILINGUAL_EMBEDDER_DIR + "-onnx")
-    if (target / export_onnx.MANIFEST_FILE).exists():
+    manifest = target / export_onnx.MANIFEST_FILE
+    if manifest.exists() and json.loads(manifest.read_text()).get("format") == export_onnx.EXPORT_FORMAT:
         return target
     try:
         return export_onnx.export_dense_model(source, target)

@@ -242,7 +242,8 @@ class OnnxEmbeddingBackend(_DenseModel):
 
     def __init__(self, config: EmbedderConfig) -> None:
         import onnxruntime
-        import tokenizers
+
+        from services.embedding_tokenizer import load_export_tokenizer
 
         folder = Path(config.model)
         missing = [name for name in (ONNX_MODEL_FILE, ONNX_TOKENIZER_FILE) if not (folder / name).is_file()]
@@ -251,7 +252,7 @@ class OnnxEmbeddingBackend(_DenseModel):
                 f"embedder.model {folder} has no {' or '.join(missing)}: runtime 'onnxruntime' takes the folder "
                 "`cs-export-onnx MODEL_DIR DEST_DIR` writes"
             )
-        super().__init__(config, tokenizers.Tokenizer.from_file(str(folder / ONNX_TOKENIZER_FILE)))
+        super().__init__(config, load_export_tokenizer(folder))
         options = onnxruntime.SessionOptions()
         # Ray sets OMP_NUM_THREADS to the CPUs the replica reserved (at least 1), which torch
         # follows; ONNX Runtime reads no such variable, so it is passed on (unset: its default).

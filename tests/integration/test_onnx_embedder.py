@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from ray import serve
 from cs_tools import export_onnx
 from services.config import EmbedderConfig
 from services.embedder import build_embedder, load_embedding_backend
-from tests.conftest import embedder_args
+from tests.conftest import REPO_ROOT, embedder_args
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +111,90 @@ async def test_embedder_deployment_serves_the_onnx_export_with_torchs_vectors(
     for mine, theirs in zip(served, reference, strict=True):
         assert mine.dense == pytest.approx(theirs.dense, abs=1e-5)
     assert (await onnx_embedder.info.remote())["dimension"] == 384
+
+
+def sample_texts() -> list[str]:
+    """Every text of the sample knowledge bases and evaluation sets, and seeded odd strings."""
+    import json
+    import random
+
+    import yaml
+
+    texts: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for path in sorted((REPO_ROOT / "knowledge_sync" / "samples").glob("*.json")):
+        walk(json.loads(path.read_text()))
+    for path in sorted((REPO_ROOT / "examples" / "eval").glob("*.yaml")):
+        walk(yaml.safe_load(path.read_text()))
+    alphabet = "abc XYZ 019 \t\n　，。？！退货发票😀éñß－ＡＢ１<s></s><mask><pad><unk>…“”\u200b\u00a0한국어日本語"
+    rng = random.Random(7)
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(2000)]
+    return texts
+
+
+def test_sentencepiece_gives_the_tokenizers_ids_for_an_xlm_r_vocabulary(tmp_path: Path) -> None:
+    import tokenizers
+
+    from services.embedding_tokenizer import SentencePieceTokenizer, load_export_tokenizer
+
+    source = REPO_ROOT / "models" / "multilingual-e5-small-onnx" / "tokenizer.json"
+    if not source.exists():
+        pytest.skip("dev models missing: run `cs-fetch-models --dest models` (scripts/test.sh does)")
+    assert export_onnx.write_sentencepiece(source, tmp_path)
+    ours = load_export_tokenizer(tmp_path)
+    assert isinstance(ours, SentencePieceTokenizer)
+    theirs = tokenizers.Tokenizer.from_file(str(source))
+    theirs.no_padding()
+    theirs.no_truncation()
+    texts = sample_texts()
+    differ = [
+        text
+        for text in texts
+        if ours.encode(text, add_special_tokens=False).ids != theirs.encode(text, add_special_tokens=False).ids
+        or ours.encode(text).ids != theirs.encode(text).ids
+    ]
+    assert len(texts) > 2500 and differ == []
+    assert ours.num_special_tokens_to_add(False) == theirs.num_special_tokens_to_add(False) == 2
+    cut = ours.encode("退货 " * 50, add_special_tokens=False)
+    cut.truncate(3)
+    assert ours.post_process(cut).ids == [0, *theirs.encode("退货 " * 50, add_special_tokens=False).ids[:3], 2]
+
+
+def test_export_writes_no_sentencepiece_model_for_a_wordpiece_vocabulary(minilm_onnx: Path) -> None:
+    import json
+
+    from services.embedding_tokenizer import SENTENCEPIECE_MODEL_FILE
+
+    assert not (minilm_onnx / SENTENCEPIECE_MODEL_FILE).exists()
+    assert json.loads((minilm_onnx / export_onnx.MANIFEST_FILE).read_text())["tokenizer"] == "tokenizers"
+
+
+def test_a_sentencepiece_model_whose_ids_differ_is_dropped_for_the_tokenizers_pipeline(tmp_path: Path) -> None:
+    from services.embedding_tokenizer import SENTENCEPIECE_FRAME_FILE, SENTENCEPIECE_MODEL_FILE
+
+    source = REPO_ROOT / "models" / "multilingual-e5-small-onnx" / "tokenizer.json"
+    if not source.exists():
+        pytest.skip("dev models missing: run `cs-fetch-models --dest models` (scripts/test.sh does)")
+    shutil.copy(source, tmp_path / "tokenizer.json")
+    assert export_onnx.write_sentencepiece(tmp_path / "tokenizer.json", tmp_path)
+
+    import tokenizers
+
+    pipeline = tokenizers.Tokenizer.from_file(str(source))
+
+    class OffByOne:  # stands in for transformers' tokenizer: every id one higher
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+            return {"input_ids": [i + 1 for i in pipeline.encode(text, add_special_tokens=False).ids]}
+
+    assert export_onnx.keep_sentencepiece_if_equal(tmp_path, OffByOne()) is False
+    assert not (tmp_path / SENTENCEPIECE_MODEL_FILE).exists() and not (tmp_path / SENTENCEPIECE_FRAME_FILE).exists()
