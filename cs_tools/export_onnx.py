@@ -17,7 +17,7 @@ BGE, e5, sentence-transformers). ``DEST_DIR`` then holds:
 
 The export is checked before it is kept: the ids of every probe text must equal
 transformers' own and the hidden states ONNX Runtime computes must match torch's within
-``1e-4`` (padded batches and a text cut at the model's length included); otherwise nothing
+``1e-4`` (padded batches and a text cut at 512 tokens, or the model's length if shorter, included); otherwise nothing
 is written. Pooling, instructions and normalization stay in the Embedder's config.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import shutil
 import sys
@@ -32,19 +33,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from services.config.embedder import ONNX_MANIFEST_FILE as MANIFEST_FILE
 from services.config.embedder import ONNX_MODEL_FILE as MODEL_FILE
+from services.config.embedder import ONNX_SENTENCEPIECE_FRAME_FILE as SENTENCEPIECE_FRAME_FILE
+from services.config.embedder import ONNX_SENTENCEPIECE_MODEL_FILE as SENTENCEPIECE_MODEL_FILE
 from services.config.embedder import ONNX_TOKENIZER_FILE as TOKENIZER_FILE
-from services.embedding_tokenizer import (
-    SENTENCEPIECE_FRAME_FILE,
-    SENTENCEPIECE_MODEL_FILE,
-    SentencePieceTokenizer,
-    load_export_tokenizer,
-)
+from services.config.embedder import ONNX_WEIGHTS_FILE as WEIGHTS_FILE
+from services.embedding_tokenizer import SentencePieceTokenizer, load_export_tokenizer
 
-WEIGHTS_FILE = "model.onnx.data"
-#: Bumped when an export gains files: 2 added the SentencePiece tokenizer.
+#: Bumped when an export gains files: 2 added the SentencePiece tokenizer and the source's fingerprint.
 EXPORT_FORMAT = 2
-MANIFEST_FILE = "export.json"
 #: Largest absolute difference of a hidden-state value (ONNX Runtime against torch) that is kept.
 TOLERANCE = 1e-4
 
@@ -68,15 +66,17 @@ def export_dense_model(model_dir: Path, dest: Path) -> Path:
 
     Args:
         model_dir: A transformers folder of an encoder model.
-        dest: The folder to write; its parent must exist.
+        dest: The folder to write (created with its parents): absent, empty, or an earlier export.
 
     Returns:
         ``dest``.
 
     Raises:
-        ExportError: The export failed, or ids or hidden states differ from torch's.
+        ExportError: ``dest`` is not a place for an export, the export failed, or ids or hidden
+            states differ from torch's.
 
     """
+    _refuse_destination(model_dir, dest)
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -86,6 +86,7 @@ def export_dense_model(model_dir: Path, dest: Path) -> Path:
     staging = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    fingerprint = source_fingerprint(model_dir)
     try:
         _export_graph(model, tokenizer, staging)
         backend = tokenizer.backend_tokenizer
@@ -100,6 +101,7 @@ def export_dense_model(model_dir: Path, dest: Path) -> Path:
             json.dumps(
                 {
                     "source": str(model_dir),
+                    "source_sha256": fingerprint,
                     "hidden_size": int(model.config.hidden_size),
                     "max_length": length,
                     "max_abs_difference": difference,
@@ -111,12 +113,43 @@ def export_dense_model(model_dir: Path, dest: Path) -> Path:
             )
             + "\n"
         )
-    except Exception:
+        _replace(dest, staging)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(dest, ignore_errors=True)
-    staging.replace(dest)
     return dest
+
+
+def source_fingerprint(model_dir: Path) -> str:
+    """SHA-256 over the model folder's config, weights and tokenizer files: an export names what it came from."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.suffix in {".safetensors", ".bin", ".json", ".model", ".txt"}:
+            digest.update(path.name.encode() + b"\0")
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _refuse_destination(model_dir: Path, dest: Path) -> None:
+    """Raise unless ``dest`` may be replaced: absent, an empty folder, or an earlier export; never the model's own."""
+    source, target = model_dir.resolve(), dest.resolve()
+    if target == source or source.is_relative_to(target):
+        raise ExportError(f"{dest} holds the model itself: choose a folder of its own for the export")
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"{dest} is a file, not a folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_FILE).is_file():
+        raise ExportError(f"{dest} is neither empty nor an earlier export (no {MANIFEST_FILE}): it is left alone")
+
+
+def _replace(dest: Path, staging: Path) -> None:
+    """Put the checked export in place of ``dest``; the earlier one is moved aside first, then removed."""
+    previous = dest.with_name(dest.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if dest.exists():
+        dest.rename(previous)
+    staging.rename(dest)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _last_hidden_state(model: Any) -> Any:
@@ -173,10 +206,10 @@ def _check(model: Any, tokenizer: Any, out: Path, length: int) -> float:
 
     saved = load_export_tokenizer(out)  # what the Embedder will run
     for text in _PROBES:
-        theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ours = saved.encode(text, add_special_tokens=False).ids
-        if ours != theirs:
-            raise ExportError(f"the saved tokenizer gives other ids than transformers' for {text[:40]!r}")
+        for framed in (False, True):  # the text's own ids, then framed by the special tokens
+            theirs = tokenizer(text, add_special_tokens=framed)["input_ids"]
+            if saved.encode(text, add_special_tokens=framed).ids != theirs:
+                raise ExportError(f"the saved tokenizer gives other ids than transformers' for {text[:40]!r}")
     session = onnxruntime.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
     worst = 0.0
     for batch in ([_PROBES[0]], _PROBES[:3], _PROBES):
@@ -208,19 +241,24 @@ def write_sentencepiece(tokenizer_json: Path, folder: Path) -> bool:
     model, normalizer, pre, post = (
         spec.get(k) or {} for k in ("model", "normalizer", "pre_tokenizer", "post_processor")
     )
-    steps = [step.get("type") for step in pre.get("pretokenizers", [])]
-    metaspace = pre.get("pretokenizers", [{}])[-1]
+    steps = pre.get("pretokenizers") or []
+    added = spec.get("added_tokens", [])
+    specials = {token["content"]: token["id"] for token in added}
+    template = [item["SpecialToken"]["id"] for item in post.get("single", []) if "SpecialToken" in item]
     if (
         model.get("type") != "Unigram"
         or model.get("byte_fallback")
+        or not isinstance(model.get("unk_id"), int)
         or normalizer.get("type") != "Precompiled"
-        or steps != ["WhitespaceSplit", "Metaspace"]
-        or metaspace.get("replacement") != "\u2581"
-        or metaspace.get("prepend_scheme") != "always"
+        or [step.get("type") for step in steps] != ["WhitespaceSplit", "Metaspace"]
+        or steps[-1].get("replacement") != "\u2581"
+        or steps[-1].get("prepend_scheme") != "always"
         or post.get("type") != "TemplateProcessing"
+        # Special tokens matched as they are written, as SentencePieceTokenizer splits them out.
+        or any(not t.get("special") or t.get("normalized") or t.get("single_word") for t in added)
+        or any(token not in specials for token in template)
     ):
         return False
-    specials = {token["content"]: token["id"] for token in spec.get("added_tokens", []) if token.get("special")}
     proto = spm_model.ModelProto()
     piece_type = spm_model.ModelProto.SentencePiece
     for index, (piece, score) in enumerate(model["vocab"]):
@@ -263,8 +301,9 @@ def keep_sentencepiece_if_equal(folder: Path, tokenizer: Any) -> bool:
     """
     reader = SentencePieceTokenizer(folder / SENTENCEPIECE_MODEL_FILE, folder / SENTENCEPIECE_FRAME_FILE)
     if all(
-        reader.encode(t, add_special_tokens=False).ids == tokenizer(t, add_special_tokens=False)["input_ids"]
-        for t in _PROBES
+        reader.encode(text, add_special_tokens=framed).ids == tokenizer(text, add_special_tokens=framed)["input_ids"]
+        for text in _PROBES
+        for framed in (False, True)  # the text's own ids, then framed by the special tokens
     ):
         return True
     for name in (SENTENCEPIECE_MODEL_FILE, SENTENCEPIECE_FRAME_FILE):
@@ -283,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         dest = export_dense_model(args.model_dir, args.dest)
-    except ExportError as err:
+    except (ExportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     manifest = json.loads((dest / MANIFEST_FILE).read_text())

@@ -162,8 +162,11 @@ def export_multilingual_embedder(dest: Path) -> Path:
     source = dest / MULTILINGUAL_EMBEDDER_DIR
     target = dest / (MULTILINGUAL_EMBEDDER_DIR + "-onnx")
     manifest = target / export_onnx.MANIFEST_FILE
-    if manifest.exists() and json.loads(manifest.read_text()).get("format") == export_onnx.EXPORT_FORMAT:
-        return target
+    if manifest.exists():
+        written = json.loads(manifest.read_text())
+        current = (export_onnx.EXPORT_FORMAT, export_onnx.source_fingerprint(source))
+        if (written.get("format"), written.get("source_sha256")) == current:
+            return target
     try:
         return export_onnx.export_dense_model(source, target)
     except export_onnx.ExportError as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import os
 import time
@@ -23,7 +24,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from services.config import EmbedderConfig, ObservabilityConfig, RerankerConfig
-from services.config.embedder import ONNX_MODEL_FILE, ONNX_TOKENIZER_FILE
+from services.config.embedder import ONNX_MANIFEST_FILE, ONNX_MODEL_FILE, ONNX_TOKENIZER_FILE, ONNX_WEIGHTS_FILE
 from services.errors import DependencyUnavailableError, InvalidRequestError, ServiceError
 from services.observability.gpu import start_gpu_sampling
 from services.observability.logs import configure_replica_logging
@@ -248,17 +249,24 @@ class OnnxEmbeddingBackend(_DenseModel):
         from services.embedding_tokenizer import load_export_tokenizer
 
         folder = Path(config.model)
-        missing = [name for name in (ONNX_MODEL_FILE, ONNX_TOKENIZER_FILE) if not (folder / name).is_file()]
+        files = (ONNX_MODEL_FILE, ONNX_WEIGHTS_FILE, ONNX_TOKENIZER_FILE, ONNX_MANIFEST_FILE)
+        missing = [name for name in files if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"embedder.model {folder} has no {' or '.join(missing)}: runtime 'onnxruntime' takes the folder "
                 "`cs-export-onnx MODEL_DIR DEST_DIR` writes"
             )
+        exported_length = int(json.loads((folder / ONNX_MANIFEST_FILE).read_text())["max_length"])
+        if config.max_length > exported_length:
+            raise ValueError(
+                f"embedder.max_length {config.max_length} is more than the {exported_length} tokens the export "
+                f"in {folder} was checked for: lower it"
+            )
         super().__init__(config, load_export_tokenizer(folder))
         options = onnxruntime.SessionOptions()
         # Ray sets OMP_NUM_THREADS to the CPUs the replica reserved (at least 1), which torch
         # follows; ONNX Runtime reads no such variable, so it is passed on (unset: its default).
-        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+        options.intra_op_num_threads = _omp_threads()
         # Its threads spin after each pass by default: CPU taken from the engine beside them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = onnxruntime.InferenceSession(
@@ -281,7 +289,9 @@ class OnnxEmbeddingBackend(_DenseModel):
         else:
             weights = mask[..., None].astype(np.float32)
             pooled = (hidden * weights).sum(axis=1) / weights.sum(axis=1)
-        return (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).astype(np.float32)
+        # As torch's normalize: a zero vector stays zero instead of becoming NaN.
+        norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return (pooled / norms).astype(np.float32)
 
 
 class BGEM3Backend:
@@ -347,6 +357,14 @@ def _load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model).backend_tokenizer
+
+
+def _omp_threads() -> int:
+    """Threads ``OMP_NUM_THREADS`` asks for (its first level where it lists several); 0 when unset or unreadable."""
+    try:
+        return max(0, int(os.environ.get("OMP_NUM_THREADS", "0").split(",")[0]))
+    except ValueError:
+        return 0
 
 
 def _has_native_bf16(device: str) -> bool:

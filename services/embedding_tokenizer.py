@@ -15,11 +15,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from services.config.embedder import (
+    ONNX_SENTENCEPIECE_FRAME_FILE as SENTENCEPIECE_FRAME_FILE,
+)
+from services.config.embedder import (
+    ONNX_SENTENCEPIECE_MODEL_FILE as SENTENCEPIECE_MODEL_FILE,
+)
 from services.config.embedder import ONNX_TOKENIZER_FILE
-
-#: A SentencePiece model of the export's vocabulary, and how its ids are framed (specials, template).
-SENTENCEPIECE_MODEL_FILE = "sentencepiece.model"
-SENTENCEPIECE_FRAME_FILE = "sentencepiece.json"
 
 
 def load_export_tokenizer(folder: Path) -> Any:

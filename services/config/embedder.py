@@ -10,7 +10,12 @@ from services.config.base import DeploymentOptions, StrictModel
 
 #: Files of a folder ``cs-export-onnx`` writes, which ``runtime: onnxruntime`` loads.
 ONNX_MODEL_FILE = "model.onnx"
+ONNX_WEIGHTS_FILE = "model.onnx.data"
 ONNX_TOKENIZER_FILE = "tokenizer.json"
+ONNX_MANIFEST_FILE = "export.json"
+#: A SentencePiece model of the export's vocabulary, and how its ids are framed (specials, template).
+ONNX_SENTENCEPIECE_MODEL_FILE = "sentencepiece.model"
+ONNX_SENTENCEPIECE_FRAME_FILE = "sentencepiece.json"
 
 
 class RerankerConfig(StrictModel):
@@ -23,12 +28,12 @@ class RerankerConfig(StrictModel):
 
 
 class EmbedderConfig(StrictModel):
-    """The embedding model: a dense model through transformers, or BGE-M3 through FlagEmbedding."""
+    """The embedding model: a dense model through transformers or ONNX Runtime, or BGE-M3 through FlagEmbedding."""
 
     model: str = Field(description="Model folder or hub id, e.g. BAAI/bge-m3.")
     family: Literal["bge-m3", "dense"] = Field(
         description="'bge-m3' loads FlagEmbedding's BGEM3FlagModel (dense + sparse); 'dense' loads the model with "
-        "transformers alone (dense only; what FlagEmbedding's FlagModel computes)."
+        "transformers or ONNX Runtime (see runtime; dense only; what FlagEmbedding's FlagModel computes)."
     )
     pooling_method: Literal["cls", "mean"] = Field(
         "cls", description="Pooling of dense models: BGE uses cls, sentence-transformers models use mean."

@@ -65,12 +65,13 @@ def test_onnx_backend_runs_without_torch_or_transformers_in_the_process(minilm_o
         "vector = load_embedding_backend(config).encode(['x'], 'query')[0].dense; "
         "print(len(vector), sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "384 []"
 
 
 def test_onnx_runtime_names_the_export_command_for_a_folder_without_an_export(minilm_dir: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"has no model\.onnx: .*cs-export-onnx MODEL_DIR DEST_DIR"):
+    with pytest.raises(FileNotFoundError, match=r"has no model\.onnx or .*cs-export-onnx MODEL_DIR DEST_DIR"):
         load_embedding_backend(config_for(minilm_dir, runtime="onnxruntime"))
 
 
@@ -79,6 +80,7 @@ def test_an_export_that_differs_from_torch_is_not_written(
 ) -> None:
     dest = tmp_path / "minilm-onnx"
     dest.mkdir()
+    (dest / export_onnx.MANIFEST_FILE).write_text("{}")  # an earlier export
     (dest / "kept.txt").write_text("an earlier export")
     # No float32 graph matches torch exactly: with no tolerance the check must refuse.
     monkeypatch.setattr(export_onnx, "TOLERANCE", 0.0)
@@ -86,6 +88,43 @@ def test_an_export_that_differs_from_torch_is_not_written(
         export_onnx.export_dense_model(minilm_dir, dest)
     assert [p.name for p in tmp_path.iterdir()] == ["minilm-onnx"]
     assert (dest / "kept.txt").read_text() == "an earlier export"
+
+
+def test_export_refuses_destinations_that_would_lose_other_files(minilm_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(export_onnx.ExportError, match="holds the model itself"):
+        export_onnx.export_dense_model(minilm_dir, minilm_dir)
+    with pytest.raises(export_onnx.ExportError, match="holds the model itself"):
+        export_onnx.export_dense_model(minilm_dir, minilm_dir.parent)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("someone's files")
+    with pytest.raises(export_onnx.ExportError, match=r"neither empty nor an earlier export \(no export\.json\)"):
+        export_onnx.export_dense_model(minilm_dir, other)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(export_onnx.ExportError, match="is a file, not a folder"):
+        export_onnx.export_dense_model(minilm_dir, tmp_path / "a-file")
+
+
+def test_onnx_runtime_refuses_a_max_length_beyond_what_the_export_was_checked_for(minilm_onnx: Path) -> None:
+    with pytest.raises(ValueError, match=r"embedder\.max_length 1024 is more than the 512 tokens"):
+        load_embedding_backend(config_for(minilm_onnx, runtime="onnxruntime", max_length=1024))
+
+
+def test_e5_export_with_sentencepiece_gives_the_torch_models_vectors() -> None:
+    from services.embedding_tokenizer import SentencePieceTokenizer
+
+    export, model = REPO_ROOT / "models" / "multilingual-e5-small-onnx", REPO_ROOT / "models" / "multilingual-e5-small"
+    if not (export / "sentencepiece.model").exists() or not (model / "config.json").exists():
+        pytest.skip("dev models missing: run `cs-fetch-models --dest models` (scripts/test.sh does)")
+    args = {"pooling_method": "mean", "max_length": 512, "max_batch_size": 4}
+    onnx_backend = load_embedding_backend(config_for(export, runtime="onnxruntime", **args))
+    assert isinstance(onnx_backend._tokenizer, SentencePieceTokenizer)
+    torch_backend = load_embedding_backend(config_for(model, **args))
+    texts = [*TEXTS, "可以开发票吗？<mask>", "<s>"]
+    for mine, reference in zip(onnx_backend.encode(texts, "query"), torch_backend.encode(texts, "query"), strict=True):
+        assert mine.dense == pytest.approx(reference.dense, abs=1e-5)
+    assert onnx_backend.count_tokens(texts) == torch_backend.count_tokens(texts)
 
 
 def test_export_command_refuses_a_folder_that_is_no_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
