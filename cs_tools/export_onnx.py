@@ -17,8 +17,8 @@ BGE, e5, sentence-transformers). ``DEST_DIR`` then holds:
 
 The export is checked before it is kept: the ids of every probe text must equal
 transformers' own and the hidden states ONNX Runtime computes must match torch's within
-``1e-4`` (padded batches and a text cut at 512 tokens, or the model's length if shorter, included); otherwise nothing
-is written. Pooling, instructions and normalization stay in the Embedder's config.
+``1e-4`` (padded batches and a text cut at 512 tokens, or the model's length if shorter,
+included); otherwise nothing is written. Pooling, instructions and normalization stay in the Embedder's config.
 """
 
 from __future__ import annotations
@@ -83,10 +83,10 @@ def export_dense_model(model_dir: Path, dest: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     length = min(int(getattr(model.config, "max_position_embeddings", 512)), 512)
+    fingerprint = source_fingerprint(model_dir)
     staging = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    fingerprint = source_fingerprint(model_dir)
     try:
         _export_graph(model, tokenizer, staging)
         backend = tokenizer.backend_tokenizer
@@ -124,10 +124,8 @@ def source_fingerprint(model_dir: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(model_dir.iterdir()):
         if path.is_file() and path.suffix in {".safetensors", ".bin", ".json", ".model", ".txt"}:
-            digest.update(path.name.encode() + b"\0")
             with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+                digest.update(path.name.encode() + b"\0" + hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
 
 
@@ -204,12 +202,9 @@ def _check(model: Any, tokenizer: Any, out: Path, length: int) -> float:
     import onnxruntime
     import torch
 
-    saved = load_export_tokenizer(out)  # what the Embedder will run
-    for text in _PROBES:
-        for framed in (False, True):  # the text's own ids, then framed by the special tokens
-            theirs = tokenizer(text, add_special_tokens=framed)["input_ids"]
-            if saved.encode(text, add_special_tokens=framed).ids != theirs:
-                raise ExportError(f"the saved tokenizer gives other ids than transformers' for {text[:40]!r}")
+    differing = _first_differing_probe(load_export_tokenizer(out), tokenizer)  # what the Embedder will run
+    if differing is not None:
+        raise ExportError(f"the saved tokenizer gives other ids than transformers' for {differing[:40]!r}")
     session = onnxruntime.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
     worst = 0.0
     for batch in ([_PROBES[0]], _PROBES[:3], _PROBES):
@@ -264,13 +259,12 @@ def write_sentencepiece(tokenizer_json: Path, folder: Path) -> bool:
     for index, (piece, score) in enumerate(model["vocab"]):
         entry = proto.pieces.add()
         entry.piece, entry.score = piece, score
-        entry.type = (
-            piece_type.UNKNOWN
-            if index == model["unk_id"]
-            else piece_type.CONTROL
-            if piece in specials
-            else piece_type.NORMAL
-        )
+        if index == model["unk_id"]:
+            entry.type = piece_type.UNKNOWN
+        elif piece in specials:
+            entry.type = piece_type.CONTROL
+        else:
+            entry.type = piece_type.NORMAL
     proto.trainer_spec.model_type = spm_model.TrainerSpec.UNIGRAM
     proto.trainer_spec.unk_id = model["unk_id"]
     proto.trainer_spec.bos_id = proto.trainer_spec.eos_id = proto.trainer_spec.pad_id = -1
@@ -300,15 +294,21 @@ def keep_sentencepiece_if_equal(folder: Path, tokenizer: Any) -> bool:
 
     """
     reader = SentencePieceTokenizer(folder / SENTENCEPIECE_MODEL_FILE, folder / SENTENCEPIECE_FRAME_FILE)
-    if all(
-        reader.encode(text, add_special_tokens=framed).ids == tokenizer(text, add_special_tokens=framed)["input_ids"]
-        for text in _PROBES
-        for framed in (False, True)  # the text's own ids, then framed by the special tokens
-    ):
+    if _first_differing_probe(reader, tokenizer) is None:
         return True
     for name in (SENTENCEPIECE_MODEL_FILE, SENTENCEPIECE_FRAME_FILE):
         (folder / name).unlink()
     return False
+
+
+def _first_differing_probe(ours: Any, transformers_tokenizer: Any) -> str | None:
+    """The first probe whose ids, bare or framed by the special tokens, differ between the two tokenizers."""
+    for text in _PROBES:
+        for framed in (False, True):
+            theirs = transformers_tokenizer(text, add_special_tokens=framed)["input_ids"]
+            if ours.encode(text, add_special_tokens=framed).ids != theirs:
+                return text
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,19 +15,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from services.config.embedder import (
-    ONNX_SENTENCEPIECE_FRAME_FILE as SENTENCEPIECE_FRAME_FILE,
-)
-from services.config.embedder import (
-    ONNX_SENTENCEPIECE_MODEL_FILE as SENTENCEPIECE_MODEL_FILE,
-)
-from services.config.embedder import ONNX_TOKENIZER_FILE
+from services.config.embedder import ONNX_SENTENCEPIECE_FRAME_FILE, ONNX_SENTENCEPIECE_MODEL_FILE, ONNX_TOKENIZER_FILE
 
 
 def load_export_tokenizer(folder: Path) -> Any:
     """The tokenizer the Embedder runs for an export: SentencePiece where it wrote one, else ``tokenizer.json``."""
-    if (folder / SENTENCEPIECE_MODEL_FILE).is_file():
-        return SentencePieceTokenizer(folder / SENTENCEPIECE_MODEL_FILE, folder / SENTENCEPIECE_FRAME_FILE)
+    if (folder / ONNX_SENTENCEPIECE_MODEL_FILE).is_file():
+        return SentencePieceTokenizer(folder / ONNX_SENTENCEPIECE_MODEL_FILE, folder / ONNX_SENTENCEPIECE_FRAME_FILE)
     import tokenizers
 
     return tokenizers.Tokenizer.from_file(str(folder / ONNX_TOKENIZER_FILE))

@@ -212,14 +212,15 @@ def test_sentencepiece_gives_the_tokenizers_ids_for_an_xlm_r_vocabulary(tmp_path
 def test_export_writes_no_sentencepiece_model_for_a_wordpiece_vocabulary(minilm_onnx: Path) -> None:
     import json
 
-    from services.embedding_tokenizer import SENTENCEPIECE_MODEL_FILE
+    from services.config.embedder import ONNX_SENTENCEPIECE_MODEL_FILE as SENTENCEPIECE_MODEL_FILE
 
     assert not (minilm_onnx / SENTENCEPIECE_MODEL_FILE).exists()
     assert json.loads((minilm_onnx / export_onnx.MANIFEST_FILE).read_text())["tokenizer"] == "tokenizers"
 
 
 def test_a_sentencepiece_model_whose_ids_differ_is_dropped_for_the_tokenizers_pipeline(tmp_path: Path) -> None:
-    from services.embedding_tokenizer import SENTENCEPIECE_FRAME_FILE, SENTENCEPIECE_MODEL_FILE
+    from services.config.embedder import ONNX_SENTENCEPIECE_FRAME_FILE as SENTENCEPIECE_FRAME_FILE
+    from services.config.embedder import ONNX_SENTENCEPIECE_MODEL_FILE as SENTENCEPIECE_MODEL_FILE
 
     source = REPO_ROOT / "models" / "multilingual-e5-small-onnx" / "tokenizer.json"
     if not source.exists():
