@@ -228,8 +228,8 @@ def ray_cluster(num_cpus: int = 2) -> contextlib.AbstractContextManager[dict[str
     return cluster.local_ray_cluster(num_cpus=num_cpus)
 
 
-def tree_memory_bytes(root_pid: int | None = None, *, include_root: bool = True) -> int:
-    """Proportional set size (PSS) of a process and all its descendants.
+def memory_by_component(root_pid: int | None = None, *, include_root: bool = True) -> dict[str, int]:
+    """Proportional set size (PSS) of a process and all its descendants, by part of the system.
 
     PSS splits shared pages between the processes that map them, so the sum over many
     processes (Ray's workers share libraries) is not inflated the way a sum of RSS is.
@@ -238,11 +238,12 @@ def tree_memory_bytes(root_pid: int | None = None, *, include_root: bool = True)
 
     root = psutil.Process(root_pid or os.getpid())
     processes = [*root.children(recursive=True)] + ([root] if include_root else [])
-    total = 0
+    totals: dict[str, int] = {}
     for process in processes:
         with contextlib.suppress(psutil.Error):
-            total += process.memory_full_info().pss
-    return total
+            label = "this process" if process.pid == root.pid else _component(process)
+            totals[label] = totals.get(label, 0) + process.memory_full_info().pss
+    return totals
 
 
 def run_python(module: str, *args: str, env: dict[str, str] | None = None) -> None:

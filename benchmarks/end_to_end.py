@@ -52,6 +52,7 @@ from benchmarks.common import (
     idle_cpu_percent,
     load_sample_kb,
     median,
+    memory_by_component,
     mixed_questions,
     percentile,
     profile_summary,
@@ -60,7 +61,6 @@ from benchmarks.common import (
     run_python,
     start_profiles,
     table,
-    tree_memory_bytes,
     write_report,
 )
 from cs_testing.cluster import SERVING_RAY_ENV
@@ -142,7 +142,7 @@ class SideResult:
     """What one side measured: every round's levels, memory, CPU with no traffic, cache and profile."""
 
     levels: list[Level]
-    memory_bytes: int
+    memory_bytes: dict[str, int]  # PSS by component
     idle_cpu: dict[str, float] = field(default_factory=dict)  # percent of one core by component
     prefix_cache: dict[str, float] = field(default_factory=dict)  # hits and queries (tokens)
     profile: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
@@ -306,7 +306,7 @@ def engine_phase(workdir: Path) -> None:
 
     try:
         levels = asyncio.run(sweep(send, settings, "engine", cpu))
-        memory = tree_memory_bytes()
+        memory = memory_by_component()
     finally:
         engine.shutdown()
     SideResult(levels, memory).dump(workdir / "engine.json")
@@ -425,7 +425,7 @@ def serve_side(
 
         levels, cache, profile = asyncio.run(run())
         idle = idle_cpu_percent(settings["idle_s"])
-        memory = tree_memory_bytes(include_root=False)  # the Ray processes: every deployment and Ray itself
+        memory = memory_by_component(include_root=False)  # the Ray processes: every deployment and Ray itself
     return SideResult(levels, memory, idle, cache, profile)
 
 
@@ -695,14 +695,19 @@ def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], c
             "## vLLM's prefix cache\n\nPrompt tokens found in the prefix cache over all rounds "
             "(`prefix_cache_hits` / `prefix_cache_queries`).\n\n" + table(["side", "hit rate"], cache_rows)
         )
-    memory = {side: result.memory_bytes / 1e9 for side, result in sides.items()}
+    memory = {side: sum(result.memory_bytes.values()) / 1e9 for side, result in sides.items()}
+    parts = []
+    for side, result in sides.items():
+        by_size = sorted(result.memory_bytes.items(), key=lambda kv: -kv[1])
+        parts.append(f"- {side}: " + ", ".join(f"{part} {pss / 1e6:,.0f}" for part, pss in by_size))
     sections.append(
         "## Memory\n\nPSS of every process of a side (for the app and Ray Serve LLM: every Ray process, "
         "deployments, controller, proxy, GCS, raylet): "
         + "; ".join(f"{side} {gb:.2f} GB" for side, gb in memory.items())
         + "; "
         + "; ".join(f"{side} − engine {gb - memory['engine']:+.2f} GB" for side, gb in list(memory.items())[1:])
-        + "."
+        + ".\n\nBy part, MB:\n\n"
+        + "\n".join(parts)
     )
     for side, result in sides.items():
         if result.profile:

@@ -4,29 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 #: Ray Serve's settings for serving, as every deployment sets them (k8s/base/config.yaml,
 #: scripts/run-dev.sh): Ray Serve's throughput-optimized mode (user code on the replica's own
-#: event loop, gRPC between deployments, buffered request logs), with its direct ingress off so
-#: the HTTP proxy keeps serving the one port, and the proxy calling the ingress over gRPC too
-#: (the mode leaves it on actor calls); the controller's loop every 0.5 s instead of 0.1 s, and
-#: Serve's own metrics exported from each replica and handle every second instead of every
-#: 0.1 s, and Ray's log monitor looking for new log files every 5 s instead of every 0.1 s
-#: (what an idle platform spends). Measured in benchmarks/README.md ("End to end").
-#: Serve reads them once, on import: a process that binds an application must have them
-#: before it imports Ray, or its handles keep actor calls.
+#: event loop, gRPC between deployments, buffered request logs) behind its HAProxy ingress
+#: (HAProxy takes the HTTP port and forwards each request straight to an ingress replica's own
+#: port; Serve's Python proxy stays as HAProxy's fallback, calling the ingress over gRPC too);
+#: the controller's loop every 0.5 s instead of 0.1 s, Serve's own metrics exported from each
+#: replica and handle every second instead of every 0.1 s, Ray's log monitor looking for new
+#: log files every 5 s instead of every 0.1 s, and no idle worker started ahead for the first
+#: driver (what an idle platform spends and holds). Measured in benchmarks/README.md ("End to
+#: end"). Serve reads them once, on import: a process that binds an application must have
+#: them before it imports Ray, or its handles keep actor calls.
 SERVING_RAY_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_PROXY_USE_GRPC": "1",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "LOG_NAME_UPDATE_INTERVAL_S": "5",
+    "RAY_prestart_worker_first_driver": "0",
 }
 
 
@@ -46,14 +50,14 @@ def minilm_dir() -> Path:
 
 @contextlib.contextmanager
 def local_ray_cluster(tracing: dict[str, Any] | None = None, num_cpus: int = 2) -> Iterator[dict[str, str]]:
-    """Start Ray (no dashboard, small object store) and Serve's proxy; shut both down on exit.
+    """Start Ray (no dashboard, small object store) and Serve's ingress (HAProxy); shut both down on exit.
 
     Args:
         tracing: Serve's ``tracing_config``, or None for no tracing.
         num_cpus: CPUs Ray is told the node has (Ray Serve LLM needs more than 2).
 
     Yields:
-        ``http_url`` of the proxy, ``metrics_url`` of the node's Prometheus endpoint and
+        ``http_url`` of the ingress, ``metrics_url`` of the node's Prometheus endpoint and
         ``logs_dir`` of the session.
 
     """
@@ -63,6 +67,19 @@ def local_ray_cluster(tracing: dict[str, Any] | None = None, num_cpus: int = 2) 
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     for key, value in SERVING_RAY_ENV.items():
         os.environ.setdefault(key, value)
+    # HAProxy's files and its stats and metrics ports are fixed by default (/tmp/haproxy-serve,
+    # 8404, 9101): one node's. This cluster gets its own, so that it runs beside another on the
+    # same machine (a dev app, a second test session) without taking over that one's HAProxy.
+    haproxy_dir = Path(tempfile.mkdtemp(prefix="cs-haproxy-"))
+    os.environ |= {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy_dir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(haproxy_dir / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy_dir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy_dir / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
     import ray
     from ray import serve
 
@@ -86,3 +103,4 @@ def local_ray_cluster(tracing: dict[str, Any] | None = None, num_cpus: int = 2) 
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(haproxy_dir, ignore_errors=True)

@@ -36,6 +36,10 @@ os.environ[ROUTER_OF_THIS_PROCESS] = "1"
 # that loop (0.5 s when serving: ~10% longer runs). The loop decides deployments, not the
 # path of a request.
 os.environ["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] = "0.1"
+# And the drain of an ingress replica that stops: behind HAProxy it stays open 30 s by default
+# (for a load balancer in front to deregister it), so deleting each of those apps took 35 s.
+# HAProxy here is on the same node and learns of the stop within its 0.1 s broadcast.
+os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
 # The widget secret of the test tenants (tenants[].widget.secret_env): every replica inherits it.
 WIDGET_SECRET_ENV = "CS_TEST_WIDGET_SECRET"
 WIDGET_SECRET = os.environ.setdefault(WIDGET_SECRET_ENV, "widget-secret-of-the-test-suite-0123456789")
