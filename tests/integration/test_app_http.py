@@ -141,6 +141,22 @@ def test_health_reports_every_deployment(client: httpx.Client) -> None:
     }
 
 
+def test_requests_come_through_the_clusters_own_haproxy_as_deployed(client: httpx.Client) -> None:
+    import os
+
+    import psutil
+
+    # Serve's HAProxy ingress, as every deployment runs it (cs_testing.cluster.SERVING_RAY_ENV):
+    # an HAProxy of this session's cluster, reading the config in the cluster's own folder
+    # (not /tmp/haproxy-serve, which a dev app on the same machine would use).
+    own_folder = str(Path(os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent)
+    haproxies = [p for p in psutil.Process().children(recursive=True) if p.name() == "haproxy"]
+    assert haproxies and all(own_folder in " ".join(p.cmdline()) for p in haproxies), haproxies
+    assert "/tmp/haproxy-serve" not in own_folder
+    reply = chat(client, message="How long does a card refund take?")
+    assert reply.status_code == 200 and reply.headers["x-served-by"], reply.text
+
+
 def test_sample_kb_question_is_answered_with_the_right_source(client: httpx.Client) -> None:
     reply = chat(client, message="How many days do I have to return an item without a reason?")
     assert reply.status_code == 200, reply.text
