@@ -12,7 +12,7 @@ export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_PR
 export RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5 RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000
 export RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=0 LOG_NAME_UPDATE_INTERVAL_S=5 RAY_prestart_worker_first_driver=0
 # An orchestrator replica that stops stays open 1 s for HAProxy (on this box) to drop it, not
-# 30 s (a load balancer elsewhere): Ctrl-C would wait that long.
+# Ray's 30 s (meant for a load balancer elsewhere), which every Ctrl-C would wait out.
 export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=1
 config=serve_config.dev.yaml
 port="${PORT:-8000}"
@@ -28,6 +28,13 @@ scripts/bootstrap.sh cpu,devmodels
 export LUMEN_WIDGET_SECRET="${LUMEN_WIDGET_SECRET:-$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))')}"
 .venv/bin/python -m examples.storefront --port 8100 --db data/storefront.db --app-url "http://127.0.0.1:${port}" &
 shop_pid=$!
+# HAProxy outlives an app that was killed rather than stopped (`ray stop --force`, a crash):
+# orphaned, it keeps the port and the next start fails. Stop such a leftover of a dev app
+# (its config in HAProxy's default folder, its parent no HAProxy manager of a running app).
+for pid in $(pgrep -f "haproxy -db -f /tmp/haproxy-serve/" || true); do
+    parent=$(ps -o ppid= -p "$pid" | tr -d ' ')
+    ps -o args= -p "$parent" | grep -q HAProxyManager || kill "$pid"
+done
 start=$(date +%s)
 .venv/bin/serve run "$config" &
 serve_pid=$!
