@@ -152,7 +152,6 @@ def test_requests_come_through_the_clusters_own_haproxy_as_deployed(client: http
     own_folder = str(Path(os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent)
     haproxies = [p for p in psutil.Process().children(recursive=True) if p.name() == "haproxy"]
     assert haproxies and all(own_folder in " ".join(p.cmdline()) for p in haproxies), haproxies
-    assert "/tmp/haproxy-serve" not in own_folder
     # A question no other test asks: the app caches answers (Redis), and a cached answer would
     # change what a later test of the same question sees (a cached reply streams as one delta).
     reply = chat(client, message="Can the haproxy check see this gift-wrapping question?")
