@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from services.config.base import SKIP_PANDAS_ENV_VARS
+
 #: Ray Serve's settings for serving, as every deployment sets them (k8s/base/config.yaml,
 #: scripts/run-dev.sh): Ray Serve's throughput-optimized mode (user code on the replica's own
 #: event loop, gRPC between deployments, buffered request logs) behind its HAProxy ingress
@@ -93,7 +95,12 @@ def local_ray_cluster(tracing: dict[str, Any] | None = None, num_cpus: int = 2) 
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
     )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port}, tracing_config=tracing)
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port},
+            tracing_config=tracing,
+            # As the serve configs start it: Serve's own actors without pandas.
+            controller_options={"runtime_env": {"env_vars": SKIP_PANDAS_ENV_VARS}},
+        )
         node: Any = ray._private.worker._global_node
         yield {
             "http_url": f"http://127.0.0.1:{http_port}",

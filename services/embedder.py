@@ -604,5 +604,8 @@ def _unreadable(err: ServiceError) -> InvalidRequestError:
 
 def build_embedder(config: EmbedderConfig, observability: ObservabilityConfig | None = None) -> Application:
     """Bind the Embedder deployment with its Serve options from config."""
-    deployment = serve.deployment(name="Embedder", **config.deployment.to_serve_options())(Embedder)
+    # FlagEmbedding (BGE-M3, the cross-encoder) imports pandas through the datasets library.
+    uses_flagembedding = config.family == "bge-m3" or config.reranker is not None
+    options = config.deployment.to_serve_options(uses_pandas=uses_flagembedding)
+    deployment = serve.deployment(name="Embedder", **options)(Embedder)
     return deployment.bind(config, observability or ObservabilityConfig())

@@ -294,5 +294,5 @@ class LLMServer:
 
 def build_llm(config: LLMConfig, observability: ObservabilityConfig | None = None) -> Application:
     """Bind the LLM deployment with its Serve options from config."""
-    deployment = serve.deployment(name="LLM", **config.deployment.to_serve_options())(LLMServer)
+    deployment = serve.deployment(name="LLM", **config.deployment.to_serve_options(uses_pandas=False))(LLMServer)
     return deployment.bind(config, observability or ObservabilityConfig())

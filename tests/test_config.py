@@ -11,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from services.config import AppConfig, DeploymentOptions, ServiceSettings, load_app_config
+from services.config.base import KEEP_PANDAS_ENV_VARS, SKIP_PANDAS_ENV_VARS
 from tests.conftest import REPO_ROOT
 
 
@@ -102,7 +103,11 @@ def test_autoscaling_requires_auto_replicas() -> None:
 
 def test_deployment_options_reach_serve() -> None:
     options = DeploymentOptions(num_cpus=0.5, num_gpus=1).to_serve_options()
-    assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1}
+    assert options["ray_actor_options"] == {
+        "num_cpus": 0.5,
+        "num_gpus": 1,
+        "runtime_env": {"env_vars": KEEP_PANDAS_ENV_VARS},
+    }
     assert options["max_ongoing_requests"] == 64
 
 
@@ -190,3 +195,63 @@ def test_onnx_runtime_is_refused_for_bge_m3_half_precision_and_gpus() -> None:
     assert "runtime 'onnxruntime' runs on the CPU, not on device 'cuda:0'" in error_text(args)
     args["embedder"]["device"] = "cpu"
     assert AppConfig.model_validate(args).embedder.runtime == "onnxruntime"
+
+
+def test_a_deployment_without_pandas_sets_the_setup_hook_ray_runs() -> None:
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    def env_vars(**kwargs: bool) -> dict[str, str]:
+        return DeploymentOptions().to_serve_options(**kwargs)["ray_actor_options"]["runtime_env"]["env_vars"]
+
+    # Ray's own name for it (private, so an upgrade that renames it fails here), naming the hook;
+    # a replica that keeps pandas names none, rather than inherit the controller's.
+    assert env_vars(uses_pandas=False) == {
+        WORKER_PROCESS_SETUP_HOOK_ENV_VAR: "services.config.base.skip_pandas_and_pyarrow"
+    }
+    assert env_vars() == {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: ""}
+
+
+def test_skip_pandas_and_pyarrow_leaves_both_out_of_a_ray_serve_process() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from services.config.base import skip_pandas_and_pyarrow\n"
+        "skip_pandas_and_pyarrow()\n"
+        "from ray.serve._private import utils\n"
+        "from ray._private.arrow_serialization import _register_custom_datasets_serializers\n"
+        "_register_custom_datasets_serializers(None)\n"  # returns at once when pyarrow cannot be imported
+        "print(utils.pd is None, sys.modules.get('pandas') is not None, sys.modules.get('pyarrow') is not None)"
+    )
+    without = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert without.stdout.split() == ["True", "False", "False"], without.stderr
+    # Without the hook Serve loads both, which is what the hook is for.
+    plain = probe.replace("skip_pandas_and_pyarrow()\n", "").replace(
+        "_register_custom_datasets_serializers(None)\n", ""
+    )
+    loaded = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert loaded.stdout.split() == ["False", "True", "True"], loaded.stderr
+
+
+@pytest.mark.parametrize(
+    "family, reranker, keeps_pandas",
+    [("dense", None, False), ("bge-m3", None, True), ("dense", {"model": "r"}, True)],
+)
+def test_only_an_embedder_running_flagembedding_keeps_pandas(family: str, reranker: Any, keeps_pandas: bool) -> None:
+    from services.config import EmbedderConfig
+    from services.embedder import build_embedder
+
+    config = EmbedderConfig(model="m", family=family, device="cpu", reranker=reranker)
+    env_vars = build_embedder(config)._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert (env_vars == KEEP_PANDAS_ENV_VARS) is keeps_pandas
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.dev.yaml"])
+def test_serve_configs_start_serves_own_actors_without_pandas(name: str) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    document = yaml.safe_load((REPO_ROOT / name).read_text())
+    schema = ServeDeploySchema.model_validate(document)  # Serve reads controller_options from it
+    assert schema.controller_options is not None and schema.controller_options.runtime_env is not None
+    assert schema.controller_options.runtime_env["env_vars"] == SKIP_PANDAS_ENV_VARS

