@@ -180,3 +180,28 @@ def test_with_no_generation_cache_every_search_reads_the_state(tmp_path: Path, b
         assert calls == ["lumen"] * 3
     finally:
         store.close()
+
+
+def test_a_lite_files_searches_run_in_process_and_find_what_pymilvus_finds(
+    tmp_path: Path, backend: EmbeddingBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db") | {"generation_cache_s": 0})
+    store = MilvusKnowledgeStore(config, dimension=384, has_sparse=False)
+    try:
+        sync_complete(store, backend, "lumen", "test", LUMEN_DOCS)
+        sync_complete(store, backend, "other", "test", OTHER_DOCS)
+        questions = ["How many days do I have to return an item?", "忘记密码怎么办", "hours"]
+        queries = backend.encode(questions, "query")
+
+        def search_all() -> list[Any]:
+            return [store.search("lumen", q, e, 3) for q, e in zip(questions, queries, strict=True)]
+
+        with monkeypatch.context() as no_grpc:  # Milvus Lite's engine answers, not pymilvus over gRPC
+            no_grpc.setattr(store._client, "search", lambda *a, **k: pytest.fail("searched over gRPC"))
+            in_process = search_all()
+        monkeypatch.setattr(store, "_lite", None)  # the same searches through pymilvus
+        assert in_process == search_all()
+        assert [r.hits[0].chunk.doc_id for r in in_process] == ["returns", "pwd", "hours"]
+        assert all(hit.chunk.tenant == "lumen" for r in in_process for hit in r.hits)
+    finally:
+        store.close()
