@@ -486,6 +486,7 @@ def rsl_phase(workdir: Path) -> None:
     from ray.serve.llm import LLMConfig, build_openai_app
 
     from services.config import AppConfig
+    from services.config.base import KEEP_PANDAS_ENV_VARS
     from services.vllm_engine import engine_kwargs
 
     settings = json.loads((workdir / "settings.json").read_text())
@@ -508,14 +509,20 @@ def rsl_phase(workdir: Path) -> None:
         return send
 
     def build() -> Any:
+        # Ray Serve LLM imports pandas and pyarrow, which Serve's processes of this cluster go
+        # without (its controller's variables, as the app's, which every replica inherits): its
+        # replicas name no setup hook, as docs/deploying.md says another application must.
+        keep_pandas = {"runtime_env": {"env_vars": KEEP_PANDAS_ENV_VARS}}
         llm_config = LLMConfig(
             model_loading_config={"model_id": RSL_MODEL_ID, "model_source": model},
             engine_kwargs=kwargs,
             accelerator_config={"kind": "cpu"},
-            runtime_env={"env_vars": dict(config.llm.engine_env)},
+            runtime_env={"env_vars": dict(config.llm.engine_env) | KEEP_PANDAS_ENV_VARS},
             deployment_config={"max_ongoing_requests": config.llm.deployment.max_ongoing_requests},
         )
-        return build_openai_app({"llm_configs": [llm_config]})
+        return build_openai_app(
+            {"llm_configs": [llm_config], "ingress_deployment_config": {"ray_actor_options": keep_pandas}}
+        )
 
     serve_side(workdir, settings, "rsl", build, factory, num_cpus=4).dump(workdir / "rsl.json")
 
