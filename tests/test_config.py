@@ -197,7 +197,7 @@ def test_onnx_runtime_is_refused_for_bge_m3_half_precision_and_gpus() -> None:
     assert AppConfig.model_validate(args).embedder.runtime == "onnxruntime"
 
 
-def test_a_deployment_without_pandas_sets_the_setup_hook_ray_runs() -> None:
+def test_a_deployment_without_pandas_names_its_hook_in_rays_setup_hook_variable() -> None:
     from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
     def env_vars(**kwargs: bool) -> dict[str, str]:
@@ -211,7 +211,7 @@ def test_a_deployment_without_pandas_sets_the_setup_hook_ray_runs() -> None:
     assert env_vars() == {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: ""}
 
 
-def test_skip_pandas_and_pyarrow_leaves_both_out_of_a_ray_serve_process() -> None:
+def test_skip_pandas_and_pyarrow_leaves_both_out_of_a_ray_serve_process_that_builds_the_app() -> None:
     import subprocess
     import sys
 
@@ -222,6 +222,10 @@ def test_skip_pandas_and_pyarrow_leaves_both_out_of_a_ray_serve_process() -> Non
         "from ray.serve._private import utils\n"
         "from ray._private.arrow_serialization import _register_custom_datasets_serializers\n"
         "_register_custom_datasets_serializers(None)\n"  # returns at once when pyarrow cannot be imported
+        # Serve builds the app from a serve config in a task its controller starts, under the hook.
+        "import yaml\n"
+        "from services.app import build_app\n"
+        "build_app(yaml.safe_load(open('serve_config.dev.yaml'))['applications'][0]['args'])\n"
         "print(utils.pd is None, sys.modules.get('pandas') is not None, sys.modules.get('pyarrow') is not None)"
     )
     without = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
@@ -244,7 +248,7 @@ def test_only_an_embedder_running_flagembedding_keeps_pandas(family: str, rerank
 
     config = EmbedderConfig(model="m", family=family, device="cpu", reranker=reranker)
     env_vars = build_embedder(config)._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
-    assert (env_vars == KEEP_PANDAS_ENV_VARS) is keeps_pandas
+    assert env_vars == (KEEP_PANDAS_ENV_VARS if keeps_pandas else SKIP_PANDAS_ENV_VARS)
 
 
 @pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.dev.yaml"])

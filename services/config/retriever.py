@@ -62,7 +62,11 @@ class RetrieverConfig(StrictModel):
         default_factory=dict,
         description="Weight of each signal in RRF (default 1); raise bm25 when the embedder is weak in a language.",
     )
-    timeout_s: float = Field(10, gt=0, description="Timeout of one Milvus call.")
+    timeout_s: float = Field(
+        10,
+        gt=0,
+        description="Timeout of one call to Milvus over gRPC (a Lite file's searches run in process, with none).",
+    )
     generation_cache_s: float = Field(
         1.0,
         ge=0,

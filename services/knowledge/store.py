@@ -20,7 +20,8 @@ the app serializes its ingests); a commit that finds the generation moved fails 
 
 **Hybrid search** runs one search per signal (dense, learned sparse when the embedder
 gives it, BM25 on the text when enabled), each filtered to the tenant's visible rows, and
-fuses the ranked lists with reciprocal rank fusion. Fusion happens here rather than in
+fuses the ranked lists with reciprocal rank fusion (a signal's equal scores ranked by chunk id,
+so that a question always gets the same ranking). Fusion happens here rather than in
 Milvus' ``hybrid_search`` because the orchestrator needs each signal's own score: RRF
 scores are rank-based and cannot tell a relevant first hit from an irrelevant one, while
 the dense cosine similarity can. (Milvus Lite also ignores ``hybrid_search(filter=...)``.)
@@ -330,8 +331,12 @@ class MilvusKnowledgeStore:
                 score = abs(hit["distance"]) if signal == "bm25" else hit["distance"]
                 per_signal[signal][entity["id"]] = float(score)
         weights = self._config.signal_weights
+        # A signal's equal scores are ranked by chunk id: Milvus leaves their order open (its
+        # engine and its gRPC server give tied hits in different orders), and a rank decides an
+        # RRF score. Equal fused scores keep the dense signal's order (the sort is stable, and
+        # rrf_fuse meets the dense candidates first).
         fused = rrf_fuse(
-            ((list(scores), weights.get(signal, 1.0)) for signal, scores in per_signal.items()),  # type: ignore[call-overload]
+            ((_best_first(scores), weights.get(signal, 1.0)) for signal, scores in per_signal.items()),  # type: ignore[call-overload]
             self._config.rrf_k,
         )
         best = sorted(fused, key=fused.__getitem__, reverse=True)[:top_k]
@@ -358,14 +363,15 @@ class MilvusKnowledgeStore:
         return generation
 
     def _search_field(self, field: str, data: list[Any], metric: str, expr: str, limit: int) -> list[dict[str, Any]]:
+        lite = self._lite  # read once: close() may clear it while this runs in a worker thread
+
         def search() -> Any:
-            if self._lite is not None:
+            if lite is not None:
                 # Milvus Lite's own engine, in this process: the same search its gRPC server
                 # would run for pymilvus, without the request and the hits crossing gRPC on
-                # loopback (encoded, sent, decoded both ways): 7.2 -> 2.9 ms for a question's
-                # two searches of a sample store (benchmarks/README.md, "Retrieval").
-                collection = self._lite.get_collection(self._collection)
-                hits = collection.search(
+                # loopback, encoded and decoded both ways (benchmarks/README.md, "Retrieval").
+                # An in-process call does not wait on a network, so timeout_s has no part here.
+                hits = lite.get_collection(self._collection).search(
                     data, top_k=limit, metric_type=metric, expr=expr, output_fields=SCALAR_FIELDS, anns_field=field
                 )
                 # The engine gives the primary key beside the entity; pymilvus puts it in.
@@ -407,6 +413,11 @@ class MilvusKnowledgeStore:
             return call()
         except Exception as err:
             raise KnowledgeBaseUnavailableError(f"Milvus {what} failed: {type(err).__name__}: {err}") from err
+
+
+def _best_first(scores: dict[str, float]) -> list[str]:
+    """A signal's ids by score, highest first; equal scores by id."""
+    return sorted(scores, key=lambda cid: (-scores[cid], cid))
 
 
 def _lite_database(uri: str) -> Any:

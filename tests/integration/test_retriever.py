@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,16 +183,41 @@ def test_with_no_generation_cache_every_search_reads_the_state(tmp_path: Path, b
         store.close()
 
 
+class WithWordWeights:
+    """A backend's dense vectors plus sparse weights of hashed words: the shape of BGE-M3's learned sparse output."""
+
+    has_sparse = True
+
+    def __init__(self, backend: EmbeddingBackend) -> None:
+        self._backend = backend
+        self.dimension = backend.dimension
+        self.max_length = backend.max_length
+
+    def encode(self, texts: list[str], kind: Any) -> list[Any]:
+        dense = self._backend.encode(texts, kind)
+        return [
+            embedding.model_copy(
+                update={"sparse": {zlib.crc32(w.encode()) % 30_000: 1.0 for w in text.lower().split()}}
+            )
+            for text, embedding in zip(texts, dense, strict=True)
+        ]
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return self._backend.count_tokens(texts)
+
+
+@pytest.mark.parametrize("learned_sparse", [False, True], ids=["dense+bm25", "dense+sparse+bm25"])
 def test_a_lite_files_searches_run_in_process_and_find_what_pymilvus_finds(
-    tmp_path: Path, backend: EmbeddingBackend, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, backend: EmbeddingBackend, monkeypatch: pytest.MonkeyPatch, learned_sparse: bool
 ) -> None:
+    embedder: Any = WithWordWeights(backend) if learned_sparse else backend
     config = RetrieverConfig.model_validate(retriever_args(tmp_path / "kb.db") | {"generation_cache_s": 0})
-    store = MilvusKnowledgeStore(config, dimension=384, has_sparse=False)
+    store = MilvusKnowledgeStore(config, dimension=384, has_sparse=learned_sparse)
     try:
-        sync_complete(store, backend, "lumen", "test", LUMEN_DOCS)
-        sync_complete(store, backend, "other", "test", OTHER_DOCS)
-        questions = ["How many days do I have to return an item?", "忘记密码怎么办", "hours"]
-        queries = backend.encode(questions, "query")
+        sync_complete(store, embedder, "lumen", "test", LUMEN_DOCS)
+        sync_complete(store, embedder, "other", "test", OTHER_DOCS)
+        questions = ["How many days do I have to return an item?", "忘记密码怎么办", "Service hours"]
+        queries = embedder.encode(questions, "query")
 
         def search_all() -> list[Any]:
             return [store.search("lumen", q, e, 3) for q, e in zip(questions, queries, strict=True)]
@@ -203,5 +229,6 @@ def test_a_lite_files_searches_run_in_process_and_find_what_pymilvus_finds(
         assert in_process == search_all()
         assert [r.hits[0].chunk.doc_id for r in in_process] == ["returns", "pwd", "hours"]
         assert all(hit.chunk.tenant == "lumen" for r in in_process for hit in r.hits)
+        assert any(hit.sparse_score is not None for r in in_process for hit in r.hits) is learned_sparse
     finally:
         store.close()
