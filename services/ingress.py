@@ -184,7 +184,6 @@ def build_orchestrator(
     observability: ObservabilityConfig | None = None,
 ) -> Application:
     """Bind the ingress to the three deployments it calls (``llm_config`` locates the adapter store)."""
-    deployment = serve.deployment(name="Orchestrator", **config.deployment.to_serve_options(uses_pandas=False))(
-        Orchestrator
-    )
+    options = config.deployment.to_serve_options(uses_pandas=False)
+    deployment = serve.deployment(name="Orchestrator", **options)(Orchestrator)
     return deployment.bind(config, embedder, retriever, llm, llm_config, observability or ObservabilityConfig())
