@@ -20,10 +20,10 @@ from services.config.base import SKIP_PANDAS_ENV_VARS
 #: port; Serve's Python proxy stays as HAProxy's fallback, calling the ingress over gRPC too);
 #: the controller's loop every 0.5 s instead of 0.1 s, Serve's own metrics exported from each
 #: replica and handle every second instead of every 0.1 s, Ray's log monitor looking for new
-#: log files every 5 s instead of every 0.1 s, and no idle worker started ahead for the first
-#: driver (what an idle platform spends and holds). Measured in benchmarks/README.md ("End to
-#: end"). Serve reads them once, on import: a process that binds an application must have
-#: them before it imports Ray, or its handles keep actor calls.
+#: log files every 5 s instead of every 0.1 s, no idle worker started ahead for the first
+#: driver and none kept idle after a task (what an idle platform spends and holds). Measured
+#: in benchmarks/README.md ("End to end"). Serve reads them once, on import: a process that
+#: binds an application must have them before it imports Ray, or its handles keep actor calls.
 SERVING_RAY_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -33,6 +33,7 @@ SERVING_RAY_ENV = {
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "LOG_NAME_UPDATE_INTERVAL_S": "5",
     "RAY_prestart_worker_first_driver": "0",
+    "RAY_num_workers_soft_limit": "0",
 }
 
 

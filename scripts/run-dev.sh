@@ -6,11 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 # Ray Serve's throughput-optimized mode behind its HAProxy ingress, a slower controller loop,
-# metrics export and log-file scan, no idle worker started ahead (docs/deploying.md, "Ray
-# settings for serving").
+# metrics export and log-file scan, no idle worker started ahead or kept (docs/deploying.md,
+# "Ray settings for serving").
 export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_PROXY_USE_GRPC=1
 export RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5 RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000
 export RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=0 LOG_NAME_UPDATE_INTERVAL_S=5 RAY_prestart_worker_first_driver=0
+export RAY_num_workers_soft_limit=0
 # An orchestrator replica that stops stays open 1 s for HAProxy (on this box) to drop it, not
 # Ray's 30 s (meant for a load balancer elsewhere), which every Ctrl-C would wait out.
 export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=1

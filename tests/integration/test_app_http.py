@@ -190,6 +190,37 @@ def test_only_the_retriever_loads_pandas_or_pyarrow_among_the_apps_serve_process
     assert loaded == {part: part.endswith(":Retriever") for part in SERVE_PROCESSES}, loaded
 
 
+def test_no_worker_is_kept_idle_after_a_task_as_deployed(ray_cluster: dict[str, Any]) -> None:
+    import os
+
+    import psutil
+    import ray
+
+    # Serve's controller builds an application from a config (serve run, KubeRay) in a task
+    # such as this one; the raylet starts a second worker beside the one that runs it, which
+    # stayed idle for good unless idle workers are not kept (cs_testing.cluster.SERVING_RAY_ENV).
+    @ray.remote(num_cpus=0, max_calls=1)
+    def parent_pid() -> int:
+        return os.getppid()
+
+    raylet = psutil.Process(ray.get(parent_pid.remote()))
+    assert raylet.name() == "raylet"
+
+    def idle_workers() -> list[psutil.Process]:
+        idle = []
+        for worker in raylet.children():
+            with contextlib.suppress(psutil.Error):
+                if " ".join(worker.cmdline()).strip() == "ray::IDLE":
+                    idle.append(worker)
+        return idle
+
+    # The raylet stops an idle worker beyond its limit a second after it became idle.
+    deadline = time.monotonic() + 15
+    while idle := idle_workers():
+        assert time.monotonic() < deadline, f"workers kept idle: {idle}"
+        time.sleep(0.2)
+
+
 def test_sample_kb_question_is_answered_with_the_right_source(client: httpx.Client) -> None:
     reply = chat(client, message="How many days do I have to return an item without a reason?")
     assert reply.status_code == 200, reply.text
