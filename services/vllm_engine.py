@@ -160,45 +160,6 @@ def apply_engine_env(engine_env: dict[str, str]) -> None:
     os.environ.update(engine_env)
 
 
-def lower_child_priority(niceness: int, parent_pid: int | None = None) -> int:
-    """Run every thread of a process's children (vLLM's engine processes) at ``niceness`` at least.
-
-    A CPU engine shares the cores with the platform's own processes. At the replica's priority
-    its threads take their turn in every moment the orchestrator, the Embedder or the retriever
-    wait to run, and burn it polling or spinning between steps while the requests that would
-    fill its batch wait; at a lower priority the engine steps with what the others have
-    handed it: measured with the tiny engine at 64 callers, its CPU per request 72 → 56 ms and
-    the app's throughput 12.9 → 15.8 requests/s (benchmarks/README.md, "End to end"). Threads
-    an engine process starts later take its priority from the thread that starts them.
-    Raising niceness needs no privilege; one already higher is left as it is.
-
-    Args:
-        niceness: The niceness the children's threads run at, at least.
-        parent_pid: Whose children (and theirs); this process by default.
-
-    Returns:
-        How many threads were lowered.
-
-    """
-    import psutil
-
-    lowered = 0
-    for child in psutil.Process(parent_pid).children(recursive=True):
-        try:
-            threads = child.threads()
-        except psutil.Error:
-            continue  # gone meanwhile
-        for thread in threads:
-            try:
-                if os.getpriority(os.PRIO_PROCESS, thread.id) < niceness:
-                    os.setpriority(os.PRIO_PROCESS, thread.id, niceness)
-                    lowered += 1
-            except OSError:
-                continue  # the thread ended meanwhile
-    logger.info("vLLM's engine processes run at niceness %d (%d threads lowered)", niceness, lowered)
-    return lowered
-
-
 class VllmEngine:
     """The real engine: vLLM ``AsyncLLM``."""
 
@@ -211,8 +172,6 @@ class VllmEngine:
             # are scraped from the same endpoint as ours (the logger Ray Serve LLM uses).
             stat_loggers.append(_ray_stat_logger_keeping_gauges())
         self._engine = AsyncLLM.from_engine_args(engine_args(config), stat_loggers=stat_loggers or None)
-        if config.engine_niceness is not None:
-            lower_child_priority(config.engine_niceness)
         self._tokenizer = self._engine.get_tokenizer()
         self._tool_parser: Any = None
         self.max_model_len = config.max_model_len

@@ -204,7 +204,6 @@ def llm_args(model_dir: Path, adapters: Path | None = None, **overrides: Any) ->
         "kv_cache_memory_bytes": 256 * 1024 * 1024,
         "enforce_eager": True,
         "engine_env": TINY_ENGINE_ENV,
-        "engine_niceness": 19,  # as the dev config runs its CPU engine
         "stream_chunk_tokens": 4,
         "deployment": {"num_cpus": 0.1, "health_check_timeout_s": 60},
     }

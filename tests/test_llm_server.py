@@ -12,7 +12,7 @@ import pytest
 from services.config import LLMConfig, SamplingConfig
 from services.llm import LLMServer
 from services.schemas import ChatMessage, GenerationChunk, GenerationRequest, ToolCall
-from services.vllm_engine import VllmEngine, apply_engine_env, lower_child_priority
+from services.vllm_engine import VllmEngine, apply_engine_env
 from tests.conftest import RecordingMetrics
 
 
@@ -63,45 +63,6 @@ async def test_the_first_chunk_waits_for_text_when_the_first_tokens_are_parts_of
 
 async def test_a_one_token_answer_is_one_final_chunk() -> None:
     assert await chunks_of(1, 4) == ["0"]
-
-
-def test_every_thread_of_the_replicas_child_processes_is_lowered_and_the_replica_is_not() -> None:
-    import subprocess
-    import sys
-
-    import psutil
-
-    # A stand-in replica whose child (vLLM's engine process) runs a second thread; the replica
-    # prints the child's pid once both threads run, and both exit when its stdin closes.
-    engine = "import sys, threading; t = threading.Thread(target=sys.stdin.read); t.start(); print(flush=True)"
-    replica_code = (
-        "import subprocess, sys; "
-        f"child = subprocess.Popen([sys.executable, '-c', {engine!r}], stdout=subprocess.PIPE, text=True); "
-        "child.stdout.readline(); print(child.pid, flush=True); sys.stdin.read()"
-    )
-    replica = subprocess.Popen(
-        [sys.executable, "-c", replica_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert replica.stdout is not None
-        engine_threads = psutil.Process(int(replica.stdout.readline())).threads()
-        assert len(engine_threads) == 2
-        own = os.getpriority(os.PRIO_PROCESS, replica.pid)
-        lowered = min(own + 3, 19)
-
-        assert lower_child_priority(lowered, parent_pid=replica.pid) == 2
-        assert [os.getpriority(os.PRIO_PROCESS, t.id) for t in engine_threads] == [lowered, lowered]
-        assert os.getpriority(os.PRIO_PROCESS, replica.pid) == own  # the replica keeps its priority
-        # A niceness already higher stays: lowering it again would take privileges a replica lacks.
-        assert lower_child_priority(own, parent_pid=replica.pid) == 0
-        assert [os.getpriority(os.PRIO_PROCESS, t.id) for t in engine_threads] == [lowered, lowered]
-    finally:
-        replica.communicate("", timeout=30)  # both read the one stdin: its end stops them
-
-
-def test_engine_niceness_outside_unix_range_is_refused() -> None:
-    with pytest.raises(ValueError, match="engine_niceness"):
-        LLMConfig(model="m", engine_niceness=20)
 
 
 def test_rays_one_thread_default_does_not_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:

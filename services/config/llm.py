@@ -40,14 +40,6 @@ class LLMConfig(StrictModel):
     engine_env: dict[str, str] = Field(
         default_factory=dict, description="VLLM_* variables set in the replica before the engine starts."
     )
-    engine_niceness: int | None = Field(
-        None,
-        ge=0,
-        le=19,
-        description="CPU priority (Unix niceness) of vLLM's engine processes, when above the replica's (Ray's workers "
-        "run at 15); None leaves them at the replica's. For a CPU engine sharing cores with the platform: "
-        "benchmarks/README.md.",
-    )
     start_timeout_s: float = Field(900, gt=0, description="Bound on engine start-up.")
     stream_chunk_tokens: int = Field(
         32, ge=1, description="Tokens coalesced into one streamed chunk at most; per-chunk cost dominates fast engines."

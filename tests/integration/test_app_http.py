@@ -190,28 +190,6 @@ def test_only_the_retriever_loads_pandas_or_pyarrow_among_the_apps_serve_process
     assert loaded == {part: part.endswith(":Retriever") for part in SERVE_PROCESSES}, loaded
 
 
-def test_the_cpu_engine_runs_after_the_platforms_processes(client: httpx.Client) -> None:
-    import os
-
-    import psutil
-
-    # llm.engine_niceness 19, as the dev config sets it: every thread of vLLM's engine
-    # processes, not the LLM replica itself, whose niceness stays Ray's, as the others'.
-    assert chat(client, message="Does the priority check see a question about gift cards?").status_code == 200
-    replicas = {}
-    for process in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            title = " ".join(process.cmdline())
-            if part := next((p for p in ("cs-app:LLM", "cs-app:Orchestrator") if p in title), None):
-                replicas[part] = process
-    engine_threads = [t for child in replicas["cs-app:LLM"].children(recursive=True) for t in child.threads()]
-    assert engine_threads
-    assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in engine_threads} == {19}
-    ray_niceness = os.getpriority(os.PRIO_PROCESS, replicas["cs-app:Orchestrator"].pid)
-    assert ray_niceness < 19
-    assert os.getpriority(os.PRIO_PROCESS, replicas["cs-app:LLM"].pid) == ray_niceness
-
-
 def test_no_worker_is_kept_idle_after_a_task_as_deployed(ray_cluster: dict[str, Any]) -> None:
     import os
 
