@@ -75,6 +75,9 @@ EVERY_SIDE_COLUMNS = [
     "TTFT p95", "chunks per answer",
 ]  # fmt: skip
 NO_MODEL_CALL = "no model call (fallback or standard reply)"
+CPU_BOUND_COLUMNS = [
+    "callers", "side", "cores busy", "CPU ms per request", "req/s the cores allow", "req/s measured",
+]  # fmt: skip
 AGAINST_ENGINE_COLUMNS = [
     "callers", "app / engine", "app: added TTFT ms", "RSL / engine", "RSL: added TTFT ms", "app: embed ms",
     "app: retrieve ms", "app: added TTFT beyond embed+retrieve ms",
@@ -591,6 +594,19 @@ def mean_cpu(rounds: list[Level]) -> dict[str, float]:
     return {part: sum(level.cpu_ms.get(part, 0.0) for level in rounds) / len(rounds) for part in parts}
 
 
+def cpu_bound_row(concurrency: int, side: str, rounds: list[Level]) -> list[Any]:
+    """Cores a level kept busy, and the requests/s the box's cores allow at its CPU per request."""
+    cores = os.cpu_count() or 1
+    totals = [sum(level.cpu_ms.values()) for level in rounds]
+    rates = [len(level.samples) / level.wall_s for level in rounds]
+    busy = [total * rate / 1000 for total, rate in zip(totals, rates, strict=True)]
+    allowed = [cores * 1000 / total if total else float("nan") for total in totals]
+    return [
+        concurrency, side, spread(busy, digits=2), spread(totals, digits=1), spread(allowed, digits=1),
+        spread(rates, digits=1),
+    ]  # fmt: skip
+
+
 def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], command: str) -> None:
     """Tables and plots of every side."""
     import matplotlib
@@ -606,7 +622,7 @@ def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], c
          for level in sides.get("app", engine).levels for s in level.ok}
         - {(q, n, n) for q, n in engine_prompt_tokens.items()}
     )  # fmt: skip
-    rows, added_rows, cpu_rows = [], [], []
+    rows, added_rows, cpu_rows, bound_rows = [], [], [], []
     cpu_parts: list[str] = []
     for result in sides.values():
         last = mean_cpu(result.rounds_at(levels[-1]))
@@ -628,6 +644,7 @@ def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], c
             engine_ms = sum(cpu.get(part, 0.0) for part in ENGINE_PARTS)
             outside = total - engine_ms if side != "engine" else float("nan")
             cpu_rows.append([concurrency, side, total, outside, *(cpu.get(p, 0.0) for p in cpu_parts)])
+            bound_rows.append(cpu_bound_row(concurrency, side, rounds))
         base = engine.rounds_at(concurrency)
         base_ttft = median(level.summary()["ttft_p50"] for level in base)
         row: list[Any] = [concurrency]
@@ -680,6 +697,12 @@ def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], c
         "by part; *outside the engine* is everything but vLLM's engine-core process (the LLM replica holds "
         "vLLM's front end, as the bare engine's own process does). The two cores are shared by everything.\n\n"
         + table(["callers", "side", "total", "outside the engine", *cpu_parts], cpu_rows),
+        f"## What the cores allow\n\nCores kept busy (CPU milliseconds of every process per second of the "
+        f"level, of the box's {os.cpu_count()}), and the requests per second the cores allow at the level's CPU per "
+        "request (cores × 1000 / CPU ms per request), against those measured (every request, standard replies "
+        "included). A side whose cores are all busy runs as fast as its CPU per request lets it: its throughput "
+        "over the bare engine's is then the engine's CPU per request over its own, whatever else it does.\n\n"
+        + table(CPU_BOUND_COLUMNS, bound_rows),
     ]
     idle_rows = []
     for side, result in sides.items():
