@@ -594,9 +594,8 @@ def mean_cpu(rounds: list[Level]) -> dict[str, float]:
     return {part: sum(level.cpu_ms.get(part, 0.0) for level in rounds) / len(rounds) for part in parts}
 
 
-def cpu_bound_row(concurrency: int, side: str, rounds: list[Level]) -> list[Any]:
-    """Cores a level kept busy, and the requests/s the box's cores allow at its CPU per request."""
-    cores = os.cpu_count() or 1
+def cpu_bound_row(concurrency: int, side: str, rounds: list[Level], cores: int) -> list[Any]:
+    """Cores a level kept busy, and the requests/s ``cores`` allow at its CPU per request."""
     totals = [sum(level.cpu_ms.values()) for level in rounds]
     rates = [len(level.samples) / level.wall_s for level in rounds]
     busy = [total * rate / 1000 for total, rate in zip(totals, rates, strict=True)]
@@ -644,7 +643,7 @@ def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], c
             engine_ms = sum(cpu.get(part, 0.0) for part in ENGINE_PARTS)
             outside = total - engine_ms if side != "engine" else float("nan")
             cpu_rows.append([concurrency, side, total, outside, *(cpu.get(p, 0.0) for p in cpu_parts)])
-            bound_rows.append(cpu_bound_row(concurrency, side, rounds))
+            bound_rows.append(cpu_bound_row(concurrency, side, rounds, settings["cores"]))
         base = engine.rounds_at(concurrency)
         base_ttft = median(level.summary()["ttft_p50"] for level in base)
         row: list[Any] = [concurrency]
@@ -698,8 +697,8 @@ def report(model: str, settings: dict[str, Any], sides: dict[str, SideResult], c
         "vLLM's front end, as the bare engine's own process does). The two cores are shared by everything.\n\n"
         + table(["callers", "side", "total", "outside the engine", *cpu_parts], cpu_rows),
         f"## What the cores allow\n\nCores kept busy (CPU milliseconds of every process per second of the "
-        f"level, of the box's {os.cpu_count()}), and the requests per second the cores allow at the level's CPU per "
-        "request (cores × 1000 / CPU ms per request), against those measured (every request, standard replies "
+        f"level, of the {settings['cores']} it ran on), and the requests per second the cores allow at the level's "
+        "CPU per request (cores × 1000 / CPU ms per request), against those measured (every request, standard replies "
         "included). A side whose cores are all busy runs as fast as its CPU per request lets it: its throughput "
         "over the bare engine's is then the engine's CPU per request over its own, whatever else it does.\n\n"
         + table(CPU_BOUND_COLUMNS, bound_rows),
@@ -817,6 +816,7 @@ def main() -> None:
             "profile": args.profile,
             "answer_checks": answer_checks,
             "engine_env": dict(item.split("=", 1) for item in args.engine_env),
+            "cores": len(os.sched_getaffinity(0)),  # the cores every side's processes may run on
             # The platform's serving settings, as deployed, unless overridden; Ray Serve LLM gets the same.
             "ray_env": SERVING_RAY_ENV | dict(item.split("=", 1) for item in args.ray_env),
         }
